@@ -1,0 +1,3 @@
+"""aetrack: train, compare, tune and serve autoencoders, tracked in MLflow."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,179 @@
+"""The `aetrack` command line. Training options are generated from TrainConfig's fields."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import sys
+import typing
+
+import click
+
+from aetrack.config import TrainConfig, _format, _parse
+from aetrack.models import REGISTRY
+
+HINTS = typing.get_type_hints(TrainConfig)
+
+
+def option_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
+
+
+def config_options(func):
+    """One click option per TrainConfig field, with its default and help."""
+    for f in reversed(dataclasses.fields(TrainConfig)):
+        hint, meta = HINTS[f.name], f.metadata
+        if f.name == "model":
+            kind = click.Choice(sorted(REGISTRY))
+        elif meta["choices"]:
+            kind = click.Choice(meta["choices"])
+        elif typing.get_origin(hint) is tuple:
+            kind = str
+        else:
+            kind = hint
+        scope = f" [{meta['scope'].replace('_', '-')}]" if meta["scope"] else ""
+        func = click.option(option_name(f.name), f.name, type=kind, default=_format(f.default) if kind is str else f.default,
+                            show_default=True, help=meta["help"] + scope)(func)
+    return func
+
+
+def config_from_options(ctx: click.Context, values: dict) -> TrainConfig:
+    """Build the config; options that do not apply to the model, or impossible values, are usage errors."""
+    variant = REGISTRY[values["model"]]
+    for f in dataclasses.fields(TrainConfig):
+        scope = f.metadata["scope"]
+        explicit = ctx.get_parameter_source(f.name) not in (click.core.ParameterSource.DEFAULT, None)
+        if scope and explicit and scope not in variant.scopes:
+            users = sorted(name for name, v in REGISTRY.items() if scope in v.scopes)
+            raise click.UsageError(f"{option_name(f.name)} does not apply to --model {variant.name} "
+                                   f"(it applies to {', '.join(users)})")
+    try:
+        fields = {f.name: _parse(HINTS[f.name], values[f.name]) for f in dataclasses.fields(TrainConfig)}
+    except ValueError:
+        raise click.UsageError(f"--hidden must be comma-separated positive integers, got {values['hidden']!r}")
+    config = TrainConfig(**fields)
+    check(config)
+    return config
+
+
+def check(config: TrainConfig) -> None:
+    """Impossible values, as one-line usage errors."""
+    rules = [
+        (config.latent_dim >= 1, "--latent-dim must be at least 1"),
+        (len(config.hidden) >= 1 and min(config.hidden) >= 1, "--hidden needs at least one positive size, e.g. 256,128"),
+        (config.epochs >= 1, "--epochs must be at least 1"),
+        (config.batch_size >= 1, "--batch-size must be at least 1"),
+        (config.lr > 0, "--lr must be positive"),
+        (0 < config.val_fraction < 1, "--val-fraction must be between 0 and 1"),
+        (config.patience >= 0, "--patience must be 0 (off) or positive"),
+        (config.log_every >= 1, "--log-every must be at least 1"),
+        (config.noise_level >= 0 and (config.noise == "gaussian" or config.noise_level <= 1),
+         "--noise-level must be >= 0 (and at most 1 for masking and salt-pepper noise)"),
+        (config.sparsity_weight >= 0 and 0 < config.sparsity_target < 1,
+         "--sparsity-weight must be >= 0 and --sparsity-target between 0 and 1"),
+        (config.contractive_weight >= 0, "--contractive-weight must be >= 0"),
+        (config.beta >= 0 and config.kl_warmup >= 0, "--beta and --kl-warmup must be >= 0"),
+        (config.prior_components >= 1, "--prior-components must be at least 1"),
+        (config.labeled >= 1 and config.classifier_weight >= 0, "--labeled must be at least 1 and --classifier-weight >= 0"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise click.UsageError(message)
+    if config.device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise click.UsageError("--device cuda: no CUDA device is available here (use --device auto or cpu)")
+
+
+def friendly_errors(func):
+    """Known failures become one line on stderr and exit 1; AETRACK_DEBUG=1 shows the traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise
+        except Exception as err:  # noqa: BLE001 - the boundary where errors become messages
+            if os.environ.get("AETRACK_DEBUG"):
+                raise
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise click.ClickException(f"{type(err).__name__}: {message}") from None
+
+    return wrapper
+
+
+data_options = [
+    click.option("--data-dir", default=None, envvar="AETRACK_DATA_DIR", show_envvar=True,
+                 help="Folder holding the torchvision data sets (MNIST/, FashionMNIST/, cifar-10-batches-py/)."),
+    click.option("--download", is_flag=True, help="Let torchvision fetch missing data set files (needs a network)."),
+]
+
+tracking_options = [
+    click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's local default)."),
+    click.option("--experiment", default="aetrack", show_default=True, help="MLflow experiment name."),
+    click.option("--run-name", default=None, help="MLflow run name."),
+]
+
+
+def apply(options):
+    def decorate(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return decorate
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(package_name="aetrack")
+def main():
+    """aetrack: train, compare, tune and serve autoencoders, tracked in MLflow."""
+
+
+@main.command()
+@config_options
+@apply(data_options)
+@apply(tracking_options)
+@click.option("--register/--no-register", default=True, show_default=True, help="Register generative models in the MLflow registry.")
+@click.option("--registered-model", default=None, help="Registry name (default aetrack-<dataset>-<model>).")
+@click.option("--checkpoint-dir", default="checkpoints", show_default=True, help="Where the per-epoch checkpoint goes (<dir>/<run id>/last.pt).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.pass_context
+@friendly_errors
+def train(ctx, data_dir, download, tracking_uri, experiment, run_name, register, registered_model, checkpoint_dir, quiet, **values):
+    """Train one autoencoder variant and track it in MLflow."""
+    from aetrack import data as datasets
+    from aetrack.tracking import TrackingOptions, train_tracked
+    from aetrack.training import resolve_device
+
+    config = config_from_options(ctx, values)
+    try:
+        splits = datasets.load(config.dataset, data_dir=data_dir, download=download, binarize=config.binarize,
+                               val_fraction=config.val_fraction, seed=config.seed, device=resolve_device(config.device))
+    except datasets.DataError as err:
+        raise click.ClickException(str(err)) from None
+    if REGISTRY[config.model].semi_supervised and config.labeled > len(splits.train_x):
+        raise click.UsageError(f"--labeled {config.labeled} is larger than the training set ({len(splits.train_x)} examples)")
+    options = TrackingOptions(tracking_uri, experiment, run_name, register, registered_model, checkpoint_dir)
+    result = train_tracked(config, splits, options, data_dir=data_dir, progress=not quiet)
+    history = result.history
+    click.echo(f"\nrun id:           {result.run_id}")
+    click.echo(f"best val loss:    {history.best_val_loss:.4f} (epoch {history.best_epoch})")
+    click.echo(f"model:            {result.model_uri}")
+    if result.registered_model:
+        click.echo(f"registered model: models:/{result.registered_model}/{result.registered_version}")
+    click.echo(f"tracking uri:     {result.tracking_uri}")
+    click.echo(f"look at it:       mlflow ui --backend-store-uri {result.tracking_uri}   "
+               f"(then open #/experiments/{result.experiment_id}/runs/{result.run_id})")
+
+
+train.help += "\n\n\b\nVariants:\n" + "\n".join(f"  {name:5} {v.description}" for name, v in sorted(REGISTRY.items()))
+
+
+# Commands of the other modules join the group here.
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""Data sets held whole as tensors on one device, split into train / validation / test.
+
+Batches are drawn by index (`Splits.train_batch`); nothing goes through PIL or a DataLoader.
+"""
+
+from __future__ import annotations
+
+import importlib
+import math
+import os
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
+
+import numpy as np
+import torch
+
+# torchvision is imported only where a torchvision data set is read: it adds about a second to every start.
+if TYPE_CHECKING:
+    from torchvision.datasets import CIFAR10, MNIST
+
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+BINARIZE = ("none", "static", "dynamic")
+
+# Fixed seeds, independent of the run's seed, so that the digits test split and every binarized
+# validation / test image are the same in all runs and their losses can be compared.
+DIGITS_TEST_SEED = 0
+BINARIZE_SEED = 0
+
+_DEFAULT_DIR = "~/.cache/aetrack/data"
+
+
+class DataError(Exception):
+    """A data set that cannot be loaded; str(err) is ONE line saying which file was expected where and how to get it."""
+
+
+@dataclass(frozen=True, eq=False)  # eq=False: comparing tensors field by field has no single truth value
+class Splits:
+    name: str
+    train_x: torch.Tensor  # float32 in [0, 1], (N, C, H, W)
+    train_y: torch.Tensor  # int64, (N,)
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: tuple[str, ...]
+    binarize: str = "none"
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return tuple(self.train_x.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def train_batch(self, index: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, y for these training indices; with binarize == "dynamic" x is a fresh Bernoulli draw of the grey levels each call (generator on the same device as the data), else the stored tensor rows."""
+        x = self.train_x[index]
+        if self.binarize == "dynamic":
+            x = torch.bernoulli(x, generator=generator)
+        return x, self.train_y[index]
+
+    def to(self, device: str | torch.device) -> Splits:
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
+        return replace(self, **moved)
+
+    def __repr__(self) -> str:
+        return (f"Splits({self.name!r}, train={len(self.train_y)}, val={len(self.val_y)}, test={len(self.test_y)}, "
+                f"shape={self.shape}, binarize={self.binarize!r}, device={self.train_x.device})")
+
+
+def resolve_data_dir(data_dir: str | None) -> Path:
+    """--data-dir, else $AETRACK_DATA_DIR, else ~/.cache/aetrack/data."""
+    return Path(data_dir or os.environ.get("AETRACK_DATA_DIR") or _DEFAULT_DIR).expanduser()
+
+
+def cache_dir() -> Path:
+    """Where .gz files from a read-only folder get unpacked: $AETRACK_CACHE_DIR, else ~/.cache/aetrack/data."""
+    return Path(os.environ.get("AETRACK_CACHE_DIR") or _DEFAULT_DIR).expanduser()
+
+
+def load(name: str, *, data_dir: str | None = None, download: bool = False, binarize: str = "none",
+         val_fraction: float = 0.1, seed: int = 0, device: str | torch.device = "cpu") -> Splits:
+    """Load a data set whole, split off `val_fraction` of the training pool with `seed`, move it to `device`."""
+    if name not in DATASETS:
+        raise DataError(f"unknown data set {name!r}; choose one of: {', '.join(DATASETS)}")
+    if binarize not in BINARIZE:
+        raise DataError(f"unknown binarize mode {binarize!r}; choose one of: {', '.join(BINARIZE)}")
+    if not 0 < val_fraction < 1:
+        raise DataError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
+
+    pool_x, pool_y, test_x, test_y, classes = _read(name, resolve_data_dir(data_dir), download)
+
+    fixed_pool = pool_x
+    if binarize != "none":
+        # Drawn over the whole pool before the split, so an image's binary version does not depend on `seed`.
+        fixed = torch.Generator().manual_seed(BINARIZE_SEED)
+        fixed_pool = torch.bernoulli(pool_x, generator=fixed)
+        test_x = torch.bernoulli(test_x, generator=fixed)
+
+    order = torch.randperm(len(pool_y), generator=torch.Generator().manual_seed(seed))
+    n_val = min(max(round(val_fraction * len(order)), 1), len(order) - 1)
+    val, train = order[:n_val], order[n_val:]
+    # "dynamic" keeps grey levels for training and draws at each batch (Burda et al. 2015);
+    # "static" trains on one fixed draw (Larochelle & Murray 2011).
+    train_x = pool_x[train] if binarize == "dynamic" else fixed_pool[train]
+    splits = Splits(name, train_x, pool_y[train], fixed_pool[val], pool_y[val], test_x, test_y, classes, binarize)
+    return splits.to(device)
+
+
+class _Pool(NamedTuple):
+    """A data set as read: the training pool (not yet split into train / val) and the test set."""
+    pool_x: torch.Tensor
+    pool_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    classes: tuple[str, ...]
+
+
+def _read(name: str, root: Path, download: bool) -> _Pool:
+    reader, source_name = _READERS[name]
+    source = getattr(importlib.import_module("torchvision.datasets"), source_name) if source_name else None
+    try:
+        return reader(name, source, root)
+    except DataError:
+        if not (download and source):
+            raise
+    try:  # only once a reader failed: torchvision would unpack into a read-only folder even when nothing is missing
+        source(str(root), train=True, download=True)
+    except (RuntimeError, OSError) as err:
+        raise DataError(f"{name}: download into {root} failed: {_one_line(err)}") from None
+    return reader(name, source, root)
+
+
+def _read_digits(name: str, source: None, root: Path) -> _Pool:
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16  # grey levels are 0..16
+    y = torch.tensor(digits.target, dtype=torch.int64)
+    pool, test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=digits.target, random_state=DIGITS_TEST_SEED)
+    return _Pool(x[pool], y[pool], x[test], y[test], tuple(str(c) for c in digits.target_names))
+
+
+def _read_mnist(name: str, source: type[MNIST], root: Path) -> _Pool:
+    unpacked = _unpacked_root(name, source, root)
+    train, test = source(str(unpacked), train=True), source(str(unpacked), train=False)
+    return _Pool(train.data.unsqueeze(1).float() / 255, train.targets.long(),
+                 test.data.unsqueeze(1).float() / 255, test.targets.long(), tuple(train.classes))
+
+
+def _unpacked_root(name: str, cls: type[MNIST], root: Path) -> Path:
+    """A root whose <cls>/raw holds the unpacked IDX files torchvision reads, unpacking the .gz files if needed.
+
+    torchvision only reads the unpacked files, while the published .gz files may be all there is;
+    they are unpacked beside themselves, or into cache_dir() when their folder is read-only.
+    """
+    from torchvision.datasets.utils import check_integrity
+
+    raw = root / cls.__name__ / "raw"
+    files = [(gz.removesuffix(".gz"), gz, md5) for gz, md5 in cls.resources]
+    for idx, gz, _ in files:
+        if not (raw / idx).is_file() and not (raw / gz).is_file():
+            raise DataError(f"{name}: expected {idx}(.gz) in {raw}; copy the {cls.__name__} files there, point "
+                            f"--data-dir or AETRACK_DATA_DIR at the folder that holds {cls.__name__}/, or pass --download")
+
+    if all((raw / idx).is_file() for idx, _, _ in files) or _writable(raw):
+        target = root
+    else:
+        target = cache_dir()
+    dest = target / cls.__name__ / "raw"
+    todo = [(idx, gz, md5) for idx, gz, md5 in files if not (dest / idx).is_file()]
+    for idx, gz, md5 in todo:  # all checked before any is unpacked
+        if not (raw / gz).is_file():
+            raise DataError(f"{name}: expected {gz} in {raw} to unpack into {dest}; copy it there or pass --download")
+        if not check_integrity(raw / gz, md5):
+            raise DataError(f"{name}: {raw / gz} fails its md5 check (corrupt or incomplete); re-download it (delete it and pass --download)")
+    for idx, gz, _ in todo:
+        _unpack(name, raw / gz, dest / idx)
+    for idx, _, _ in files:
+        if not _idx_complete(dest / idx):
+            raise DataError(f"{name}: {dest / idx} is truncated or not an IDX file; re-download it (delete it and pass --download)")
+    return target
+
+
+def _writable(folder: Path) -> bool:
+    # root may write anywhere, so also honour the permission bits: a folder marked read-only stays untouched.
+    return os.access(folder, os.W_OK) and bool(folder.stat().st_mode & 0o222)
+
+
+def _unpack(name: str, gz: Path, out: Path) -> None:
+    from torchvision.datasets.utils import extract_archive
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Unpack beside the target, then rename: an interrupted run leaves no half-written file behind.
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        try:
+            unpacked = extract_archive(str(gz), tmp)
+        except (OSError, EOFError, zlib.error) as err:
+            raise DataError(f"{name}: cannot unpack {gz} ({_one_line(err)}); re-download it (delete it and pass --download)") from None
+        os.replace(unpacked, out)
+
+
+_IDX_ITEM_BYTES = {0x08: 1, 0x09: 1, 0x0B: 2, 0x0C: 4, 0x0D: 4, 0x0E: 8}
+
+
+def _idx_complete(path: Path) -> bool:
+    """Whether the file's size matches its IDX header: magic 0, 0, type, ndim, then ndim big-endian sizes."""
+    with path.open("rb") as f:
+        magic = f.read(4)
+        if len(magic) < 4 or magic[:2] != b"\0\0" or magic[2] not in _IDX_ITEM_BYTES:
+            return False
+        sizes = f.read(4 * magic[3])
+    if len(sizes) < 4 * magic[3]:
+        return False
+    count = math.prod(struct.unpack(f">{magic[3]}I", sizes))
+    return path.stat().st_size == 4 + len(sizes) + count * _IDX_ITEM_BYTES[magic[2]]
+
+
+def _read_cifar(name: str, source: type[CIFAR10], root: Path) -> _Pool:
+    try:
+        train, test = source(str(root), train=True), source(str(root), train=False)
+    except RuntimeError:  # torchvision says only "not found or corrupted"; find out which file
+        raise _cifar_problem(name, source, root) from None
+
+    def images(data: np.ndarray) -> torch.Tensor:  # NHWC uint8 -> NCHW float
+        return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous().float() / 255
+
+    return _Pool(images(train.data), torch.tensor(train.targets, dtype=torch.int64),
+                 images(test.data), torch.tensor(test.targets, dtype=torch.int64), tuple(train.classes))
+
+
+def _cifar_problem(name: str, cls: type[CIFAR10], root: Path) -> DataError:
+    from torchvision.datasets.utils import check_integrity
+
+    folder = root / cls.base_folder
+    for file, md5 in [*cls.train_list, *cls.test_list, (cls.meta["filename"], cls.meta["md5"])]:
+        if not (folder / file).is_file():
+            return DataError(f"{name}: expected {file} in {folder}; unpack cifar-10-python.tar.gz there, point --data-dir "
+                             f"or AETRACK_DATA_DIR at the folder that holds {cls.base_folder}/, or pass --download")
+        if not check_integrity(folder / file, md5):
+            return DataError(f"{name}: {folder / file} fails its md5 check (corrupt or incomplete); re-download it (delete it and pass --download)")
+    return DataError(f"{name}: cannot read the files in {folder}; re-download them (delete them and pass --download)")
+
+
+def _one_line(err: Exception) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+# name -> (reader, the torchvision.datasets class that reads and downloads it)
+_READERS = {
+    "digits": (_read_digits, None),
+    "mnist": (_read_mnist, "MNIST"),
+    "fashion-mnist": (_read_mnist, "FashionMNIST"),
+    "cifar10": (_read_cifar, "CIFAR10"),
+}

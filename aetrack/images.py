@@ -1,0 +1,83 @@
+"""Pictures: image grids, reconstructions, samples, interpolations, latent plots, loss curves.
+Every function returns a PIL image, ready for `mlflow.log_image`."""
+
+from __future__ import annotations
+
+import io
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
+
+MIN_TILE = 28  # 8x8 digits are upscaled to be visible
+
+
+def grid(images: torch.Tensor, nrow: int = 8) -> Image.Image:
+    """(N, C, H, W) in [0, 1] -> one PIL grid, tiles upscaled to at least MIN_TILE pixels."""
+    images = images.detach().float().cpu().clamp(0, 1)
+    scale = max(1, MIN_TILE // images.shape[-1])
+    if scale > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+    tiles = make_grid(images, nrow=nrow, padding=2, pad_value=0.5)
+    array = (tiles.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+    return Image.fromarray(array)
+
+
+def rows(*blocks: torch.Tensor) -> Image.Image:
+    """Each block of n images becomes one row: inputs over reconstructions, noisy/output/clean for a dae."""
+    n = blocks[0].shape[0]
+    return grid(torch.cat(blocks), nrow=n)
+
+
+def figure_to_image(fig) -> Image.Image:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    buffer.seek(0)
+    return Image.open(buffer).convert("RGB")
+
+
+def latent_scatter(points: np.ndarray, labels: np.ndarray, title: str) -> Image.Image:
+    fig, ax = plt.subplots(figsize=(5, 5))
+    scatter = ax.scatter(points[:, 0], points[:, 1], c=labels, cmap="tab10", s=6, alpha=0.8)
+    ax.legend(*scatter.legend_elements(), title="label", fontsize=7, loc="best")
+    ax.set_title(title)
+    return figure_to_image(fig)
+
+
+def latent_plots(z: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, Image.Image]:
+    """The latent space coloured by label: directly when 2-D, else PCA and t-SNE (scikit-learn)."""
+    if z.shape[1] == 2:
+        return {"latent_2d": latent_scatter(z, labels, "latent space")}
+    from sklearn.decomposition import PCA
+    from sklearn.manifold import TSNE
+
+    plots = {"latent_pca": latent_scatter(PCA(2, random_state=seed).fit_transform(z), labels, "latent space (PCA)")}
+    perplexity = min(30.0, max(2.0, (len(z) - 1) / 3))
+    embedded = TSNE(2, perplexity=perplexity, init="pca", random_state=seed).fit_transform(z)
+    plots["latent_tsne"] = latent_scatter(embedded, labels, "latent space (t-SNE)")
+    return plots
+
+
+def curves(history: list[dict[str, float]], keys: list[str], title: str = "loss curves") -> Image.Image:
+    fig, ax = plt.subplots(figsize=(6, 4))
+    epochs = [h["epoch"] for h in history]
+    for key in keys:
+        ax.plot(epochs, [h[key] for h in history], marker="o", label=key)
+    ax.set_xlabel("epoch")
+    ax.set_title(title)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    return figure_to_image(fig)
+
+
+def interpolate(z_start: torch.Tensor, z_end: torch.Tensor, steps: int) -> torch.Tensor:
+    """Straight-line interpolation: (pairs, D) x 2 -> (pairs * steps, D), row-major per pair."""
+    t = torch.linspace(0, 1, steps, device=z_start.device).view(1, steps, 1)
+    path = z_start.unsqueeze(1) * (1 - t) + z_end.unsqueeze(1) * t
+    return path.reshape(-1, z_start.shape[-1])

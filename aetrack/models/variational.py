@@ -1,0 +1,212 @@
+"""Variational autoencoders: VAE (any prior, beta, KL warm-up), conditional VAE, and M2.
+
+A beta-VAE is a VAE with `beta` set; a conditional VAE is a VAE whose encoder and
+decoder see the one-hot label. M2 (Kingma et al. 2014) adds a classifier q(y|x)
+and sums the label out for unlabelled examples.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from aetrack.losses import reconstruction_nll, to_image
+from aetrack.models import Output, register
+from aetrack.nets import Decoder, Encoder
+from aetrack.priors import build_prior
+
+
+class LatentVariableModel(nn.Module):
+    """p(z) p(x|z, c) with q(z|x, c): the part that VAE, CVAE and M2 share (c: optional condition)."""
+
+    def __init__(self, config, shape, cond_dim: int):
+        super().__init__()
+        self.config = config
+        self.cond_dim = cond_dim
+        self.prior = build_prior(config.prior, config.latent_dim, config.prior_components, shape)
+        self.encoder = Encoder(shape, config.hidden, 2 * config.latent_dim, config.arch, cond_dim)
+        self.decoder = Decoder(shape, config.hidden, config.latent_dim, config.arch, cond_dim)
+        if hasattr(self.prior, "bind"):
+            # VampPrior: pseudo-inputs go through this encoder; a conditional one sees the uniform label mix.
+            self.prior.bind(lambda u: self.posterior(u, self._uniform_cond(u)))
+
+    def _uniform_cond(self, x: torch.Tensor) -> torch.Tensor | None:
+        if not self.cond_dim:
+            return None
+        return torch.full((x.shape[0], self.cond_dim), 1.0 / self.cond_dim, device=x.device)
+
+    def posterior(self, x: torch.Tensor, cond: torch.Tensor | None = None):
+        return self.prior.posterior.from_params(self.encoder(x, cond))
+
+    def terms(self, x: torch.Tensor, cond: torch.Tensor | None = None):
+        """Per-example reconstruction NLL and KL, from one reparameterised sample."""
+        q = self.posterior(x, cond)
+        z = q.rsample()
+        logits = self.decoder(z, cond)
+        recon = reconstruction_nll(logits, x, self.config.likelihood)
+        return recon, self.prior.kl(q, z), q, logits
+
+    def log_weights(self, x: torch.Tensor, samples: int, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(x, z_k) - log q(z_k|x) for k samples: the importance weights of Burda et al. 2015, shape (k, B)."""
+        q = self.posterior(x, cond)
+        z = q.rsample(samples)                                   # (k, B, D)
+        flat = z.reshape(-1, z.shape[-1])
+        flat_cond = None if cond is None else cond.repeat(samples, 1)
+        logits = self.decoder(flat, flat_cond)
+        target = x.repeat(samples, *([1] * (x.dim() - 1)))
+        log_px = -reconstruction_nll(logits, target, self.config.likelihood).view(samples, -1)
+        return log_px + self.prior.log_prob(z) - q.log_prob(z)
+
+    def kl_weight(self, epoch: float | None) -> float:
+        warmup = self.config.kl_warmup
+        if epoch is None or warmup <= 0:
+            return self.config.beta
+        return self.config.beta * min(1.0, epoch / warmup)
+
+    def sample_latent(self, n: int, generator=None, temperature: float = 1.0) -> torch.Tensor:
+        device = next(self.parameters()).device
+        return self.prior.sample(n, generator=generator, temperature=temperature, device=device)
+
+
+def one_hot(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    return F.one_hot(y.long(), num_classes).float()
+
+
+@register("vae", scopes=("variational",), generative=True, description="variational autoencoder (any prior, beta, KL warm-up)")
+@register("cvae", scopes=("variational",), generative=True, conditional=True, description="conditional VAE")
+class VAE(nn.Module):
+    def __init__(self, config, shape, num_classes, *, conditional: bool = False):
+        super().__init__()
+        self.config, self.num_classes, self.conditional = config, num_classes, conditional
+        self.body = LatentVariableModel(config, shape, num_classes if conditional else 0)
+
+    def cond(self, y: torch.Tensor | None) -> torch.Tensor | None:
+        return one_hot(y, self.num_classes) if self.conditional else None
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, epoch: float | None = None) -> Output:
+        recon, kl, q, logits = self.body.terms(x, self.cond(y))
+        recon_loss, kl = recon.mean(), kl.mean()
+        loss = recon_loss + self.body.kl_weight(epoch) * kl
+        # neg_elbo is the bound itself (beta = 1), whatever beta is trained with.
+        parts = {"recon_loss": recon_loss, "kl": kl, "neg_elbo": recon_loss + kl}
+        return Output(loss, parts, to_image(logits), q.mean)
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.body.posterior(x, self.cond(y)).mean
+
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return to_image(self.body.decoder(z, self.cond(y)))
+
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.decode(self.encode(x, y), y)
+
+    def sample(self, n: int, y: torch.Tensor | None = None, generator=None, temperature: float = 1.0) -> torch.Tensor:
+        z = self.body.sample_latent(n, generator, temperature)
+        if self.conditional and y is None:
+            y = torch.randint(self.num_classes, (n,), generator=generator, device=z.device)
+        return self.decode(z, y)
+
+    def log_weights(self, x: torch.Tensor, y: torch.Tensor | None, samples: int) -> torch.Tensor:
+        """(k, B) importance log-weights of log p(x) (of log p(x|y) for the conditional VAE)."""
+        return self.body.log_weights(x, samples, self.cond(y))
+
+    def kl_per_dim(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        return self.body.prior.kl_per_dim(self.body.posterior(x, self.cond(y)))
+
+
+@register("m2", scopes=("variational", "semi_supervised"), generative=True, conditional=True, semi_supervised=True,
+          description="semi-supervised VAE (Kingma et al. 2014, M2)")
+class M2(nn.Module):
+    """Labels are y >= 0; unlabelled examples carry y = -1.
+
+    Labelled:   L(x, y) = -log p(x|y, z) + KL - log p(y)
+    Unlabelled: U(x) = sum_y q(y|x) L(x, y) - H(q(y|x))
+    Loss = mean L + mean U + alpha * mean CE(q(y|x), y) on labelled examples, alpha = classifier_weight * labeled
+    (Kingma et al.'s alpha = 0.1 N on the summed objective, divided by N).
+    """
+
+    def __init__(self, config, shape, num_classes):
+        super().__init__()
+        self.config, self.num_classes = config, num_classes
+        self.body = LatentVariableModel(config, shape, num_classes)
+        self.classifier = Encoder(shape, config.hidden, num_classes, config.arch)
+
+    def cond(self, y: torch.Tensor | None) -> torch.Tensor | None:
+        return one_hot(y, self.num_classes)
+
+    def _bound(self, x: torch.Tensor, y: torch.Tensor, kl_weight: float):
+        recon, kl, q, logits = self.body.terms(x, self.cond(y))
+        return recon + kl_weight * kl + math.log(self.num_classes), recon, kl, logits
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, epoch: float | None = None) -> Output:
+        if y is None:
+            y = torch.full((x.shape[0],), -1, device=x.device, dtype=torch.long)
+        kl_weight = self.body.kl_weight(epoch)
+        labeled = y >= 0
+        class_logits = self.classifier(x)
+        zero = x.new_zeros(())
+        parts: dict[str, torch.Tensor] = {}
+        loss = zero
+        recon_image = torch.empty_like(x)
+
+        if labeled.any():
+            bound, recon, kl, logits = self._bound(x[labeled], y[labeled], kl_weight)
+            ce = F.cross_entropy(class_logits[labeled], y[labeled])
+            alpha = self.config.classifier_weight * self.config.labeled
+            loss = loss + bound.mean() + alpha * ce
+            parts.update(labeled_bound=bound.mean(), classifier_loss=ce)
+            recon_image[labeled] = to_image(logits)
+        if (~labeled).any():
+            xu = x[~labeled]
+            probs = torch.softmax(class_logits[~labeled], -1)
+            n, k = xu.shape[0], self.num_classes
+            # Sum the label out: evaluate the bound for every label of every example in one batch.
+            ys = torch.arange(k, device=x.device).repeat_interleave(n)
+            bound, recon, kl, logits = self._bound(xu.repeat(k, *([1] * (x.dim() - 1))), ys, kl_weight)
+            bound = bound.view(k, n).T
+            entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
+            unlabeled_bound = (probs * bound).sum(-1) - entropy
+            loss = loss + unlabeled_bound.mean()
+            parts["unlabeled_bound"] = unlabeled_bound.mean()
+            best = probs.argmax(-1)
+            recon_image[~labeled] = to_image(logits.view(k, n, *x.shape[1:])[best, torch.arange(n)])
+        # On the batch as a whole, the VAE bound with the true label where known, else the predicted one.
+        y_used = torch.where(labeled, y, class_logits.argmax(-1))
+        recon, kl, q, _ = self.body.terms(x, self.cond(y_used))
+        parts.update(recon_loss=recon.mean().detach(), kl=kl.mean().detach(), neg_elbo=(recon + kl).mean().detach())
+        parts["error"] = (class_logits.argmax(-1) != y)[labeled].float().mean() if labeled.any() else zero
+        return Output(loss, parts, recon_image, q.mean)
+
+    def classify(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(x).argmax(-1)
+
+    def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.classify(x) if y is None else y
+        return self.body.posterior(x, self.cond(y)).mean
+
+    def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        if y is None:
+            y = torch.randint(self.num_classes, (z.shape[0],), device=z.device)
+        return to_image(self.body.decoder(z, self.cond(y)))
+
+    def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.classify(x) if y is None else y
+        return self.decode(self.encode(x, y), y)
+
+    def sample(self, n: int, y: torch.Tensor | None = None, generator=None, temperature: float = 1.0) -> torch.Tensor:
+        z = self.body.sample_latent(n, generator, temperature)
+        if y is None:
+            y = torch.randint(self.num_classes, (n,), generator=generator, device=z.device)
+        return self.decode(z, y)
+
+    def log_weights(self, x: torch.Tensor, y: torch.Tensor | None, samples: int) -> torch.Tensor:
+        """(k, B) importance log-weights of log p(x, y) with p(y) uniform; y predicted when not given."""
+        y = self.classify(x) if y is None else y
+        return self.body.log_weights(x, samples, self.cond(y)) - math.log(self.num_classes)
+
+    def kl_per_dim(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+        y = self.classify(x) if y is None else y
+        return self.body.prior.kl_per_dim(self.body.posterior(x, self.cond(y)))

@@ -1,0 +1,86 @@
+"""Encoder and decoder networks: MLP or convolutional, for any (C, H, W) input.
+
+Both take an optional condition vector (a one-hot label for conditional models),
+concatenated to the flattened input of the encoder's head and to the latent code.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+def _mlp(sizes: list[int]) -> nn.Sequential:
+    layers: list[nn.Module] = []
+    for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
+        layers.append(nn.Linear(n_in, n_out))
+        if i < len(sizes) - 2:
+            layers.append(nn.ReLU())
+    return nn.Sequential(*layers)
+
+
+def conv_sizes(height: int, width: int, layers: int) -> list[tuple[int, int]]:
+    """Spatial sizes after each stride-2 conv (kernel 3, padding 1): 28 -> 14 -> 7, 8 -> 4 -> 2, 32 -> 16 -> 8."""
+    sizes = [(height, width)]
+    for _ in range(layers):
+        h, w = sizes[-1]
+        sizes.append(((h - 1) // 2 + 1, (w - 1) // 2 + 1))
+    return sizes
+
+
+class Encoder(nn.Module):
+    def __init__(self, shape: tuple[int, int, int], hidden: tuple[int, ...], out_dim: int, arch: str, cond_dim: int = 0):
+        super().__init__()
+        channels, height, width = shape
+        if arch == "conv":
+            blocks: list[nn.Module] = []
+            n_in = channels
+            for n_out in hidden:
+                blocks += [nn.Conv2d(n_in, n_out, 3, stride=2, padding=1), nn.ReLU()]
+                n_in = n_out
+            h, w = conv_sizes(height, width, len(hidden))[-1]
+            self.features = nn.Sequential(*blocks, nn.Flatten())
+            self.head = nn.Linear(n_in * h * w + cond_dim, out_dim)
+        else:
+            self.features = nn.Sequential(nn.Flatten(), _mlp([math.prod(shape), *hidden]), nn.ReLU())
+            self.head = nn.Linear(hidden[-1] + cond_dim, out_dim)
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        h = self.features(x)
+        if cond is not None:
+            h = torch.cat([h, cond], dim=-1)
+        return self.head(h)
+
+
+class Decoder(nn.Module):
+    """Maps a latent code to per-pixel parameters (logits or means) of shape (C, H, W)."""
+
+    def __init__(self, shape: tuple[int, int, int], hidden: tuple[int, ...], latent_dim: int, arch: str, cond_dim: int = 0):
+        super().__init__()
+        self.shape = shape
+        channels, height, width = shape
+        if arch == "conv":
+            sizes = conv_sizes(height, width, len(hidden))
+            h, w = sizes[-1]
+            self.stem = nn.Sequential(nn.Linear(latent_dim + cond_dim, hidden[-1] * h * w), nn.ReLU(), nn.Unflatten(1, (hidden[-1], h, w)))
+            blocks: list[nn.Module] = []
+            chans = list(reversed(hidden)) + [channels]
+            targets = list(reversed(sizes[:-1]))
+            for i, (n_in, n_out) in enumerate(zip(chans, chans[1:])):
+                (th, tw), (ih, iw) = targets[i], sizes[len(hidden) - i]
+                # output_padding picks the exact size the encoder came from (odd or even).
+                padding = (th - (2 * ih - 1), tw - (2 * iw - 1))
+                blocks.append(nn.ConvTranspose2d(n_in, n_out, 3, stride=2, padding=1, output_padding=padding))
+                if i < len(hidden) - 1:
+                    blocks.append(nn.ReLU())
+            self.body = nn.Sequential(*blocks)
+        else:
+            self.stem = _mlp([latent_dim + cond_dim, *reversed(hidden), math.prod(shape)])
+            self.body = nn.Unflatten(1, shape)
+
+    def forward(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        if cond is not None:
+            z = torch.cat([z, cond], dim=-1)
+        return self.body(self.stem(z))

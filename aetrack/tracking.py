@@ -1,0 +1,168 @@
+"""MLflow around the training loop: params, tags, data set, metrics (asynchronous),
+images with steps, the logged pyfunc model and its registry version."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+
+import aetrack
+from aetrack import images, modelio, samplers, serving
+from aetrack.config import TrainConfig
+from aetrack.data import Splits
+from aetrack.models import REGISTRY
+from aetrack.training import History, fit
+
+IMAGE_ROWS = 8  # images per row in every logged grid
+
+
+@dataclass(frozen=True)
+class TrackingOptions:
+    tracking_uri: str | None = None
+    experiment: str = "aetrack"
+    run_name: str | None = None
+    register: bool = True
+    registered_model: str | None = None
+    checkpoint_dir: str = "checkpoints"
+
+
+@dataclass
+class RunResult:
+    run_id: str
+    experiment_id: str
+    tracking_uri: str
+    model_uri: str
+    registered_model: str | None = None
+    registered_version: str | None = None
+    history: History = field(default_factory=History)
+
+
+def registered_name(config: TrainConfig) -> str:
+    return f"aetrack-{config.dataset}-{config.model}"
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(aetrack.__file__).parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+class EpochImages:
+    """Per epoch, with the epoch as step: inputs beside reconstructions, and samples from fixed noise."""
+
+    def __init__(self, data: Splits, config: TrainConfig):
+        self.variant = REGISTRY[config.model]
+        self.x, self.y = data.val_x[:IMAGE_ROWS], data.val_y[:IMAGE_ROWS]
+        self.num_classes, self.seed = data.num_classes, config.seed
+
+    @torch.no_grad()
+    def on_epoch_end(self, epoch: int, model: torch.nn.Module, metrics: dict[str, float]) -> None:
+        model.eval()
+        for key, picture in self.pictures(model).items():
+            mlflow.log_image(picture, key=key, step=epoch)
+        model.train()
+
+    def pictures(self, model) -> dict:
+        pictures = {}
+        device = self.x.device
+        if getattr(model, "denoising", False):
+            noisy = model.corrupt(self.x, torch.Generator(device).manual_seed(self.seed))
+            pictures["reconstructions"] = images.rows(noisy, model.reconstruct(noisy), self.x)
+        else:
+            pictures["reconstructions"] = images.rows(self.x, model.reconstruct(self.x, self.y))
+        if self.variant.generative:
+            generator = torch.Generator(device).manual_seed(self.seed)
+            if self.variant.conditional:
+                labels = torch.arange(self.num_classes, device=device).repeat_interleave(IMAGE_ROWS)
+                pictures["samples"] = images.grid(model.sample(len(labels), labels, generator), IMAGE_ROWS)
+            else:
+                pictures["samples"] = images.grid(model.sample(IMAGE_ROWS * IMAGE_ROWS, None, generator), IMAGE_ROWS)
+        return pictures
+
+
+@torch.no_grad()
+def final_pictures(model, data: Splits, history: History, seed: int, max_points: int = 2000) -> dict:
+    """Latent interpolation, latent space by label (2-D, or PCA and t-SNE) and loss curves."""
+    model.eval()
+    x, y = data.val_x[:max_points], data.val_y[:max_points]
+    z = model.encode(x, y)
+    pairs = min(IMAGE_ROWS, len(x) // 2)
+    path = images.interpolate(z[:pairs], z[pairs:2 * pairs], IMAGE_ROWS)
+    path_labels = y[:pairs].repeat_interleave(IMAGE_ROWS)
+    pictures = {"interpolation": images.grid(model.decode(path, path_labels), IMAGE_ROWS)}
+    pictures.update(images.latent_plots(z.cpu().numpy(), y.cpu().numpy(), seed))
+    if history.epochs:
+        keys = ["train_epoch_loss"] + [k for k in history.epochs[0] if k.startswith("val_")]
+        pictures["loss_curves"] = images.curves(history.epochs, keys)
+    return pictures
+
+
+def log_dataset(data: Splits, data_dir: str | None) -> None:
+    features = data.train_x.flatten(1).cpu().numpy()
+    dataset = mlflow.data.from_numpy(features, targets=data.train_y.cpu().numpy(), name=data.name,
+                                     source=str(data_dir or data.name))
+    mlflow.log_input(dataset, context="training")
+
+
+def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *, data_dir: str | None = None,
+                  progress: bool = True) -> RunResult:
+    """One MLflow run around `fit`; the run created by `mlflow run` (MLFLOW_RUN_ID) is reused, not duplicated."""
+    if options.tracking_uri:
+        mlflow.set_tracking_uri(options.tracking_uri)
+    if "MLFLOW_RUN_ID" not in os.environ:
+        mlflow.set_experiment(options.experiment)
+    variant = REGISTRY[config.model]
+    with mlflow.start_run(run_name=options.run_name) as run:
+        run_id = run.info.run_id
+        mlflow.log_params(config.to_params())
+        mlflow.set_tags({
+            "model": config.model,
+            "model_family": "variational" if variant.generative else "autoencoder",
+            "dataset": config.dataset,
+            "aetrack_version": aetrack.__version__,
+            **({"git_commit": commit} if (commit := git_commit()) else {}),
+        })
+        log_dataset(data, data_dir)
+
+        def log(metrics: dict[str, float], step: int) -> None:
+            mlflow.log_metrics(metrics, step=step, synchronous=False)
+
+        try:
+            model, history = fit(config, data, log=log, callbacks=(EpochImages(data, config),),
+                                 checkpoint_dir=Path(options.checkpoint_dir) / run_id, progress=progress)
+        finally:
+            mlflow.flush_async_logging()
+        for key, picture in final_pictures(model, data, history, config.seed).items():
+            mlflow.log_image(picture, key=key, step=history.best_epoch)
+        mlflow.log_metrics({"best_val_loss": history.best_val_loss, "best_epoch": history.best_epoch})
+        mlflow.set_tag("stopped_early", str(history.stopped_early).lower())
+
+        extra = {}
+        if not hasattr(model, "sample"):
+            # Ex-post density estimation: the autoencoder generates from a mixture fitted to its codes.
+            sampler = samplers.LatentMixture.fit(samplers.encode_all(model, data.train_x), seed=config.seed)
+            extra = sampler.state()
+            generator = torch.Generator().manual_seed(config.seed)
+            samples = samplers.generate(model, IMAGE_ROWS * IMAGE_ROWS, generator=generator, sampler=sampler)
+            mlflow.log_image(images.grid(samples, IMAGE_ROWS), key="samples", step=history.best_epoch)
+        info = modelio.ModelInfo(config, data.shape, data.classes)
+        name = None
+        if options.register and variant.generative:
+            name = options.registered_model or registered_name(config)
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = modelio.save(model, info, Path(tmp) / "aetrack-model", extra)
+            logged = serving.log_model(model_dir, registered_model_name=name)
+        version = getattr(logged, "registered_model_version", None)
+        result = RunResult(run_id, run.info.experiment_id, mlflow.get_tracking_uri(), f"runs:/{run_id}/model",
+                           name, None if version is None else str(version), history)
+    return result
