@@ -38,20 +38,43 @@ def config_options(func):
     return func
 
 
-def config_from_options(ctx: click.Context, values: dict) -> TrainConfig:
+def parse_settings(items: tuple[str, ...]) -> dict[str, str]:
+    """`--set latent_dim=4,prior=mog` (repeatable): any config field by name, for MLproject's single-string params."""
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    settings = {}
+    for item in items:
+        for pair in filter(None, (part.strip() for part in item.split(","))):
+            key, sep, value = pair.partition("=")
+            key = key.strip().replace("-", "_")
+            if not sep or key not in known:
+                raise click.UsageError(f"--set expects NAME=VALUE with NAME a training option, got {pair!r}")
+            settings[key] = value.strip()
+    return settings
+
+
+def config_from_options(ctx: click.Context, values: dict, settings: dict[str, str] | None = None) -> TrainConfig:
     """Build the config; options that do not apply to the model, or impossible values, are usage errors."""
+    settings = settings or {}
+    values = {**values, **settings}
+    if values["model"] not in REGISTRY:
+        raise click.UsageError(f"unknown model {values['model']!r}; choose from {', '.join(sorted(REGISTRY))}")
     variant = REGISTRY[values["model"]]
     for f in dataclasses.fields(TrainConfig):
         scope = f.metadata["scope"]
-        explicit = ctx.get_parameter_source(f.name) not in (click.core.ParameterSource.DEFAULT, None)
+        explicit = f.name in settings or ctx.get_parameter_source(f.name) not in (click.core.ParameterSource.DEFAULT, None)
         if scope and explicit and scope not in variant.scopes:
             users = sorted(name for name, v in REGISTRY.items() if scope in v.scopes)
             raise click.UsageError(f"{option_name(f.name)} does not apply to --model {variant.name} "
                                    f"(it applies to {', '.join(users)})")
-    try:
-        fields = {f.name: _parse(HINTS[f.name], values[f.name]) for f in dataclasses.fields(TrainConfig)}
-    except ValueError:
-        raise click.UsageError(f"--hidden must be comma-separated positive integers, got {values['hidden']!r}")
+    fields = {}
+    for f in dataclasses.fields(TrainConfig):
+        choices = f.metadata["choices"]
+        try:
+            fields[f.name] = _parse(HINTS[f.name], values[f.name])
+        except ValueError:
+            raise click.UsageError(f"{option_name(f.name)}: cannot read {values[f.name]!r} as {HINTS[f.name]}") from None
+        if choices and fields[f.name] not in choices:
+            raise click.UsageError(f"{option_name(f.name)}: {fields[f.name]!r} is not one of {', '.join(choices)}")
     config = TrainConfig(**fields)
     check(config)
     return config
@@ -139,16 +162,18 @@ def main():
 @click.option("--register/--no-register", default=True, show_default=True, help="Register generative models in the MLflow registry.")
 @click.option("--registered-model", default=None, help="Registry name (default aetrack-<dataset>-<model>).")
 @click.option("--checkpoint-dir", default="checkpoints", show_default=True, help="Where the per-epoch checkpoint goes (<dir>/<run id>/last.pt).")
+@click.option("--set", "settings", multiple=True, metavar="NAME=VALUE[,...]", help="Set training options by name (as MLproject passes them).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.pass_context
 @friendly_errors
-def train(ctx, data_dir, download, tracking_uri, experiment, run_name, register, registered_model, checkpoint_dir, quiet, **values):
+def train(ctx, data_dir, download, tracking_uri, experiment, run_name, register, registered_model, checkpoint_dir, settings, quiet, **values):
     """Train one autoencoder variant and track it in MLflow."""
     from aetrack import data as datasets
     from aetrack.tracking import TrackingOptions, train_tracked
     from aetrack.training import resolve_device
 
-    config = config_from_options(ctx, values)
+    data_dir, registered_model = data_dir or None, registered_model or None  # MLproject passes "" for unset
+    config = config_from_options(ctx, values, parse_settings(settings))
     try:
         splits = datasets.load(config.dataset, data_dir=data_dir, download=download, binarize=config.binarize,
                                val_fraction=config.val_fraction, seed=config.seed, device=resolve_device(config.device))

@@ -1,0 +1,3 @@
+from aetrack.cli import main
+
+main(prog_name="aetrack")

@@ -1,0 +1,142 @@
+"""The contract every registered variant keeps, run over the whole registry."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from aetrack import modelio
+from aetrack.config import TrainConfig
+from aetrack.models import REGISTRY, build_model
+
+SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
+NUM_CLASSES = 10
+# Every variant with its defaults, plus the settings that change its structure.
+SETTINGS = [(name, {}) for name in sorted(REGISTRY)] + [
+    ("vae", {"prior": "mog"}), ("vae", {"prior": "uniform"}), ("vae", {"prior": "vamp"}),
+    ("vae", {"beta": 4.0, "kl_warmup": 2}), ("cvae", {"prior": "vamp"}), ("sae", {"sparsity": "kl"}),
+    ("dae", {"noise": "masking"}), ("dae", {"noise": "salt-pepper"}), ("ae", {"likelihood": "gaussian"}),
+]
+IDS = [name + "".join(f"-{k}={v}" for k, v in extra.items()) for name, extra in SETTINGS]
+
+
+def make(name: str, extra: dict, arch: str, shape) -> tuple[torch.nn.Module, TrainConfig]:
+    hidden = (8, 16) if arch == "conv" else (32, 16)
+    config = TrainConfig(model=name, arch=arch, hidden=hidden, latent_dim=3, prior_components=3, labeled=4, **extra)
+    torch.manual_seed(0)
+    return build_model(config, shape, NUM_CLASSES), config
+
+
+def batch(shape, n: int = 6):
+    generator = torch.Generator().manual_seed(1)
+    x = torch.rand(n, *shape, generator=generator)
+    y = torch.arange(n) % NUM_CLASSES
+    return x, y
+
+
+def labels_for(name: str, y: torch.Tensor) -> torch.Tensor:
+    # The semi-supervised variant sees a mix of labelled and unlabelled (-1) examples.
+    return torch.where(torch.arange(len(y)) % 2 == 0, y, -1) if REGISTRY[name].semi_supervised else y
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize(("name", "extra"), SETTINGS, ids=IDS)
+def test_forward_shapes_and_finite_loss(name, extra, arch, shape):
+    model, config = make(name, extra, arch, shape)
+    x, y = batch(shape)
+    out = model(x, labels_for(name, y), epoch=0.5)
+    assert out.recon.shape == x.shape
+    assert out.z.shape == (len(x), config.latent_dim)
+    assert out.loss.shape == () and torch.isfinite(out.loss)
+    assert "recon_loss" in out.parts and all(torch.isfinite(v) for v in out.parts.values())
+    assert 0 <= float(out.recon.min()) and float(out.recon.max()) <= 1
+    assert model.encode(x, y).shape == (len(x), config.latent_dim)
+    assert model.decode(model.encode(x, y), y).shape == x.shape
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+@pytest.mark.parametrize(("name", "extra"), SETTINGS, ids=IDS)
+def test_one_step_lowers_the_loss_on_a_fixed_batch(name, extra, arch):
+    shape = (1, 8, 8)
+    model, _ = make(name, extra, arch, shape)
+    x, y = batch(shape, 16)
+    y = labels_for(name, y)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def loss() -> torch.Tensor:
+        torch.manual_seed(7)  # the same noise (reparameterisation, corruption) before and after the step
+        return model(x, y).loss
+
+    before = loss()
+    optimizer.zero_grad()
+    before.backward()
+    optimizer.step()
+    with torch.no_grad():
+        after = loss()
+    assert float(after) < float(before)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+@pytest.mark.parametrize(("name", "extra"), SETTINGS, ids=IDS)
+def test_save_and_reload_give_identical_outputs(tmp_path, name, extra, arch):
+    shape = (1, 8, 8)
+    model, config = make(name, extra, arch, shape)
+    model.eval()
+    x, y = batch(shape)
+    info = modelio.ModelInfo(config, shape, tuple(str(c) for c in range(NUM_CLASSES)))
+    modelio.save(model, info, tmp_path / "model", {"extra.tensor": torch.ones(2)})
+    loaded, loaded_info, extra_state = modelio.load(tmp_path / "model")
+    assert loaded_info == info
+    assert torch.equal(extra_state["extra.tensor"], torch.ones(2))
+    with torch.no_grad():
+        assert torch.equal(model.encode(x, y), loaded.encode(x, y))
+        assert torch.equal(model.reconstruct(x, y), loaded.reconstruct(x, y))
+        if REGISTRY[name].generative:
+            a = model.sample(4, y[:4], generator=torch.Generator().manual_seed(3))
+            b = loaded.sample(4, y[:4], generator=torch.Generator().manual_seed(3))
+            assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("name", sorted(n for n, v in REGISTRY.items() if v.generative))
+def test_sampling_shapes_and_seeds(name, arch, shape):
+    model, _ = make(name, {}, arch, shape)
+    model.eval()
+    with torch.no_grad():
+        samples = model.sample(5, generator=torch.Generator().manual_seed(0))
+        again = model.sample(5, generator=torch.Generator().manual_seed(0))
+        other = model.sample(5, generator=torch.Generator().manual_seed(1))
+    assert samples.shape == (5, *shape)
+    assert torch.equal(samples, again) and not torch.equal(samples, other)
+    if REGISTRY[name].conditional:
+        labelled = model.sample(5, torch.full((5,), 3), generator=torch.Generator().manual_seed(0))
+        assert labelled.shape == (5, *shape)
+
+
+def test_config_round_trips_through_params():
+    config = TrainConfig(model="vae", hidden=(64, 32, 16), beta=0.5, prior="mog", epochs=3)
+    assert TrainConfig.from_params(config.to_params()) == config
+    assert config.to_params()["hidden"] == "64,32,16"
+    assert set(config.to_params()) == {f.name for f in dataclasses.fields(TrainConfig)}
+
+
+def test_kl_warmup_scales_the_kl_weight():
+    model, _ = make("vae", {"beta": 2.0, "kl_warmup": 4}, "mlp", (1, 8, 8))
+    assert model.body.kl_weight(0.0) == 0.0
+    assert model.body.kl_weight(2.0) == pytest.approx(1.0)
+    assert model.body.kl_weight(10.0) == pytest.approx(2.0)
+    assert model.body.kl_weight(None) == pytest.approx(2.0)
+
+
+def test_denoising_autoencoder_scores_the_corrupted_input_against_the_clean_one():
+    model, _ = make("dae", {"noise": "masking", "noise_level": 0.5}, "mlp", (1, 8, 8))
+    x, _ = batch((1, 8, 8))
+    out = model(x)
+    noisy = out.extras["noisy"]
+    assert not torch.equal(noisy, x)
+    assert bool(((noisy == 0) | (noisy == x)).all())  # masking only zeroes pixels
+    assert 0.3 < float((noisy != x).float().mean()) < 0.7

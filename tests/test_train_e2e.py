@@ -1,0 +1,152 @@
+"""End to end: `aetrack train` for every variant against a real `mlflow server` on loopback,
+read back with MlflowClient; and `mlflow run .` on the embedded data set."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from aetrack.cli import main
+from aetrack.config import TrainConfig
+from aetrack.models import REGISTRY
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--epochs", "2", "--hidden", "32", "--latent-dim", "2", "--batch-size", "64", "--log-every", "5", "--quiet"]
+EXTRA = {"m2": ["--labeled", "50"], "dae": ["--noise", "masking"], "vae": ["--prior", "mog"]}
+
+
+def image_keys(client: MlflowClient, run_id: str) -> set[str]:
+    """Keys of images logged with mlflow.log_image(key=..., step=...)."""
+    return {image_name(a.path)[0] for a in client.list_artifacts(run_id, "images")}
+
+
+def image_name(path: str) -> list[str]:
+    # key%step%N%timestamp%... ('%' becomes '+' once stored through the server)
+    return re.split("[%+]", Path(path).name)
+
+
+def train(args: list[str]):
+    result = CliRunner().invoke(main, ["train", *args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    run_id = next(line.split()[-1] for line in result.output.splitlines() if line.startswith("run id:"))
+    return run_id, result.output
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_variant_trains_and_lands_in_mlflow(name, mlflow_server):
+    experiment = f"e2e-{name}"
+    run_id, output = train(["--model", name, *TINY, *EXTRA.get(name, []), "--tracking-uri", mlflow_server,
+                            "--experiment", experiment, "--registered-model", f"e2e-{name}"])
+    client = MlflowClient(mlflow_server)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+
+    # Params: every setting, flat, under the CLI names; they rebuild the config.
+    config = TrainConfig.from_params(run.data.params)
+    assert config.model == name and config.hidden == (32,) and config.latent_dim == 2 and config.epochs == 2
+    assert run.data.tags["model"] == name and run.data.tags["dataset"] == "digits"
+    assert run.data.tags["aetrack_version"]
+
+    # Metric histories: training loss every few steps, validation loss every epoch, and their parts.
+    train_loss = client.get_metric_history(run_id, "train_loss")
+    steps_per_epoch = -(-int(1797 * 0.8 * 0.9) // 64)
+    assert len(train_loss) >= 2 * steps_per_epoch // 5
+    assert [m.step for m in train_loss] == sorted(m.step for m in train_loss)
+    assert len(client.get_metric_history(run_id, "val_loss")) == 2
+    assert len(client.get_metric_history(run_id, "train_recon_loss")) == len(train_loss)
+    for key in ("epoch_time", "samples_per_sec", "val_recon_loss", "best_val_loss"):
+        assert key in run.data.metrics, key
+    if REGISTRY[name].generative:
+        assert "train_kl" in run.data.metrics and "val_kl" in run.data.metrics
+    if name == "m2":
+        assert "train_classifier_loss" in run.data.metrics and "val_error" in run.data.metrics
+    if name in ("sae", "cae"):
+        assert "train_penalty" in run.data.metrics
+
+    # Images with steps: per-epoch reconstructions (and samples), final pictures.
+    keys = image_keys(client, run_id)
+    assert {"reconstructions", "samples", "interpolation", "latent_2d", "loss_curves"} <= keys, keys
+    recon_steps = {image_name(a.path)[2] for a in client.list_artifacts(run_id, "images")
+                   if image_name(a.path)[0] == "reconstructions"}
+    assert recon_steps == {"1", "2"}
+
+    # The data set as an MLflow input.
+    assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["digits"]
+
+    # The logged model loads and generates.
+    mlflow.set_tracking_uri(mlflow_server)
+    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    assert model.metadata.get_input_schema() is not None
+    answer = model.predict(pd.DataFrame({"n": [3]}), params={"seed": 1, "output": "array"})
+    pixels = np.stack(answer["pixels"].to_numpy())
+    assert pixels.shape == (3, 64) and 0 <= pixels.min() and pixels.max() <= 1
+
+    # Generative models are registered, a new version per run.
+    if REGISTRY[name].generative:
+        assert f"models:/e2e-{name}/" in output
+        versions = client.search_model_versions(f"name='e2e-{name}'")
+        assert [v.run_id for v in versions] == [run_id]
+
+
+def test_bad_input_is_one_line_and_logs_nothing(mlflow_server):
+    client = MlflowClient(mlflow_server)
+    for args, expected in [
+        (["--model", "ae", "--prior", "mog"], "--prior does not apply to --model ae"),
+        (["--model", "m2", "--labeled", "100000"], "--labeled 100000 is larger than the training set"),
+        (["--dataset", "mnist", "--data-dir", "/nonexistent"], "mnist: expected"),
+        (["--dataset", "imagenet"], "imagenet"),
+        (["--latent-dim", "0"], "--latent-dim must be at least 1"),
+    ]:
+        result = CliRunner().invoke(main, ["train", *args, "--tracking-uri", mlflow_server, "--experiment", "bad"])
+        assert result.exit_code != 0, args
+        assert expected in result.output, result.output
+        assert "Traceback" not in result.output
+        error_lines = [line for line in result.output.splitlines() if line.startswith("Error")]
+        assert len(error_lines) == 1
+    experiment = client.get_experiment_by_name("bad")
+    assert experiment is None or not client.search_runs([experiment.experiment_id])
+
+
+def test_a_run_is_reproducible_with_its_seed(tmp_path):
+    uri = f"sqlite:///{tmp_path}/repro.db"
+    first, _ = train(["--model", "vae", *TINY, "--tracking-uri", uri, "--no-register", "--seed", "3"])
+    second, _ = train(["--model", "vae", *TINY, "--tracking-uri", uri, "--no-register", "--seed", "3"])
+    client = MlflowClient(uri)
+    loss = [[m.value for m in client.get_metric_history(run, "val_loss")] for run in (first, second)]
+    assert loss[0] == loss[1]
+
+
+def test_a_checkpoint_is_written_every_epoch(tmp_path):
+    run_id, _ = train(["--model", "ae", *TINY, "--tracking-uri", f"sqlite:///{tmp_path}/c.db", "--checkpoint-dir", str(tmp_path / "ck")])
+    import torch
+    checkpoint = torch.load(tmp_path / "ck" / run_id / "last.pt", weights_only=True)
+    assert checkpoint["epoch"] == 2 and checkpoint["config"]["model"] == "ae"
+
+
+def test_mlflow_run_uses_one_run_with_the_metrics(tmp_path):
+    uri = f"sqlite:///{tmp_path}/project.db"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    command = [str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "--env-manager", "local",
+               "--experiment-name", "project", "-P", "epochs=2", "-P", "latent_dim=2", "-P", "hidden=32",
+               "-P", "set=prior=mog,prior_components=3"]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("project").experiment_id])
+    assert len(runs) == 1  # no second, orphaned run
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.params["prior"] == "mog" and run.data.params["latent_dim"] == "2"
+    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2
+    assert "reconstructions" in image_keys(client, run.info.run_id)
+    assert client.search_model_versions("name='aetrack-digits-vae'")[0].run_id == run.info.run_id
