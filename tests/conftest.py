@@ -92,14 +92,13 @@ POSTGRES_URL = os.environ.get("AETRACK_TEST_POSTGRES", "postgresql://postgres@12
 def postgres_url():
     """A fresh PostgreSQL database for one test, dropped after; skips where no server runs
     (fails instead when AETRACK_REQUIRE_POSTGRES=1)."""
-    psycopg2 = pytest.importorskip("psycopg2")
+    psycopg = pytest.importorskip("psycopg")
     try:
-        admin = psycopg2.connect(f"{POSTGRES_URL}/postgres", connect_timeout=3)
-    except psycopg2.OperationalError as err:
+        admin = psycopg.connect(f"{POSTGRES_URL}/postgres", connect_timeout=3, autocommit=True)
+    except psycopg.OperationalError as err:
         if os.environ.get("AETRACK_REQUIRE_POSTGRES") == "1":
             pytest.fail(f"PostgreSQL is required (AETRACK_REQUIRE_POSTGRES=1) but not reachable: {err}")
         pytest.skip(f"no PostgreSQL at {POSTGRES_URL}")
-    admin.autocommit = True
     name = f"aetrack_test_{uuid.uuid4().hex[:12]}"
     with admin.cursor() as cursor:
         cursor.execute(f'CREATE DATABASE "{name}"')

@@ -1,0 +1,80 @@
+"""Training throughput per variant, and what MLflow tracking costs on top of the bare loop.
+
+The reference is the same `fit` with no logging at all, measured in the same run:
+overhead = (time with asynchronous logging to a real `mlflow server` over HTTP) / (bare time).
+
+    python benchmarks/training.py --dataset mnist --data-dir ../shared/data --epochs 2
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import click
+import mlflow
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import start_mlflow_server, stop  # noqa: E402
+
+from aetrack import data as datasets  # noqa: E402
+from aetrack.config import TrainConfig  # noqa: E402
+from aetrack.models import REGISTRY  # noqa: E402
+from aetrack.training import fit  # noqa: E402
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def timed_fit(config, splits, log=None) -> float:
+    started = time.perf_counter()
+    fit(config, splits, log=log, progress=False)
+    return time.perf_counter() - started
+
+
+@click.command()
+@click.option("--dataset", default="digits")
+@click.option("--data-dir", default=None, envvar="AETRACK_DATA_DIR")
+@click.option("--epochs", default=2)
+@click.option("--repeats", default=3, help="Alternating bare/tracked repeats; the median is kept.")
+def main(dataset, data_dir, epochs, repeats):
+    torch.set_num_threads(torch.get_num_threads())
+    splits = datasets.load(dataset, data_dir=data_dir)
+    base = TrainConfig(dataset=dataset, epochs=epochs, hidden=(400,), latent_dim=20, log_every=20)
+    rows = []
+    for name in sorted(REGISTRY):
+        config = replace(base, model=name, labeled=100)
+        seconds = timed_fit(config, splits)
+        rows.append({"model": name, "samples_per_sec": round(epochs * len(splits.train_x) / seconds)})
+        print(rows[-1], flush=True)
+
+    root = Path(tempfile.mkdtemp())
+    url, server = start_mlflow_server(root)
+    try:
+        mlflow.set_tracking_uri(url)
+        mlflow.set_experiment("benchmark-logging")
+        config = replace(base, model="vae")
+        bare, tracked = [], []
+        for _ in range(repeats):
+            bare.append(timed_fit(config, splits))
+            with mlflow.start_run():
+                tracked.append(timed_fit(config, splits, log=lambda m, s: mlflow.log_metrics(m, step=s, synchronous=False)))
+                flush_started = time.perf_counter()
+                mlflow.flush_async_logging()
+                tracked[-1] += time.perf_counter() - flush_started
+    finally:
+        stop(server)
+    median = lambda values: sorted(values)[len(values) // 2]  # noqa: E731
+    logging = {"dataset": dataset, "epochs": epochs, "bare_seconds": round(median(bare), 2),
+               "tracked_seconds": round(median(tracked), 2), "ratio": round(median(tracked) / median(bare), 3)}
+    print(logging)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"training-{dataset}.json").write_text(json.dumps({"throughput": rows, "logging": logging}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
