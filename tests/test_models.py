@@ -117,6 +117,17 @@ def test_sampling_shapes_and_seeds(name, arch, shape):
         assert labelled.shape == (5, *shape)
 
 
+@pytest.mark.parametrize("name", sorted(n for n, v in REGISTRY.items() if v.conditional))
+def test_conditional_models_depend_on_the_label(name):
+    model, _ = make(name, {}, "mlp", (1, 8, 8))
+    model.eval()
+    z = torch.randn(1, 3).repeat(NUM_CLASSES, 1)
+    with torch.no_grad():
+        images = model.decode(z, torch.arange(NUM_CLASSES))
+    # The same code decoded under every label: a model that ignores the label gives ten equal images.
+    assert float(images.std(0).max()) > 1e-3
+
+
 def test_config_round_trips_through_params():
     config = TrainConfig(model="vae", hidden=(64, 32, 16), beta=0.5, prior="mog", epochs=3)
     assert TrainConfig.from_params(config.to_params()) == config

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from aetrack.losses import reconstruction_nll, to_image
-from aetrack.models import Output, register
+from aetrack.models import REGISTRY, Output, register
 from aetrack.nets import Decoder, Encoder
 from aetrack.priors import build_prior
 
@@ -78,8 +78,9 @@ def one_hot(y: torch.Tensor, num_classes: int) -> torch.Tensor:
 @register("vae", scopes=("variational",), generative=True, description="variational autoencoder (any prior, beta, KL warm-up)")
 @register("cvae", scopes=("variational",), generative=True, conditional=True, description="conditional VAE")
 class VAE(nn.Module):
-    def __init__(self, config, shape, num_classes, *, conditional: bool = False):
+    def __init__(self, config, shape, num_classes):
         super().__init__()
+        conditional = REGISTRY[config.model].conditional
         self.config, self.num_classes, self.conditional = config, num_classes, conditional
         self.body = LatentVariableModel(config, shape, num_classes if conditional else 0)
 

@@ -1,0 +1,366 @@
+"""A registered generator served by a real `mlflow models serve` process on loopback.
+
+One cvae, trained on `digits` just enough that a classifier can tell its labels apart, is
+registered in a temporary SQLite store, aliased `champion` and served once for the module.
+Every variant's pyfunc model is also loaded in-process and asked for every kind of request.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import json
+import os
+import signal
+import subprocess
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import requests
+import torch
+from mlflow import MlflowClient
+from mlflow.models.utils import load_serving_example
+from PIL import Image
+
+from aetrack import data as datasets
+from aetrack import modelio, samplers, serving
+from aetrack.config import TrainConfig
+from aetrack.models import REGISTRY, build_model
+from aetrack.training import fit
+from conftest import VENV_BIN, free_port, wait_http
+
+NAME = "aetrack-digits-cvae"
+# Enough for a cvae on digits to draw recognisable digits of each label (about 2 s on one core).
+LABEL_CONFIG = TrainConfig(model="cvae", epochs=4, batch_size=32, lr=3e-3, seed=0)
+
+
+# ----- helpers, also used by benchmarks/serving.py ----------------------------------------------
+
+@contextlib.contextmanager
+def tracking(uri: str):
+    """Point MLflow at `uri` for a while; after, MLflow follows $MLFLOW_TRACKING_URI again."""
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(None)
+        if previous is not None:
+            os.environ["MLFLOW_TRACKING_URI"] = previous
+
+
+def new_store(root: Path) -> str:
+    """A SQLite tracking store in `root` whose experiment keeps its artifacts in `root` too."""
+    uri = f"sqlite:///{root}/mlflow.db"
+    MlflowClient(uri).create_experiment("aetrack", artifact_location=(root / "artifacts").as_uri())
+    return uri
+
+
+def log_and_register(model, info: modelio.ModelInfo, name: str | None, extra: dict | None = None):
+    """What tracking.train_tracked does after training: save the model folder, log it, register it."""
+    with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("aetrack").experiment_id):
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = modelio.save(model, info, Path(tmp) / "aetrack-model", extra)
+            return serving.log_model(model_dir, registered_model_name=name)
+
+
+def serve_model(model_uri: str, root: Path, tracking_uri: str | None = None, timeout: float = 180.0):
+    """`mlflow models serve --env-manager local` on a free loopback port; returns (url, process)."""
+    port = free_port()
+    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # it execs `uvicorn`
+    if tracking_uri:
+        env["MLFLOW_TRACKING_URI"] = tracking_uri
+    log_path = root / f"models-serve-{port}.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            [str(VENV_BIN / "mlflow"), "models", "serve", "-m", model_uri, "-h", "127.0.0.1", "-p", str(port),
+             "--env-manager", "local"],
+            stdout=log, stderr=subprocess.STDOUT, cwd=root, env=env, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(f"{url}/ping", process, timeout)
+    except Exception:
+        stop_server(process)
+        raise RuntimeError(log_path.read_text()[-3000:]) from None
+    return url, process
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    """SIGTERM to the server's own process group (mlflow and the uvicorn it started), SIGKILL if it lingers."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, sig)
+        try:
+            process.wait(timeout=15)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def png(array: np.ndarray) -> str:
+    """(H, W) floats in [0, 1] -> base64 PNG."""
+    return serving.encode_png(torch.as_tensor(array, dtype=torch.float32).unsqueeze(0))
+
+
+def read_png(text: str) -> Image.Image:
+    return Image.open(io.BytesIO(base64.b64decode(text)))
+
+
+# ----- fixtures --------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def digits():
+    return datasets.load("digits", seed=0)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serving")
+    uri = new_store(root)
+    with tracking(uri):
+        yield root, uri
+
+
+@pytest.fixture(scope="module")
+def server(store, digits):
+    """The trained cvae, registered, aliased champion and served as models:/aetrack-digits-cvae@champion."""
+    root, uri = store
+    model, _ = fit(LABEL_CONFIG, digits, progress=False)
+    logged = log_and_register(model, modelio.ModelInfo(LABEL_CONFIG, digits.shape, digits.classes), NAME)
+    MlflowClient(uri).set_registered_model_alias(NAME, "champion", logged.registered_model_version)
+    url, process = serve_model(f"models:/{NAME}@champion", root, uri)
+    yield url
+    stop_server(process)
+
+
+def post(url: str, body) -> requests.Response:
+    data = body if isinstance(body, str) else json.dumps(body)
+    return requests.post(f"{url}/invocations", data=data, headers={"Content-Type": "application/json"}, timeout=60)
+
+
+def predictions(url: str, body) -> list[dict]:
+    response = post(url, body)
+    assert response.status_code == 200, response.text
+    return response.json()["predictions"]
+
+
+# ----- the served model ------------------------------------------------------------------------
+
+def test_samples_are_pngs_of_the_model_size(server):
+    answer = predictions(server, {"dataframe_records": [{"n": 3, "label": 4}], "params": {"seed": 1}})
+    assert [record["row"] for record in answer] == [0, 0, 0]
+    assert [record["label"] for record in answer] == [4, 4, 4]
+    for record in answer:
+        picture = read_png(record["image"])
+        assert (picture.format, picture.size, picture.mode) == ("PNG", (8, 8), "L")
+
+
+def test_the_same_seed_gives_the_same_bytes(server):
+    body = {"dataframe_records": [{"n": 4}, {"n": 2, "label": 1}], "params": {"seed": 7}}
+    first, again = post(server, body), post(server, body)
+    other = post(server, {**body, "params": {"seed": 8}})
+    assert first.status_code == again.status_code == other.status_code == 200
+    assert first.content == again.content
+    assert first.json() != other.json()
+
+
+def test_without_a_seed_each_request_draws_anew(server):
+    body = {"dataframe_records": [{"n": 2, "label": 3}]}
+    assert predictions(server, body) != predictions(server, body)
+
+
+def test_temperature_scales_the_prior_noise(server):
+    cold = predictions(server, {"dataframe_records": [{"n": 2, "label": 5}], "params": {"seed": 0, "temperature": 0.0}})
+    warm = predictions(server, {"dataframe_records": [{"n": 2, "label": 5}], "params": {"seed": 0, "temperature": 1.0}})
+    assert cold[0]["image"] == cold[1]["image"]  # no noise: both are the decoded prior mean
+    assert warm[0]["image"] != warm[1]["image"]
+
+
+def test_labels_are_respected(server):
+    """A classifier fitted on the real digits reads the label the model was asked for."""
+    from sklearn.datasets import load_digits
+    from sklearn.svm import SVC
+
+    real = load_digits()
+    classifier = SVC().fit(real.data / 16.0, real.target)
+    body = {"dataframe_records": [{"n": 20, "label": label} for label in range(10)], "params": {"seed": 0}}
+    answer = predictions(server, body)
+    asked = np.array([record["label"] for record in answer])
+    assert (asked == np.repeat(np.arange(10), 20)).all()
+    pixels = np.stack([np.asarray(read_png(record["image"]), dtype=np.float64).ravel() / 255 for record in answer])
+    accuracy = (classifier.predict(pixels) == asked).mean()
+    assert accuracy >= 0.8, f"only {accuracy:.0%} of the samples read as the label asked for"
+
+
+def test_array_output_matches_the_png(server):
+    body = {"dataframe_records": [{"n": 2, "label": 2}], "params": {"seed": 3}}
+    pngs = predictions(server, body)
+    arrays = predictions(server, {**body, "params": {"seed": 3, "output": "array"}})
+    for as_png, as_array in zip(pngs, arrays):
+        assert "image" not in as_array and len(as_array["pixels"]) == 64
+        pixels = np.array(as_array["pixels"])
+        assert 0 <= pixels.min() and pixels.max() <= 1
+        decoded = np.asarray(read_png(as_png["image"]), dtype=np.float64).ravel() / 255
+        assert np.abs(decoded - pixels).max() <= 0.5 / 255 + 1e-6
+
+
+def test_reconstructions_resemble_their_inputs(server, digits):
+    x, y = digits.test_x[:20, 0].numpy(), digits.test_y[:20].tolist()
+    rows = [{"image": png(image), "label": label} for image, label in zip(x[:10], y[:10])]
+    rows += [{"pixels": image.ravel().tolist(), "label": label} for image, label in zip(x[10:], y[10:])]
+    answer = predictions(server, {"dataframe_records": rows, "params": {"output": "array"}})
+    assert [record["row"] for record in answer] == list(range(20))
+    recon, inputs = np.array([record["pixels"] for record in answer]), x.reshape(20, -1)
+    # Each reconstruction against its own input and against the next test image of another class.
+    other = [next(j for j in range(i + 1, i + 20) if y[j % 20] != y[i]) % 20 for i in range(20)]
+    own_error, other_error = np.abs(recon - inputs).mean(1), np.abs(recon - inputs[other]).mean(1)
+    assert (own_error < other_error).mean() >= 0.8
+
+
+LATENT = [0.0] * LABEL_CONFIG.latent_dim
+FORMATS = {  # name: (request, images in the answer)
+    "dataframe_records": ({"dataframe_records": [{"n": 2, "label": 0}, {"latent": LATENT, "label": 1},
+                                                 {"pixels": [0.5] * 64, "label": 2}]}, 4),
+    "dataframe_split": ({"dataframe_split": {"columns": ["n", "latent", "label"],
+                                             "data": [[2, None, 0], [None, LATENT, 1], [None, LATENT, 2]]}}, 4),
+    "inputs records": ({"inputs": [{"n": 2, "label": 0}, {"latent": LATENT, "label": 1},
+                                   {"image": png(np.zeros((8, 8))), "label": 2}]}, 4),
+    "inputs columns": ({"inputs": {"latent": [LATENT] * 3, "label": [0, 1, 2]}}, 3),
+    "instances": ({"instances": [{"n": 1, "label": 0}, {"n": 2, "label": 1}, {"n": 1, "label": 2}]}, 4),
+}
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_every_request_format(server, fmt):
+    request, count = FORMATS[fmt]
+    answer = predictions(server, {**request, "params": {"seed": 0}})
+    assert len(answer) == count
+    assert sorted({record["label"] for record in answer}) == [0, 1, 2]
+    assert all(read_png(record["image"]).size == (8, 8) for record in answer)
+
+
+def test_the_signature_and_input_example_show_how_to_call_it(server, store):
+    root, uri = store
+    model_uri = f"models:/{NAME}/{MlflowClient(uri).get_model_version_by_alias(NAME, 'champion').version}"
+    signature = mlflow.models.get_model_info(model_uri).signature
+    assert signature.inputs.input_names() == ["n", "latent", "image", "pixels", "label"]
+    assert [param.name for param in signature.params] == ["seed", "temperature", "output"]
+    assert signature.outputs.input_names() == ["row", "label", "image", "pixels"]
+    answer = predictions(server, load_serving_example(model_uri))
+    assert {record["row"] for record in answer} == {0, 1, 2}
+
+
+NAN_LATENT = "[0, NaN, 0, 0, 0, 0, 0, 0]"
+BAD_REQUESTS = [
+    ({"dataframe_records": [{"label": 1}]}, "exactly one of the fields n, latent"),
+    ({"dataframe_records": [{"n": 1, "latent": LATENT}]}, "exactly one of the fields n, latent"),
+    ({"dataframe_records": [{"lable": 1}]}, "input: no row has any of the fields n, latent"),
+    ({"dataframe_records": [{"n": 1}, {"latnet": LATENT}]}, "row 1: give exactly one of the fields n, latent"),
+    ({"dataframe_records": [{"n": "two"}]}, "n: expected a whole number"),
+    ({"dataframe_records": [{"n": 1.5}]}, "n: expected a whole number"),
+    ({"dataframe_records": [{"n": 5000}]}, "n: must be between 1 and 1024"),
+    ({"dataframe_records": [{"n": 600}, {"n": 600}]}, "n: at most 1024 images per request"),
+    ({"dataframe_records": [{"n": 1, "label": 10}]}, "label: must be between 0 and 9"),
+    ({"dataframe_records": [{"n": 1, "label": -1}]}, "label: must be between 0 and 9"),
+    ({"dataframe_records": [{"latent": [0.0] * 3}]}, "latent: expected 8 numbers"),
+    ({"dataframe_records": [{"latent": "zero"}]}, "latent: expected a list of numbers"),
+    ('{"dataframe_records": [{"latent": %s}]}' % NAN_LATENT, "latent: NaN or infinity"),
+    ('{"dataframe_records": [{"pixels": [%s], "label": 0}]}' % ", ".join(["Infinity"] * 64), "pixels: NaN or infinity"),
+    ({"dataframe_records": [{"pixels": [2.0] * 64, "label": 0}]}, "pixels: values must lie in [0, 1]"),
+    ({"dataframe_records": [{"pixels": [0.5] * 65, "label": 0}]}, "pixels: expected 64 numbers"),
+    ({"dataframe_records": [{"image": png(np.zeros((9, 8))), "label": 0}]}, "image: expected 8x8 pixels, got 8x9"),
+    ({"dataframe_records": [{"image": "bm90IGEgcG5n", "label": 0}]}, "image: not a base64-encoded PNG"),
+    ({"dataframe_records": [{"image": png(np.zeros((8, 8)))}]}, "label: a cvae model needs the label of the image"),
+    ({"dataframe_records": [{"n": 1}], "params": {"output": "jpeg"}}, "output: must be one of png, array"),
+    ({"dataframe_records": [{"n": 1}], "params": {"seed": -3}}, "seed: must be between 0"),
+    ({"dataframe_records": [{"n": 1}], "params": {"temperature": -1.0}}, "temperature: must be a finite number"),
+    ('{"dataframe_records": [{"n": 1}], "params": {"temperature": NaN}}', "temperature: must be a finite number"),
+    ({"inputs": [1, 2, 3]}, "input: no row has any of the fields"),
+]
+
+
+@pytest.mark.parametrize("body, message", BAD_REQUESTS, ids=[message for _, message in BAD_REQUESTS])
+def test_bad_requests_get_400_with_one_line_naming_the_field(server, body, message):
+    response = post(server, body)
+    assert response.status_code == 400, response.text
+    error = response.json()
+    assert message in error["message"]
+    assert "\n" not in error["message"] and "stack_trace" not in error and "Traceback" not in response.text
+    assert len(predictions(server, {"dataframe_records": [{"n": 1}]})) == 1  # and the next good request is answered
+
+
+def test_params_of_the_wrong_type_are_refused_by_mlflow_without_a_stack_trace(server):
+    """MLflow checks param types against the ParamSchema before the model runs: its message, not ours."""
+    response = post(server, {"dataframe_records": [{"n": 1}], "params": {"seed": "seven"}})
+    assert response.status_code == 400
+    assert "seed" in response.json()["message"] and "Traceback" not in response.text
+    assert len(predictions(server, {"dataframe_records": [{"n": 1}]})) == 1
+
+
+# ----- in-process: every variant, internal errors, loading safety --------------------------------
+
+def tiny_model(name: str, digits):
+    config = TrainConfig(model=name, hidden=(16,), latent_dim=3, prior_components=2)
+    model = build_model(config, digits.shape, digits.num_classes).eval()
+    extra = {}
+    if not REGISTRY[name].generative:  # a plain autoencoder generates from a mixture fitted to its codes
+        extra = samplers.LatentMixture.fit(samplers.encode_all(model, digits.train_x[:200]), components=2).state()
+    return model, modelio.ModelInfo(config, digits.shape, digits.classes), extra
+
+
+@pytest.fixture(scope="module")
+def variants(store, digits):
+    """Every registered variant, untrained, logged and registered as aetrack-digits-<name>."""
+    logged = {}
+    for name in sorted(REGISTRY):
+        model, info, extra = tiny_model(name, digits)
+        logged[name] = log_and_register(model, info, f"aetrack-digits-{name}", extra).model_uri
+    return logged
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_variant_answers_every_kind_of_request(variants, digits, name):
+    pyfunc = mlflow.pyfunc.load_model(variants[name])
+    label = {"label": 7} if REGISTRY[name].conditional else {}
+    x = digits.test_x[0, 0].numpy()
+    rows = [{"n": 3, **label}, {"latent": [0.1, -0.2, 0.3], **label}, {"image": png(x), **label},
+            {"pixels": x.ravel().tolist(), **label}]
+    answer = pyfunc.predict(rows, params={"seed": 0})
+    assert answer["row"].tolist() == [0, 0, 0, 1, 2, 3]
+    assert all(read_png(text).size == (8, 8) for text in answer["image"])
+    assert ("label" in answer.columns) == REGISTRY[name].conditional
+    if name == "m2":  # without a label, m2 reconstructs with the class its classifier reads
+        assert 0 <= pyfunc.predict([{"image": png(x)}])["label"][0] <= 9
+
+
+def test_an_unexpected_failure_is_a_one_line_500(variants):
+    from mlflow.pyfunc import scoring_server
+
+    pyfunc = mlflow.pyfunc.load_model(variants["vae"])
+    pyfunc.unwrap_python_model().model = None  # a bug inside predict
+    with pytest.raises(serving.ServingError) as raised:
+        scoring_server.invocations('{"dataframe_records": [{"n": 1}]}', "application/json", pyfunc, None)
+    assert raised.value.get_http_status_code() == 500
+    payload = json.loads(raised.value.serialize_as_json())
+    assert payload["message"].startswith("internal error: ") and "stack_trace" not in payload
+
+
+def test_loading_never_unpickles(variants, tmp_path):
+    local = Path(mlflow.artifacts.download_artifacts(variants["vae"], dst_path=str(tmp_path)))
+    flavor = mlflow.models.Model.load(local).flavors["python_function"]
+    assert "model_code_path" in flavor and "python_model" not in flavor
+    assert not [path for path in local.rglob("*") if path.suffix in (".pkl", ".pickle")]
+
+    class Payload:  # what a doctored weights file could carry
+        def __reduce__(self):
+            return (Path.touch, (tmp_path / "code-ran",))
+
+    weights = next(local.rglob(modelio.WEIGHTS_FILE))
+    torch.save({"model": Payload(), "extra": {}}, weights)
+    with pytest.raises(Exception, match="(?i)weights_only|unpickl"):
+        mlflow.pyfunc.load_model(str(local))
+    assert not (tmp_path / "code-ran").exists()
