@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
+import shutil
 import sys
+from pathlib import Path
 import typing
 
 import click
@@ -153,6 +156,10 @@ def apply(options):
 @click.version_option(package_name="aetrack")
 def main():
     """aetrack: train, compare, tune and serve autoencoders, tracked in MLflow."""
+    # MLflow's INFO lines and artifact progress bars would bury aetrack's own output.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])
 
 
 @main.command()
@@ -190,7 +197,12 @@ def train(ctx, data_dir, download, tracking_uri, experiment, run_name, register,
     if result.registered_model:
         click.echo(f"registered model: models:/{result.registered_model}/{result.registered_version}")
     click.echo(f"tracking uri:     {result.tracking_uri}")
-    click.echo(f"look at it:       mlflow ui --backend-store-uri {result.tracking_uri}   "
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    mlflow_cmd = "mlflow"
+    if mlflow_bin.exists() and shutil.which("mlflow") != str(mlflow_bin):  # the venv is not activated
+        relative = os.path.relpath(mlflow_bin)
+        mlflow_cmd = relative if not relative.startswith("..") else str(mlflow_bin)
+    click.echo(f"look at it:       {mlflow_cmd} ui --backend-store-uri {result.tracking_uri}   "
                f"(then open #/experiments/{result.experiment_id}/runs/{result.run_id})")
 
 
@@ -198,6 +210,17 @@ train.help += "\n\n\b\nVariants:\n" + "\n".join(f"  {name:5} {v.description}" fo
 
 
 # Commands of the other modules join the group here.
+
+
+from aetrack.registry import generate, models, promote  # noqa: E402
+
+main.add_command(promote)
+main.add_command(models)
+main.add_command(generate)
+
+from aetrack.tuning import tune  # noqa: E402
+
+main.add_command(tune)
 
 
 if __name__ == "__main__":

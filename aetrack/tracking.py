@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -109,20 +110,30 @@ def final_pictures(model, data: Splits, history: History, seed: int, max_points:
 
 def log_dataset(data: Splits, data_dir: str | None) -> None:
     features = data.train_x.flatten(1).cpu().numpy()
-    dataset = mlflow.data.from_numpy(features, targets=data.train_y.cpu().numpy(), name=data.name,
-                                     source=str(data_dir or data.name))
+    with warnings.catch_warnings():  # a plain name is "ambiguous" to MLflow's source registry; it is only a label
+        warnings.simplefilter("ignore", UserWarning)
+        dataset = mlflow.data.from_numpy(features, targets=data.train_y.cpu().numpy(), name=data.name,
+                                         source=str(data_dir or data.name))
     mlflow.log_input(dataset, context="training")
 
 
 def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *, data_dir: str | None = None,
-                  progress: bool = True) -> RunResult:
-    """One MLflow run around `fit`; the run created by `mlflow run` (MLFLOW_RUN_ID) is reused, not duplicated."""
+                  progress: bool = True, callbacks: tuple = (), parent_run_id: str | None = None,
+                  tags: dict[str, str] | None = None) -> RunResult:
+    """One MLflow run around `fit`; the run created by `mlflow run` (MLFLOW_RUN_ID) is reused, not duplicated.
+
+    With `parent_run_id` the run is a child of that run, in its experiment (tuning: one child per trial);
+    `callbacks` join the per-epoch image logging and may stop training by raising."""
     if options.tracking_uri:
         mlflow.set_tracking_uri(options.tracking_uri)
-    if "MLFLOW_RUN_ID" not in os.environ:
+    experiment_id = None
+    if parent_run_id:
+        experiment_id = mlflow.get_run(parent_run_id).info.experiment_id
+    elif "MLFLOW_RUN_ID" not in os.environ:
         mlflow.set_experiment(options.experiment)
     variant = REGISTRY[config.model]
-    with mlflow.start_run(run_name=options.run_name) as run:
+    with mlflow.start_run(run_name=options.run_name, experiment_id=experiment_id, parent_run_id=parent_run_id,
+                          tags=tags) as run:
         run_id = run.info.run_id
         mlflow.log_params(config.to_params())
         mlflow.set_tags({
@@ -138,7 +149,7 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
             mlflow.log_metrics(metrics, step=step, synchronous=False)
 
         try:
-            model, history = fit(config, data, log=log, callbacks=(EpochImages(data, config),),
+            model, history = fit(config, data, log=log, callbacks=(EpochImages(data, config), *callbacks),
                                  checkpoint_dir=Path(options.checkpoint_dir) / run_id, progress=progress)
         finally:
             mlflow.flush_async_logging()
@@ -157,7 +168,7 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
             mlflow.log_image(images.grid(samples, IMAGE_ROWS), key="samples", step=history.best_epoch)
         info = modelio.ModelInfo(config, data.shape, data.classes)
         name = None
-        if options.register and variant.generative:
+        if options.register and (variant.generative or options.registered_model):
             name = options.registered_model or registered_name(config)
         with tempfile.TemporaryDirectory() as tmp:
             model_dir = modelio.save(model, info, Path(tmp) / "aetrack-model", extra)

@@ -70,8 +70,10 @@ def test_compose_services_run_natively(tmp_path, postgres_url):
         train = native(services["train"]["command"], {"--epochs 10": "--epochs 2"})
         done = subprocess.run(train, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
         assert done.returncode == 0, done.stderr[-2000:]
-        client = MlflowClient(url)
-        client.set_registered_model_alias("aetrack-digits-vae", "champion", "1")
+        promote = [str(VENV_BIN / "aetrack"), "promote", "aetrack-digits-vae", "1", "--alias", "champion"]
+        done = subprocess.run(promote, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert MlflowClient(url).get_model_version_by_alias("aetrack-digits-vae", "champion").version == "1"
         serve_command = native(services["serve"]["command"], {"0.0.0.0": "127.0.0.1", "5001": str(serve_port)})
         serve = subprocess.Popen(serve_command, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path)
         wait_http(f"http://127.0.0.1:{serve_port}/ping", serve, timeout=120)
