@@ -210,7 +210,11 @@ train.help += "\n\n\b\nVariants:\n" + "\n".join(f"  {name:5} {v.description}" fo
 
 
 # Commands of the other modules join the group here.
+from aetrack.compare import compare  # noqa: E402
+from aetrack.evaluation import evaluate  # noqa: E402
 
+main.add_command(evaluate)
+main.add_command(compare)
 
 from aetrack.registry import generate, models, promote  # noqa: E402
 

@@ -317,7 +317,7 @@ def log_model(model_dir: Path, registered_model_name: str | None = None):
         signature=SIGNATURE,
         input_example=(input_example(meta), {"seed": 0}),
         registered_model_name=registered_model_name,
-        pip_requirements=_requirements(),
+        pip_requirements=requirements(),
         metadata={"aetrack": {
             "model": meta.config.model, "dataset": meta.config.dataset, "shape": list(meta.shape),
             "latent_dim": meta.config.latent_dim, "classes": list(meta.classes), "max_images": MAX_IMAGES,
@@ -325,7 +325,7 @@ def log_model(model_dir: Path, registered_model_name: str | None = None):
     )
 
 
-def _requirements() -> list[str]:
+def requirements() -> list[str]:
     import importlib.metadata as md
 
     names = ["torch", "torchvision", "mlflow", "pandas", "numpy", "pillow", "scikit-learn"]

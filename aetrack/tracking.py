@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -114,7 +115,16 @@ def log_dataset(data: Splits, data_dir: str | None) -> None:
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_numpy(features, targets=data.train_y.cpu().numpy(), name=data.name,
                                          source=str(data_dir or data.name))
-    mlflow.log_input(dataset, context="training")
+    # Two runs logging the same data set at once (tuning workers) can race on the server's unique
+    # (experiment, name, digest) row: the loser's retry finds the row and links to it.
+    for attempt in range(3):
+        try:
+            mlflow.log_input(dataset, context="training")
+            return
+        except mlflow.exceptions.MlflowException:
+            if attempt == 2:
+                raise
+            time.sleep(0.5 * (attempt + 1))
 
 
 def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *, data_dir: str | None = None,

@@ -11,8 +11,16 @@ import time
 import uuid
 from pathlib import Path
 
-import pytest
-import requests
+# One torch thread per process: tests start servers and worker processes beside the test process,
+# and on two cores more threads than cores make everything crawl. Subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import mlflow  # noqa: E402
+import pytest  # noqa: E402
+import requests  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -50,7 +58,10 @@ def stop(process: subprocess.Popen) -> None:
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path, monkeypatch):
     """No test writes to the user's MLflow store or ./checkpoints by accident."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/default-mlflow.db")
+    uri = f"sqlite:///{tmp_path}/default-mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    # An in-process command given --tracking-uri changes MLflow's global URI: reset it for every test.
+    mlflow.set_tracking_uri(uri)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     monkeypatch.chdir(tmp_path)

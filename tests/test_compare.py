@@ -1,0 +1,148 @@
+"""`aetrack compare`: the report holds every selected run, its plots group runs the right way, and it is
+logged, self-contained, to a comparison run (against a real MLflow server)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from mlflow.entities import Metric, Param
+from PIL import Image
+
+from aetrack import compare
+from aetrack.cli import main
+from aetrack.config import TrainConfig
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_from_env():
+    """In-process commands set MLflow's tracking URI globally: start from conftest's isolated one, leave none behind."""
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    yield
+    mlflow.set_tracking_uri(None)
+
+
+def picture(level: int) -> Image.Image:
+    return Image.fromarray(np.full((20, 20, 3), level, dtype=np.uint8))
+
+
+def log_run(client, experiment_id: str, name: str, *, model: str, latent_dim: int, seed: int = 0, metrics=None,
+            status: str = "FINISHED", kind: str | None = None, training_samples=(), evaluation_samples=None) -> str:
+    """A run as `aetrack train` (+ `evaluate`) leaves it: params, test metrics, sample images."""
+    run_id = client.create_run(experiment_id, run_name=name, tags={"aetrack.kind": kind} if kind else {}).info.run_id
+    params = TrainConfig(model=model, latent_dim=latent_dim, seed=seed).to_params()
+    client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()],
+                     metrics=[Metric(k, v, 0, 0) for k, v in (metrics or {}).items()])
+    for step, level in training_samples:
+        client.log_image(run_id, picture(level), key="samples", step=step)
+    if evaluation_samples is not None:
+        client.log_image(run_id, picture(evaluation_samples), artifact_file="evaluation/samples.png")
+    client.set_terminated(run_id, status)
+    return run_id
+
+
+def grid_of_runs(client, experiment: str, seeds=(0,)) -> dict[str, str]:
+    """ae and vae at latent sizes 2, 4 and 16 (for each seed), plus runs compare must leave out."""
+    experiment_id = client.create_experiment(experiment)
+    ids = {}
+    for model in ("ae", "vae"):
+        for latent in (2, 4, 16):
+            for seed in seeds:
+                metrics = {"test_mse": 0.1 / latent + (0.01 if model == "ae" else 0.0) + 0.001 * seed, "test_fcd": 10.0 * latent}
+                ids[f"{model}-{latent}-{seed}"] = log_run(client, experiment_id, f"{model}-{latent}-{seed}", model=model,
+                                                          latent_dim=latent, seed=seed, metrics=metrics,
+                                                          training_samples=[(1, 0), (2, 255)])
+    log_run(client, experiment_id, "crashed", model="vae", latent_dim=8, status="FAILED")
+    log_run(client, experiment_id, "old-report", model="vae", latent_dim=8, kind="comparison")
+    return ids
+
+
+def table_run_ids(html_text: str) -> list[str]:
+    return re.findall(r"<tr><td>[^<]*</td><td>([0-9a-f]{32})</td>", html_text)
+
+
+def test_report_holds_every_selected_run_and_is_logged_self_contained(mlflow_server, tmp_path):
+    client = mlflow.MlflowClient(mlflow_server)
+    ids = grid_of_runs(client, "compare-e2e")
+    result = CliRunner().invoke(main, ["compare", "--experiment", "compare-e2e", "--by", "latent_dim",
+                                       "--tracking-uri", mlflow_server, "--output", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    experiment_id = client.get_experiment_by_name("compare-e2e").experiment_id
+    reports = client.search_runs([experiment_id], "tags.`aetrack.kind` = 'comparison' and attributes.run_name = 'comparison'")
+    assert len(reports) == 1
+    report_run = reports[0].info.run_id
+    assert set(reports[0].data.tags["compared_runs"].split(",")) == set(ids.values())
+
+    logged = {a.path for a in client.list_artifacts(report_run, "comparison")}
+    assert {"comparison/report.html", "comparison/report.md", "comparison/images"} <= logged
+    html_text = Path(client.download_artifacts(report_run, "comparison/report.html", str(tmp_path / "dl"))).read_text()
+    assert sorted(table_run_ids(html_text)) == sorted(ids.values())  # every run once; the failed and the old report left out
+    assert "test_mse" in html_text and "test_fcd" in html_text and "latent_dim" in html_text
+    # Self-contained: every picture is inline and decodes; 2 metric plots and a sample grid per run.
+    sources = re.findall(r'<img [^>]*src="([^"]+)"', html_text)
+    assert len(sources) == 2 + len(ids) and all(s.startswith("data:image/png;base64,") for s in sources)
+    for source in sources:
+        Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1]))).verify()
+
+    markdown = (tmp_path / "report" / "report.md").read_text()
+    rows = [line for line in markdown.splitlines() if re.match(r"^\| \S+ \| [0-9a-f]{32} \|", line)]
+    assert len(rows) == len(ids)
+    for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown):
+        assert (tmp_path / "report" / link).is_file()
+
+
+def test_runs_and_metric_options_narrow_the_report(tmp_path):
+    client = mlflow.MlflowClient()
+    ids = grid_of_runs(client, "narrow")
+    chosen = [ids["ae-2-0"], ids["vae-16-0"], ids["vae-4-0"]]
+    result = CliRunner().invoke(main, ["compare", "--experiment", "narrow", "--runs", ",".join(chosen[:2]), "--runs", chosen[2],
+                                       "--metric", "fcd", "--no-log", "--output", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    html_text = (tmp_path / "report.html").read_text()
+    assert table_run_ids(html_text) == chosen
+    assert "test_fcd" in html_text and "test_mse" not in html_text
+    experiment_id = client.get_experiment_by_name("narrow").experiment_id
+    reports = client.search_runs([experiment_id], "tags.`aetrack.kind` = 'comparison'")
+    assert [r.info.run_name for r in reports] == ["old-report"]  # --no-log added none
+
+
+def test_series_has_one_line_per_other_setting_in_numeric_order_with_seeds_averaged():
+    rows = [compare.Row(f"r{i}", f"r{i}", {"model": model, "latent_dim": str(latent), "seed": str(seed)},
+                        {"test_mse": latent + (100 if model == "vae" else 0) + seed})
+            for i, (model, latent, seed) in enumerate((m, d, s) for m in ("ae", "vae") for d in (16, 2, 4) for s in (0, 1))]
+    lines = compare.series(rows, "test_mse", "latent_dim", ["model", "seed"])
+    assert set(lines) == {"model=ae", "model=vae"}
+    assert [(x, mean, n) for x, mean, _, n in lines["model=ae"]] == [("2", 2.5, 2), ("4", 4.5, 2), ("16", 16.5, 2)]
+    assert [mean for _, mean, _, _ in lines["model=vae"]] == [102.5, 104.5, 116.5]
+    assert all(spread == 0.5 for _, _, spread, _ in lines["model=vae"])
+
+
+def test_sample_grid_prefers_the_evaluation_grid_then_the_last_training_one():
+    client = mlflow.MlflowClient()
+    experiment_id = client.create_experiment("grids")
+    trained = log_run(client, experiment_id, "t", model="vae", latent_dim=2, training_samples=[(3, 255), (1, 0), (2, 60)])
+    evaluated = log_run(client, experiment_id, "e", model="vae", latent_dim=2, training_samples=[(1, 0)], evaluation_samples=128)
+    bare = log_run(client, experiment_id, "b", model="ae", latent_dim=2)
+    assert compare.sample_grid(client, trained).getpixel((5, 5)) == (255, 255, 255)
+    assert compare.sample_grid(client, evaluated).getpixel((5, 5)) == (128, 128, 128)
+    assert compare.sample_grid(client, bare) is None
+
+
+def test_bad_options_are_one_line_usage_errors(tmp_path):
+    client = mlflow.MlflowClient()
+    grid_of_runs(client, "bad")
+    runner = CliRunner()
+    for args, message in ((["--by", "colour"], "--by colour: not a param"), (["--metric", "nope"], "--metric test_nope"),
+                          (["--runs", "f" * 32], "not found")):
+        result = runner.invoke(main, ["compare", "--experiment", "bad", "--no-log", "--output", str(tmp_path), *args])
+        assert result.exit_code in (1, 2) and "Traceback" not in result.output, result.output
+        assert message in result.output
+    result = runner.invoke(main, ["compare", "--experiment", "missing"])
+    assert result.exit_code == 2 and "no experiment named 'missing'" in result.output

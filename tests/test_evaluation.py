@@ -1,0 +1,309 @@
+"""The estimators are right, not just running; `aetrack evaluate` end to end on a real MLflow server."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+
+import mlflow
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from click.testing import CliRunner
+
+from aetrack import data as datasets
+from aetrack import evaluation as ev
+from aetrack import reference
+from aetrack.cli import main
+from aetrack.config import TrainConfig
+from aetrack.models import REGISTRY
+from aetrack.samplers import LatentMixture, encode_all
+from aetrack.training import fit
+from conftest import aetrack_command
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_from_env():
+    """In-process commands set MLflow's tracking URI globally (here and in other test modules): each test starts
+    from the isolated $MLFLOW_TRACKING_URI of conftest and leaves no URI behind."""
+    mlflow.set_tracking_uri(os.environ["MLFLOW_TRACKING_URI"])
+    yield
+    mlflow.set_tracking_uri(None)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return datasets.load("digits")
+
+
+def trained(name: str, digits, epochs: int = 3, **settings):
+    config = TrainConfig(model=name, hidden=(64,), latent_dim=4, epochs=epochs, labeled=50, prior_components=3, **settings)
+    model, _ = fit(config, digits, progress=False)
+    return model, config
+
+
+@pytest.fixture(scope="module")
+def vae(digits):
+    return trained("vae", digits, epochs=15)[0]
+
+
+# --- importance-weighted NLL ------------------------------------------------------------------
+
+
+def test_iwae_nll_is_exact_for_constant_weights_and_approaches_log_mean_weight():
+    constant = torch.full((7, 3), -42.0)
+    assert torch.allclose(ev.iwae_nll(constant), torch.full((3,), 42.0))
+    # log w ~ N(mu, s^2): log E[w] = mu + s^2 / 2; small K is biased upwards (Jensen), large K is close.
+    mu, s = -10.0, 0.8
+    log_w = mu + s * torch.randn(200_000, 1, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert float(ev.iwae_nll(log_w)) == pytest.approx(-(mu + s**2 / 2), abs=0.01)
+    assert float(ev.iwae_nll(log_w.view(-1, 10_000)[:2]).mean()) > -(mu + s**2 / 2) + 0.1
+
+
+def test_iwae_estimate_is_below_the_negative_elbo_and_tightens_with_k(vae, digits):
+    x = digits.test_x
+    neg_elbo = ev.bound_terms(vae, x, None, seed=0)["neg_elbo"]
+    nll = {k: float(ev.nll_iw(vae, x, None, k, seed=0).mean()) for k in (1, 10, 100, 300)}
+    # K = 1 is the ELBO itself, estimated by one sample.
+    assert nll[1] == pytest.approx(neg_elbo, abs=0.5)
+    assert nll[10] < neg_elbo
+    assert nll[1] > nll[10] > nll[100] > nll[300]
+    # Seeded: the same seed repeats the estimate exactly, another seed does not.
+    assert float(ev.nll_iw(vae, x, None, 100, seed=0).mean()) == nll[100]
+    assert float(ev.nll_iw(vae, x, None, 100, seed=1).mean()) != nll[100]
+    # Splitting the K samples into chunks (rows bounds images x samples per decoder call) changes only the draws.
+    few = x[:60]
+    whole, chunked = ev.nll_iw(vae, few, None, 100, seed=0), ev.nll_iw(vae, few, None, 100, seed=0, rows=20)
+    assert float(chunked.mean()) == pytest.approx(float(whole.mean()), abs=0.3) and not torch.equal(chunked, whole)
+
+
+def test_m2_nll_sums_the_label_out(digits):
+    model, _ = trained("m2", digits, epochs=1)
+    x = digits.test_x[:20]
+    marginal = ev.nll_iw(model, x, None, 20, marginal_label=True, num_classes=10, seed=0)
+    # log p(x) = logsumexp_y log p(x, y) >= log p(x, y) for any single label.
+    for label in (0, 7):
+        joint = ev.nll_iw(model, x, torch.full((20,), label), 20, seed=0)
+        assert (marginal <= joint + 1e-4).all()
+
+
+# --- Frechet distance and KID -----------------------------------------------------------------
+
+
+def features(n=2000, dim=16, seed=0, distribution=0):
+    """n draws (by `seed`) from a correlated Gaussian (chosen by `distribution`)."""
+    shape = np.random.default_rng(10_000 + distribution)
+    mixing, mean = shape.normal(size=(dim, dim)) / np.sqrt(dim), shape.normal(size=dim)
+    return np.random.default_rng(seed).normal(size=(n, dim)) @ mixing + mean
+
+
+def scipy_frechet(a, b):
+    """Independent computation: the matrix square root by scipy.linalg.sqrtm."""
+    mu1, mu2 = a.mean(0), b.mean(0)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * root))
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero_and_grows_with_noise():
+    a = features()
+    assert abs(ev.frechet_distance(a, a)) < 1e-8
+    noise = np.random.default_rng(1).normal(size=a.shape)
+    distances = [ev.frechet_distance(a, a + scale * noise) for scale in (0.1, 0.3, 1.0, 3.0)]
+    assert all(x < y for x, y in zip(distances, distances[1:]))
+    for scale in (0.3, 3.0):
+        assert ev.frechet_distance(a, a + scale * noise) == pytest.approx(scipy_frechet(a, a + scale * noise), rel=1e-6)
+
+
+def test_frechet_distance_matches_the_closed_form_for_diagonal_gaussians():
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    v1, v2 = np.array([1.0, 4.0, 0.25]), np.array([9.0, 1.0, 0.25])
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
+    assert ev.frechet_distance_from_statistics(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected)
+
+
+def biased_mmd(x, y):
+    """The same kernel sums with the diagonals kept: the biased V-statistic."""
+    kernel = lambda a, b: (a @ b.T / a.shape[1] + 1) ** 3  # noqa: E731
+    return kernel(x, x).mean() + kernel(y, y).mean() - 2 * kernel(x, y).mean()
+
+
+def test_kid_is_about_zero_for_one_distribution_and_positive_for_two():
+    a, b = features(seed=1), features(seed=2)
+    kid_same, _ = ev.kernel_inception_distance(a, b, subsets=20, subset_size=500)
+    kid_shifted, _ = ev.kernel_inception_distance(a, b + 0.5, subsets=20, subset_size=500)
+    kid_other, _ = ev.kernel_inception_distance(a, features(seed=2, distribution=1), subsets=20, subset_size=500)
+    assert abs(kid_same) < 0.05 * kid_shifted and abs(kid_same) < 0.05 * kid_other
+    # Unbiased: over independent pairs of same-distribution sets the mean is zero within its standard error,
+    # while the biased V-statistic on the same pairs is clearly above zero.
+    pairs = [(features(200, seed=s), features(200, seed=s + 1000)) for s in range(40)]
+    unbiased = [ev.kernel_inception_distance(x, y, subsets=1, subset_size=200)[0] for x, y in pairs]
+    biased = [biased_mmd(x, y) for x, y in pairs]
+    error = np.std(unbiased) / math.sqrt(len(pairs))
+    assert abs(np.mean(unbiased)) < 3 * error
+    assert np.mean(biased) > 5 * error
+
+
+# --- latent quality, reconstruction and code statistics ---------------------------------------
+
+
+def test_linear_probe_scores_100_percent_on_separable_codes_and_not_on_rings():
+    rng = np.random.default_rng(0)
+    centres = rng.normal(scale=10, size=(10, 6))
+    labels = np.arange(1000) % 10
+    codes = centres[labels] + rng.normal(size=(1000, 6))
+    assert ev.probe_accuracy(codes[:800], labels[:800], codes[800:], labels[800:]) == 1.0
+    assert ev.knn_accuracy(codes[:800], labels[:800], codes[800:], labels[800:]) == 1.0
+    # Two concentric rings: not linearly separable, yet neighbours agree.
+    angle, ring = rng.uniform(0, 2 * np.pi, 1000), np.arange(1000) % 2
+    rings = np.stack([np.cos(angle), np.sin(angle)], 1) * (1 + 2 * ring)[:, None]
+    assert ev.probe_accuracy(rings[:800], ring[:800], rings[800:], ring[800:]) < 0.75
+    assert ev.knn_accuracy(rings[:800], ring[:800], rings[800:], ring[800:]) > 0.97
+
+
+def test_psnr_mse_active_units_and_code_statistics_on_known_values():
+    x = torch.rand(4, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(ev.mse_per_image(x + 0.1, x), torch.full((4,), 0.01))
+    assert torch.allclose(ev.psnr(x + 0.1, x), torch.full((4,), 20.0))
+    means = torch.randn(5000, 4, generator=torch.Generator().manual_seed(0)) * torch.tensor([1.0, 0.5, 0.05, 0.0])
+    assert ev.active_units(means) == 2  # variances 1, 0.25, 0.0025, 0 against the 0.01 threshold
+    stats = ev.code_statistics(torch.tensor([[0.0, 0.5], [0.005, -1.0]]))
+    assert stats == {"mean_activation": pytest.approx(0.37625), "fraction_near_zero": 0.5}
+
+
+def test_jacobian_norm_matches_autograd_jacobians(digits):
+    model, _ = trained("cae", digits, epochs=1)
+    x = digits.test_x[:3]
+    exact = [torch.autograd.functional.jacobian(lambda v: model.encode(v.unsqueeze(0))[0], xi).pow(2).sum() for xi in x]
+    assert ev.jacobian_norm(model, x, None, batch_size=2) == pytest.approx(float(torch.stack(exact).mean()), rel=1e-5)
+
+
+def test_denoising_autoencoder_beats_its_noisy_input(digits):
+    config = TrainConfig(model="dae", hidden=(128,), latent_dim=16, epochs=30, noise="gaussian", noise_level=0.3)
+    dae, _ = fit(config, digits, progress=False)
+    table = ev.denoising_table(dae, digits.test_x, [0.3, 0.5], baseline=dae)
+    for row in table:
+        assert row["psnr_denoised"] > row["psnr_noisy"] + 1
+        assert row["psnr_baseline"] == row["psnr_denoised"]  # same network, same noisy images
+    assert table[0]["psnr_noisy"] > table[1]["psnr_noisy"]
+
+
+# --- the reference classifier -----------------------------------------------------------------
+
+
+def test_reference_classifier_is_trained_once_registered_and_reused(digits, monkeypatch):
+    monkeypatch.setitem(reference.EPOCHS, "digits", 15)  # the mechanics, not the recipe's last percent, are tested here
+    client = mlflow.MlflowClient()
+    first = reference.reference_classifier("digits")
+    second = reference.reference_classifier("digits")
+    name = reference.registered_name("digits")
+    assert first.name == second.name == name == "aetrack-digits-reference-classifier"
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+    runs = client.search_runs([client.get_experiment_by_name(reference.EXPERIMENT).experiment_id])
+    assert len(runs) == 1 and runs[0].data.metrics["test_accuracy"] > 0.9
+    assert second.test_accuracy == pytest.approx(runs[0].data.metrics["test_accuracy"], abs=1e-4)
+    # The reloaded network is the registered one: same features, same predictions.
+    assert torch.allclose(first.features(digits.test_x), second.features(digits.test_x), atol=1e-5)
+    assert second.features(digits.test_x).shape == (len(digits.test_x), 128)
+
+
+# --- which measures apply to which model ------------------------------------------------------
+
+CODES = {"mean_activation", "fraction_near_zero"}
+BOUND = {"neg_elbo", "elbo_recon_loss", "kl", "nll_iw", "active_units"}
+GENERATION = {"fcd", "kid"}
+EXPECTED = {
+    "ae": GENERATION | CODES,
+    "sae": GENERATION | CODES,
+    "cae": GENERATION | CODES,
+    "dae": GENERATION | CODES | {"psnr_denoised_at_0.3", "psnr_noisy_at_0.3"},
+    "vae": GENERATION | BOUND,
+    "cvae": GENERATION | BOUND | {"label_accuracy", "cas"},
+    "m2": GENERATION | BOUND | {"label_accuracy", "cas", "error"},
+}
+EVERY_MODEL = {"recon_loss", "mse", "psnr", "probe_accuracy", "knn_accuracy", "jacobian_frobenius_sq"}
+
+
+@pytest.fixture(scope="module")
+def small_reference(digits):
+    classifier = reference.train_classifier(digits.train_x, digits.train_y, digits.shape, 10, "digits", epochs=15)
+    assert classifier.accuracy(digits.test_x, digits.test_y) > 0.9
+    classifier.name, classifier.version = "test-reference", "0"
+    return classifier
+
+
+@pytest.mark.parametrize("name", ["cvae", "m2"])
+def test_label_accuracy_is_high_for_conditional_samples_and_chance_for_unconditional_ones(name, digits, vae, small_reference):
+    labels = torch.arange(10).repeat(30)
+    unconditional = ev.label_accuracy(small_reference, ev.generate_images(vae, len(labels), labels, None, seed=0), labels)
+    assert unconditional < 0.3  # the vae ignores the label it is given: about 1 in 10
+    config = TrainConfig(model=name, hidden=(128,), latent_dim=4, epochs=10, lr=3e-3, labeled=100)
+    model, _ = fit(config, digits, progress=False)
+    assert ev.label_accuracy(small_reference, ev.generate_images(model, len(labels), labels, None, seed=0), labels) > 0.6
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_evaluate_model_applies_the_measures_that_fit_each_variant(name, digits, small_reference):
+    model, config = trained(name, digits, epochs=1)
+    sampler = None if hasattr(model, "sample") else LatentMixture.fit(encode_all(model, digits.train_x), components=3)
+    settings = ev.Settings(iw_samples=5, samples=100, cas_samples=200, noise_levels=(0.3,))
+    result = ev.evaluate_model(model, config, digits, settings=settings, reference=small_reference, sampler=sampler)
+    assert set(result.metrics) == EVERY_MODEL | EXPECTED[name]
+    assert all(math.isfinite(v) for v in result.metrics.values())
+    expected_pictures = {"reconstructions", "traversals", "samples"}
+    expected_pictures |= {"kl_per_dim"} if REGISTRY[name].generative else set()
+    expected_pictures |= {"denoising", "denoised"} if name == "dae" else set()
+    assert set(result.pictures) == expected_pictures
+    for key in ("probe_accuracy", "knn_accuracy") + (("label_accuracy", "cas") if REGISTRY[name].conditional else ()):
+        assert 0 <= result.metrics[key] <= 1
+
+
+# --- the command, end to end ------------------------------------------------------------------
+
+
+def test_evaluate_command_end_to_end_on_a_real_mlflow_server(mlflow_server, digits, tmp_path):
+    from aetrack.tracking import TrackingOptions, train_tracked
+
+    config = TrainConfig(model="vae", hidden=(64,), latent_dim=4, epochs=5)
+    run = train_tracked(config, digits, TrackingOptions(mlflow_server, experiment="evaluate-e2e"), progress=False)
+
+    small = ["--iw-samples", "50", "--samples", "200", "--tracking-uri", mlflow_server]
+    done = subprocess.run([*aetrack_command(), "evaluate", run.run_id, "--json", *small], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    printed = json.loads(done.stdout)
+    assert printed["run_id"] == run.run_id and printed["model"] == "vae"
+    assert printed["metrics"]["test_nll_iw"] <= printed["metrics"]["test_neg_elbo"]
+    assert "K=50 importance samples, 360 of 360 test images" in printed["notes"]["nll_iw"]
+
+    client = mlflow.MlflowClient(mlflow_server)
+    logged = client.get_run(run.run_id).data.metrics
+    for key, value in printed["metrics"].items():
+        assert logged[key] == pytest.approx(value), key
+    artifacts = {a.path for a in client.list_artifacts(run.run_id, "evaluation")}
+    assert {"evaluation/samples.png", "evaluation/reconstructions.png", "evaluation/traversals.png",
+            "evaluation/kl_per_dim.png", "evaluation/evaluation.json"} <= artifacts
+    name = reference.registered_name("digits")
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+
+    # Again, by the registered model's URI: the reference is reused and the seeded figures repeat exactly.
+    registered = f"models:/{run.registered_model}/{run.registered_version}"
+    again = CliRunner().invoke(main, ["evaluate", registered, "--json", *small, "--no-log"])
+    assert again.exit_code == 0, again.output
+    repeated = json.loads(again.stdout)
+    assert repeated["run_id"] == run.run_id
+    assert repeated["metrics"] == pytest.approx(printed["metrics"])
+    assert len(client.search_model_versions(f"name = '{name}'")) == 1
+
+
+def test_evaluate_gives_one_line_errors():
+    runner = CliRunner()
+    result = runner.invoke(main, ["evaluate", "0123456789abcdef0123456789abcdef"])
+    # (MLflow's own INFO lines about creating the store may come first.)
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith("Error: MlflowException: Run with id=0123456789abcdef")
+    result = runner.invoke(main, ["evaluate", "x", "--noise-levels", "a,b"])
+    assert result.exit_code == 2 and "--noise-levels" in result.output
