@@ -15,7 +15,6 @@ from pathlib import Path
 # and on two cores more threads than cores make everything crawl. Subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
-import mlflow  # noqa: E402
 import pytest  # noqa: E402
 import requests  # noqa: E402
 import torch  # noqa: E402
@@ -58,10 +57,7 @@ def stop(process: subprocess.Popen) -> None:
 @pytest.fixture(autouse=True)
 def _isolated_mlflow(tmp_path, monkeypatch):
     """No test writes to the user's MLflow store or ./checkpoints by accident."""
-    uri = f"sqlite:///{tmp_path}/default-mlflow.db"
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    # An in-process command given --tracking-uri changes MLflow's global URI: reset it for every test.
-    mlflow.set_tracking_uri(uri)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/default-mlflow.db")
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     monkeypatch.chdir(tmp_path)
