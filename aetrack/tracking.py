@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
+from mlflow.entities import Metric
 import numpy as np
 import torch
 
@@ -109,6 +110,27 @@ def final_pictures(model, data: Splits, history: History, seed: int, max_points:
     return pictures
 
 
+class MetricBuffer:
+    """Collects step metrics and sends them as one asynchronous batch per epoch (or per `limit` values):
+    one request instead of one per logging step, each of which costs tens of milliseconds over HTTP."""
+
+    def __init__(self, run_id: str, limit: int = 900):  # MLflow takes at most 1000 metrics per batch
+        self.run_id, self.limit, self.pending = run_id, limit, []
+        self.client = mlflow.MlflowClient()
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.pending += [Metric(key, float(value), now, step) for key, value in metrics.items()]
+        # Epoch-end metrics (val_*) close a batch, so the UI is never more than an epoch behind.
+        if len(self.pending) >= self.limit or any(key.startswith("val_") for key in metrics):
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            self.client.log_batch(self.run_id, metrics=self.pending, synchronous=False)
+            self.pending = []
+
+
 def log_dataset(data: Splits, data_dir: str | None) -> None:
     features = data.train_x.flatten(1).cpu().numpy()
     with warnings.catch_warnings():  # a plain name is "ambiguous" to MLflow's source registry; it is only a label
@@ -155,13 +177,12 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
         })
         log_dataset(data, data_dir)
 
-        def log(metrics: dict[str, float], step: int) -> None:
-            mlflow.log_metrics(metrics, step=step, synchronous=False)
-
+        log = MetricBuffer(run_id)
         try:
             model, history = fit(config, data, log=log, callbacks=(EpochImages(data, config), *callbacks),
                                  checkpoint_dir=Path(options.checkpoint_dir) / run_id, progress=progress)
         finally:
+            log.flush()
             mlflow.flush_async_logging()
         for key, picture in final_pictures(model, data, history, config.seed).items():
             mlflow.log_image(picture, key=key, step=history.best_epoch)
