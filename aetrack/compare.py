@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import functools
 import html
 import io
 import re
@@ -22,6 +21,7 @@ from pathlib import Path
 import click
 import numpy as np
 
+from aetrack.cliutils import friendly_errors, tracking_uri_option
 from aetrack import images
 
 SKIPPED_KINDS = ("comparison", "reference-classifier")
@@ -261,18 +261,6 @@ def write_html(report: Report, title: str, folder: Path) -> Path:
     return path
 
 
-def _friendly(func):
-    """aetrack.cli.friendly_errors, looked up when called: cli imports this module, so it cannot be imported here."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        from aetrack.cli import friendly_errors
-
-        return friendly_errors(func)(*args, **kwargs)
-
-    return wrapper
-
-
 @click.command()
 @click.option("--experiment", required=True, help="MLflow experiment whose runs are compared.")
 @click.option("--runs", "run_ids", multiple=True, metavar="ID[,ID...]", help="Only these runs (repeatable) [default: every finished training run].")
@@ -281,8 +269,8 @@ def _friendly(func):
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None, help="Also keep report.html and report.md in this folder.")
 @click.option("--run-name", default="comparison", show_default=True, help="Name of the run that holds the report.")
 @click.option("--no-log", is_flag=True, help="Write the report to --output only; log nothing.")
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's local default).")
-@_friendly
+@tracking_uri_option
+@friendly_errors
 def compare(experiment, run_ids, by, metrics, output, run_name, no_log, tracking_uri):
     """One HTML + Markdown report over an experiment's runs, logged to a new "comparison" run.
 

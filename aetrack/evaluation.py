@@ -9,7 +9,6 @@ Which measures apply is read from the model's capabilities and its registry entr
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import sys
@@ -21,6 +20,7 @@ import click
 import numpy as np
 import torch
 
+from aetrack.cliutils import friendly_errors, tracking_uri_option
 from aetrack import images
 from aetrack.losses import reconstruction_nll
 from aetrack.models import REGISTRY
@@ -506,18 +506,6 @@ def format_table(evaluation: Evaluation) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def _friendly(func):
-    """aetrack.cli.friendly_errors, looked up when called: cli imports this module, so it cannot be imported here."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        from aetrack.cli import friendly_errors
-
-        return friendly_errors(func)(*args, **kwargs)
-
-    return wrapper
-
-
 def load_data(config, data_dir: str | None, download: bool, device) -> tuple[object, object]:
     """The run's data set as trained on, and its grey-level version for the reference classifier."""
     from aetrack import data as datasets
@@ -549,10 +537,10 @@ def load_data(config, data_dir: str | None, download: bool, device) -> tuple[obj
 @click.option("--data-dir", default=None, envvar="AETRACK_DATA_DIR", show_envvar=True,
               help="Folder holding the torchvision data sets (as for train).")
 @click.option("--download", is_flag=True, help="Let torchvision fetch missing data set files (needs a network).")
-@click.option("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's local default).")
+@tracking_uri_option
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.option("--no-log", is_flag=True, help="Print only; log nothing to the run.")
-@_friendly
+@friendly_errors
 def evaluate(target, iw_samples, nll_images, samples, baseline, noise_levels, reference, seed, device, data_dir, download,
              tracking_uri, as_json, no_log):
     """Test-set metrics and pictures of a trained run, logged to it as test_* metrics.

@@ -3,30 +3,15 @@ registered models, and offline generation through the same pyfunc model that a s
 
 from __future__ import annotations
 
-import functools
 import json
 from datetime import datetime
 
 import click
 
+from aetrack.cliutils import friendly_errors, tracking_uri_option
+
 KEY_METRICS = ("best_val_loss", "test_recon_loss", "test_neg_elbo", "test_nll_iw", "test_fcd",
                "test_label_accuracy", "test_error")
-
-tracking_uri_option = click.option(
-    "--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's local default).")
-
-
-def friendly_errors(func):
-    """aetrack.cli.friendly_errors, looked up when called: cli imports this module, so it cannot be imported here."""
-
-    @functools.wraps(func)
-    def wrapper(*args, **kwargs):
-        from aetrack.cli import friendly_errors as one_line_errors
-
-        return one_line_errors(func)(*args, **kwargs)
-
-    return wrapper
-
 
 @click.command()
 @click.argument("name")

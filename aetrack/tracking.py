@@ -13,7 +13,6 @@ from pathlib import Path
 
 import mlflow
 from mlflow.entities import Metric
-import numpy as np
 import torch
 
 import aetrack

@@ -394,8 +394,6 @@ class Objective:
     data_dir: str | None = None
 
     def __call__(self, trial: optuna.Trial) -> float:
-        import mlflow
-
         from aetrack.tracking import train_tracked
 
         config = self.space.sample(trial, self.base)
