@@ -12,8 +12,8 @@ import typing
 
 import click
 
-from aetrack.cliutils import apply, data_options, friendly_errors, tracking_options  # noqa: F401 (re-exported)
-from aetrack.config import TrainConfig, _format, _parse
+from aetrack.cliutils import apply, data_options, friendly_errors, tracking_options, tracking_uri_option  # noqa: F401 (re-exported)
+from aetrack.config import TrainConfig, _format, _optional, _parse
 from aetrack.models import REGISTRY
 
 HINTS = typing.get_type_hints(TrainConfig)
@@ -23,21 +23,35 @@ def option_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
+def auto_epochs_help() -> str:
+    """What `--epochs auto` resolves to on each data set, at the default batch size and validation fraction."""
+    from aetrack.config import AUTO_STEPS
+    from aetrack.data import POOL_SIZES
+
+    default = TrainConfig()
+    budgets = [f"{name} {default.resolve(round(size * (1 - default.val_fraction))).epochs}"
+               for name, size in POOL_SIZES.items()]
+    return (f" auto = about {AUTO_STEPS} optimiser steps, as epochs at batch {default.batch_size}: "
+            + ", ".join(budgets) + ".")
+
+
 def config_options(func):
     """One click option per TrainConfig field, with its default and help."""
     for f in reversed(dataclasses.fields(TrainConfig)):
         hint, meta = HINTS[f.name], f.metadata
+        extra = auto_epochs_help() if f.name == "epochs" else ""
         if f.name == "model":
             kind = click.Choice(sorted(REGISTRY))
         elif meta["choices"]:
             kind = click.Choice(meta["choices"])
-        elif typing.get_origin(hint) is tuple:
+        elif typing.get_origin(hint) is tuple or _optional(hint):
             kind = str
         else:
             kind = hint
         scope = f" [{meta['scope'].replace('_', '-')}]" if meta["scope"] else ""
         func = click.option(option_name(f.name), f.name, type=kind, default=_format(f.default) if kind is str else f.default,
-                            show_default=True, help=meta["help"] + scope)(func)
+                            metavar="auto|N" if _optional(hint) else None, show_default=True,
+                            help=meta["help"] + extra + scope)(func)
     return func
 
 
@@ -88,18 +102,19 @@ def check(config: TrainConfig) -> None:
     rules = [
         (config.latent_dim >= 1, "--latent-dim must be at least 1"),
         (len(config.hidden) >= 1 and min(config.hidden) >= 1, "--hidden needs at least one positive size, e.g. 256,128"),
-        (config.epochs >= 1, "--epochs must be at least 1"),
+        (config.epochs is None or config.epochs >= 1, "--epochs must be auto or at least 1"),
         (config.batch_size >= 1, "--batch-size must be at least 1"),
         (config.lr > 0, "--lr must be positive"),
         (0 < config.val_fraction < 1, "--val-fraction must be between 0 and 1"),
-        (config.patience >= 0, "--patience must be 0 (off) or positive"),
+        (config.patience is None or config.patience >= 0, "--patience must be auto, 0 (off) or positive"),
+        (config.warmup_steps >= 0 and config.grad_clip >= 0, "--warmup-steps and --grad-clip must be >= 0"),
         (config.log_every >= 1, "--log-every must be at least 1"),
         (config.noise_level >= 0 and (config.noise == "gaussian" or config.noise_level <= 1),
          "--noise-level must be >= 0 (and at most 1 for masking and salt-pepper noise)"),
         (config.sparsity_weight >= 0 and 0 < config.sparsity_target < 1,
          "--sparsity-weight must be >= 0 and --sparsity-target between 0 and 1"),
         (config.contractive_weight >= 0, "--contractive-weight must be >= 0"),
-        (config.beta >= 0 and config.kl_warmup >= 0, "--beta and --kl-warmup must be >= 0"),
+        (config.beta >= 0 and (config.kl_warmup is None or config.kl_warmup >= 0), "--beta and --kl-warmup must be >= 0"),
         (config.prior_components >= 1, "--prior-components must be at least 1"),
         (config.labeled >= 1 and config.classifier_weight >= 0, "--labeled must be at least 1 and --classifier-weight >= 0"),
     ]
@@ -169,6 +184,63 @@ def train(ctx, data_dir, download, tracking_uri, experiment, run_name, register,
 
 train.help += "\n\n\b\nVariants:\n" + "\n".join(f"  {name:5} {v.description}" for name, v in sorted(REGISTRY.items()))
 
+
+@main.command()
+@click.argument("name", required=False)
+@click.option("--list", "show", is_flag=True, help="List the studies and what each trains.")
+@click.option("--dataset", type=click.Choice(["digits", "mnist", "fashion-mnist", "cifar10"]), default="digits", show_default=True)
+@click.option("--seeds", type=click.IntRange(1, 20), default=3, show_default=True, help="Seeds per setting (0, 1, ...).")
+@click.option("--experiment", default=None, help="MLflow experiment [default: study-NAME-DATASET].")
+@click.option("--set", "settings", multiple=True, metavar="NAME=VALUE[,...]",
+              help="Training options every run shares, e.g. --set epochs=50 (the grid's own settings win).")
+@click.option("--output", type=click.Path(file_okay=False), default=None, help="Also keep report.html and report.md here.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@apply(data_options)
+@tracking_uri_option
+@friendly_errors
+def study(name, show, dataset, seeds, experiment, settings, output, device, data_dir, download, tracking_uri):
+    """Answer one of the lesson's questions: train its grid over several seeds, evaluate every run, and write
+    the compare report. Runs already finished and evaluated in the study's experiment are reused."""
+    from aetrack.studies import STUDIES
+
+    if show or not name:
+        for entry in STUDIES.values():
+            click.echo(entry.describe())
+        return
+    if name not in STUDIES:
+        raise click.UsageError(f"unknown study {name!r}; choose from {', '.join(STUDIES)} (aetrack study --list)")
+    chosen = STUDIES[name]
+    given = parse_settings(settings)
+    clash = sorted(set(given) & {"model", "dataset", "seed"})
+    if clash:
+        raise click.UsageError(f"--set {', '.join(clash)}: a study chooses these itself")
+    try:
+        base = TrainConfig(**{k: _parse(HINTS[k], v) for k, v in given.items()})
+    except ValueError as err:
+        raise click.UsageError(f"--set: {err}") from None
+    models = [REGISTRY[str(setting["model"])] for setting in chosen.grid]
+    unused = [k for k in given if (scope := FIELDS[k].metadata["scope"]) and not any(scope in v.scopes for v in models)]
+    if unused:
+        raise click.UsageError(f"--set {', '.join(unused)}: no model of study {name} takes it")
+    for setting in chosen.grid:
+        check(dataclasses.replace(base, **setting))
+    if download:
+        from aetrack import data as datasets
+
+        datasets.load(dataset, data_dir=data_dir, download=True)
+    from aetrack.studies import run_study
+    from aetrack.training import resolve_device
+
+    result = run_study(chosen, dataset=dataset, seeds=seeds, experiment=experiment, base=base, data_dir=data_dir,
+                       tracking_uri=tracking_uri, device=str(resolve_device(device)),
+                       echo=lambda line: click.echo(line, err=True), report_dir=output)
+    click.echo(f"{chosen.question}  ({dataset}, {seeds} seed{'s' if seeds > 1 else ''}: mean ± standard deviation)")
+    click.echo(result.text())
+    click.echo(f"\nreport: run {result.report_run_id} in experiment {result.experiment!r} "
+               f"(comparison/report.html){f'; local copy in {output}' if output else ''}")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 # Commands of the other modules join the group here.
 from aetrack.compare import compare  # noqa: E402

@@ -289,19 +289,32 @@ def compare(experiment, run_ids, by, metrics, output, run_name, no_log, tracking
     experiment_id, runs = select_runs(client, experiment, ids)
     report = build_report(runs, by=by, metrics=metrics, client=client)
     title = f"aetrack comparison: {experiment}" + (f", by {by}" if by else "")
+    run_id, paths = publish(client, experiment_id, report, title, output=output, run_name=run_name, log=not no_log)
+    if run_id:
+        click.echo(f"compared {len(report.rows)} runs; report logged to run {run_id} "
+                   f"as comparison/report.html and comparison/report.md")
+        click.echo(f"look at it: mlflow ui, then open #/experiments/{experiment_id}/runs/{run_id} (Artifacts)")
+    if output:
+        click.echo(f"local copy: {paths[0]} and {paths[1]}")
+
+
+def publish(client, experiment_id: str, report: Report, title: str, *, output: Path | None = None,
+            run_name: str = "comparison", log: bool = True) -> tuple[str | None, tuple[Path, Path] | None]:
+    """Write report.html and report.md (into `output` when given) and log them to a new comparison run.
+    Returns that run's id (None without `log`) and the local paths (None without `output`)."""
+    import mlflow
+
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(output) if output else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         html_path, md_path = write_html(report, title, folder), write_markdown(report, title, folder)
-        if not no_log:
+        run_id = None
+        if log:
             with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
                 mlflow.set_tags({"aetrack.kind": "comparison", "compared_runs": ",".join(r.run_id for r in report.rows)[:5000]})
-                mlflow.log_params({"by": by or "", "metrics": ",".join(report.metrics)[:500], "runs": len(report.rows)})
+                mlflow.log_params({"by": report.by or "", "metrics": ",".join(report.metrics)[:500], "runs": len(report.rows)})
                 mlflow.log_artifact(str(html_path), "comparison")
                 mlflow.log_artifact(str(md_path), "comparison")
                 mlflow.log_artifacts(str(folder / "images"), "comparison/images")
-            click.echo(f"compared {len(report.rows)} runs; report logged to run {run.info.run_id} "
-                       f"as comparison/report.html and comparison/report.md")
-            click.echo(f"look at it: mlflow ui, then open #/experiments/{experiment_id}/runs/{run.info.run_id} (Artifacts)")
-        if output:
-            click.echo(f"local copy: {html_path} and {md_path}")
+                run_id = run.info.run_id
+    return run_id, ((html_path, md_path) if output else None)

@@ -23,6 +23,8 @@ if TYPE_CHECKING:
     from torchvision.datasets import CIFAR10, MNIST
 
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+# Training-pool sizes (before the validation split): what `--epochs auto` is documented with.
+POOL_SIZES = {"digits": 1437, "mnist": 60000, "fashion-mnist": 60000, "cifar10": 50000}
 BINARIZE = ("none", "static", "dynamic")
 
 # Fixed seeds, independent of the run's seed, so that the digits test split and every binarized

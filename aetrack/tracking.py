@@ -3,6 +3,8 @@ images with steps, the logged pyfunc model and its registry version."""
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import subprocess
 import tempfile
@@ -23,6 +25,14 @@ from aetrack.models import REGISTRY
 from aetrack.training import History, fit
 
 IMAGE_ROWS = 8  # images per row in every logged grid
+IMAGE_STEPS = 50  # at most this many steps per image key: the UI's step slider stays usable, the store small
+
+
+def image_epochs(epochs: int) -> set[int]:
+    """The epochs whose pictures are logged during training: the first and every k-th, at most IMAGE_STEPS - 1
+    (the best epoch's pictures, logged at the end, may add one)."""
+    every = max(1, math.ceil(epochs / (IMAGE_STEPS - 2)))
+    return {1} | set(range(every, epochs + 1, every))
 
 
 @dataclass(frozen=True)
@@ -66,13 +76,21 @@ class EpochImages:
         self.variant = REGISTRY[config.model]
         self.x, self.y = data.val_x[:IMAGE_ROWS], data.val_y[:IMAGE_ROWS]
         self.num_classes, self.seed = data.num_classes, config.seed
+        self.epochs, self.logged = image_epochs(config.epochs), set()
+
+    def on_epoch_end(self, epoch: int, model: torch.nn.Module, metrics: dict[str, float]) -> None:
+        if epoch in self.epochs:
+            self.log(epoch, model)
+            model.train()
 
     @torch.no_grad()
-    def on_epoch_end(self, epoch: int, model: torch.nn.Module, metrics: dict[str, float]) -> None:
+    def log(self, epoch: int, model: torch.nn.Module) -> None:
+        if epoch in self.logged:
+            return
         model.eval()
         for key, picture in self.pictures(model).items():
             mlflow.log_image(picture, key=key, step=epoch)
-        model.train()
+        self.logged.add(epoch)
 
     def pictures(self, model) -> dict:
         pictures = {}
@@ -163,6 +181,8 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
     elif "MLFLOW_RUN_ID" not in os.environ:
         mlflow.set_experiment(options.experiment)
     variant = REGISTRY[config.model]
+    auto = [name for name, value in dataclasses.asdict(config).items() if value is None]
+    config = config.resolve(len(data.train_x))
     with mlflow.start_run(run_name=options.run_name, experiment_id=experiment_id, parent_run_id=parent_run_id,
                           tags=tags) as run:
         run_id = run.info.run_id
@@ -172,17 +192,20 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
             "model_family": "variational" if variant.generative else "autoencoder",
             "dataset": config.dataset,
             "aetrack_version": aetrack.__version__,
+            "auto_settings": ",".join(auto) or "none",
             **({"git_commit": commit} if (commit := git_commit()) else {}),
         })
         log_dataset(data, data_dir)
 
         log = MetricBuffer(run_id)
+        epoch_images = EpochImages(data, config)
         try:
-            model, history = fit(config, data, log=log, callbacks=(EpochImages(data, config), *callbacks),
+            model, history = fit(config, data, log=log, callbacks=(epoch_images, *callbacks),
                                  checkpoint_dir=Path(options.checkpoint_dir) / run_id, progress=progress)
         finally:
             log.flush()
             mlflow.flush_async_logging()
+        epoch_images.log(history.best_epoch, model)  # the weights kept: the best epoch's
         for key, picture in final_pictures(model, data, history, config.seed).items():
             mlflow.log_image(picture, key=key, step=history.best_epoch)
         mlflow.log_metrics({"best_val_loss": history.best_val_loss, "best_epoch": history.best_epoch})

@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from aetrack.config import TrainConfig
 from aetrack.data import Splits
 from aetrack.models import REGISTRY, build_model
+from aetrack.nets import Decoder
 
 
 class Callback(Protocol):
@@ -28,6 +29,7 @@ class History:
     best_epoch: int = -1
     best_val_loss: float = math.inf
     stopped_early: bool = False
+    config: TrainConfig | None = None  # the config as trained, every `auto` setting resolved
 
 
 def resolve_device(name: str) -> torch.device:
@@ -66,21 +68,78 @@ def evaluate_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batc
     return {name: float(total) / len(x) for name, total in totals.items()}
 
 
+MIN_LR_FRACTION = 0.01  # where cosine ends
+
+
+class LearningRate:
+    """The multiplier of --lr at each optimiser step: linear warm-up, then the schedule's shape. For `plateau` the
+    multiplier halves whenever the validation loss has not improved for a quarter of --patience epochs (at least 2)."""
+
+    def __init__(self, config: TrainConfig, total_steps: int):
+        self.config, self.total_steps = config, total_steps
+        self.plateau_scale, self.best, self.bad_epochs = 1.0, math.inf, 0
+        self.plateau_patience = max(2, (config.patience or 8) // 4)
+
+    def __call__(self, step: int) -> float:
+        config = self.config
+        warmup = min(1.0, (step + 1) / config.warmup_steps) if config.warmup_steps else 1.0
+        progress = min(1.0, step / max(1, self.total_steps - 1))
+        if config.lr_schedule == "cosine":
+            shape = MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
+        elif config.lr_schedule == "step":
+            shape = 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
+        else:
+            shape = self.plateau_scale  # 1 for constant
+        return warmup * shape
+
+    def epoch_end(self, val_loss: float) -> None:
+        if self.config.lr_schedule != "plateau":
+            return
+        if val_loss < self.best:
+            self.best, self.bad_epochs = val_loss, 0
+            return
+        self.bad_epochs += 1
+        if self.bad_epochs >= self.plateau_patience:
+            self.plateau_scale, self.bad_epochs = self.plateau_scale * 0.5, 0
+
+
+def kl_scale(config: TrainConfig, epoch: float) -> float:
+    """The KL warm-up factor in [0, 1] at a (fractional) epoch: linear over --kl-warmup epochs (Bowman et al. 2016)."""
+    return min(1.0, epoch / config.kl_warmup) if config.kl_warmup else 1.0
+
+
+@torch.no_grad()
+def init_output_biases(model: torch.nn.Module, train_x: torch.Tensor) -> None:
+    mean_image = train_x.float().mean(0)
+    for module in model.modules():
+        if isinstance(module, Decoder):
+            module.init_output_bias(mean_image)
+
+
 def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = None,
         log: Callable[[dict[str, float], int], None] | None = None,
         callbacks: tuple[Callback, ...] = (), checkpoint_dir: Path | None = None,
         progress: bool = True) -> tuple[torch.nn.Module, History]:
-    """Train `config.model` on `data`; returns the model at its best validation loss and the history."""
+    """Train `config.model` on `data`; returns the model at its best validation loss and the history.
+    `auto` settings are resolved first (`TrainConfig.resolve`); callbacks see the resolved config through `history.config`."""
     torch.manual_seed(config.seed)
     device = data.train_x.device
-    variant = REGISTRY[config.model]
-    model = (model or build_model(config, data.shape, data.num_classes)).to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
     n_train = len(data.train_x)
+    config = config.resolve(n_train)
+    variant = REGISTRY[config.model]
+    if model is None:
+        model = build_model(config, data.shape, data.num_classes)
+        if config.decoder_bias == "mean":
+            init_output_biases(model, data.train_x)
+    model = model.to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    per_epoch = config.steps_per_epoch(n_train)
+    total_steps = config.epochs * per_epoch
+    learning_rate = LearningRate(config, total_steps)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate)
+    generator = torch.Generator(device=device).manual_seed(config.seed)
     labeled = labeled_indices(data.train_y, config.labeled, data.num_classes, config.seed) if variant.semi_supervised else None
-    steps_per_epoch = math.ceil(n_train / config.batch_size)
-    history, best_state, stale, step = History(), None, 0, 0
+    history, best_state, stale, step = History(config=config), None, 0, 0
 
     for epoch in range(config.epochs):
         model.train()
@@ -88,7 +147,7 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
         order = torch.randperm(n_train, generator=generator, device=device)
         running: dict[str, torch.Tensor] = {}
         count, epoch_loss = 0, torch.zeros((), device=device)
-        bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+        bar = tqdm(range(per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
         for i in bar:
             x, y = data.train_batch(order[i * config.batch_size:(i + 1) * config.batch_size], generator)
             if labeled is not None:
@@ -96,17 +155,20 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
                 pick = labeled[torch.randint(len(labeled), (min(config.batch_size, len(labeled)),), generator=generator, device=device)]
                 xl, yl = data.train_batch(pick, generator)
                 x, y = torch.cat([x, xl]), torch.cat([torch.full_like(y, -1), yl])
-            out = model(x, y, epoch=epoch + i / steps_per_epoch)
+            out = model(x, y, kl_scale=kl_scale(config, epoch + i / per_epoch))
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()
+            if config.grad_clip:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
+            schedule.step()
             step += 1
             epoch_loss += out.loss.detach()
             for name, value in {"loss": out.loss, **out.parts}.items():
                 running[name] = running.get(name, 0.0) + value.detach()
             count += 1
             # Only every log_every steps do values leave the device: no sync on the hot path.
-            if step % config.log_every == 0 or i == steps_per_epoch - 1:
+            if step % config.log_every == 0 or i == per_epoch - 1:
                 metrics = {f"train_{k}": float(v) / count for k, v in running.items()}
                 running, count = {}, 0
                 bar.set_postfix(loss=f"{metrics['train_loss']:.3f}")
@@ -118,15 +180,20 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
         elapsed = time.perf_counter() - started
         val = evaluate_loss(model, data.val_x, data.val_y, max(config.batch_size, 512))
         metrics = {f"val_{k}": v for k, v in val.items()}
-        metrics.update(epoch=epoch + 1, train_epoch_loss=float(epoch_loss) / steps_per_epoch, epoch_time=elapsed, samples_per_sec=n_train / elapsed)
+        metrics.update(epoch=epoch + 1, train_epoch_loss=float(epoch_loss) / per_epoch, epoch_time=elapsed,
+                       samples_per_sec=n_train / elapsed, lr=optimizer.param_groups[0]["lr"],
+                       kl_scale=kl_scale(config, epoch + 1))
         history.epochs.append(metrics)
         if log:
             log(metrics, step)
+        warming_up = epoch + 1 < config.kl_warmup  # the objective still changes: a worse loss is no reason to stop
         if val["loss"] < history.best_val_loss:
             history.best_val_loss, history.best_epoch, stale = val["loss"], epoch + 1, 0
             best_state = copy.deepcopy(model.state_dict())
-        else:
+        elif not warming_up:
             stale += 1
+        if not warming_up:
+            learning_rate.epoch_end(val["loss"])
         if checkpoint_dir is not None:
             checkpoint_dir.mkdir(parents=True, exist_ok=True)
             torch.save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),

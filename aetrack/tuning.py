@@ -864,6 +864,7 @@ def tune_study(base: TrainConfig, space: SearchSpace, *, n_trials: int, study_na
         raise TuningError(str(err)) from None
     if variant.semi_supervised and base.labeled > len(data.train_x):
         raise TuningError(f"--labeled {base.labeled} is larger than the training set ({len(data.train_x)} examples)")
+    base = base.resolve(len(data.train_x))  # every trial gets the same epoch budget, also for the pruner
     if metric not in (known := available_metrics(base, data)):
         raise TuningError(f"--metric {metric}: --model {base.model} reports {', '.join(known)}")
 

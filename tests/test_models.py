@@ -47,7 +47,7 @@ def labels_for(name: str, y: torch.Tensor) -> torch.Tensor:
 def test_forward_shapes_and_finite_loss(name, extra, arch, shape):
     model, config = make(name, extra, arch, shape)
     x, y = batch(shape)
-    out = model(x, labels_for(name, y), epoch=0.5)
+    out = model(x, labels_for(name, y), kl_scale=0.5)
     assert out.recon.shape == x.shape
     assert out.z.shape == (len(x), config.latent_dim)
     assert out.loss.shape == () and torch.isfinite(out.loss)
@@ -135,12 +135,11 @@ def test_config_round_trips_through_params():
     assert set(config.to_params()) == {f.name for f in dataclasses.fields(TrainConfig)}
 
 
-def test_kl_warmup_scales_the_kl_weight():
-    model, _ = make("vae", {"beta": 2.0, "kl_warmup": 4}, "mlp", (1, 8, 8))
+def test_kl_scale_scales_beta():
+    model, _ = make("vae", {"beta": 2.0}, "mlp", (1, 8, 8))
     assert model.body.kl_weight(0.0) == 0.0
-    assert model.body.kl_weight(2.0) == pytest.approx(1.0)
-    assert model.body.kl_weight(10.0) == pytest.approx(2.0)
-    assert model.body.kl_weight(None) == pytest.approx(2.0)
+    assert model.body.kl_weight(0.5) == pytest.approx(1.0)
+    assert model.body.kl_weight() == pytest.approx(2.0)
 
 
 def test_denoising_autoencoder_scores_the_corrupted_input_against_the_clean_one():

@@ -93,7 +93,7 @@ class Autoencoder(nn.Module):
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self.decode(self.encode(x))
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, epoch: float | None = None) -> Output:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_scale: float = 1.0) -> Output:
         # A denoising autoencoder sees the corrupted input and is scored against the clean one.
         source = self.corrupt(x) if self.denoising else x
         code = self.encode(source)

@@ -60,11 +60,9 @@ class LatentVariableModel(nn.Module):
         log_px = -reconstruction_nll(logits, target, self.config.likelihood).view(samples, -1)
         return log_px + self.prior.log_prob(z) - q.log_prob(z)
 
-    def kl_weight(self, epoch: float | None) -> float:
-        warmup = self.config.kl_warmup
-        if epoch is None or warmup <= 0:
-            return self.config.beta
-        return self.config.beta * min(1.0, epoch / warmup)
+    def kl_weight(self, kl_scale: float = 1.0) -> float:
+        """beta times the training loop's warm-up factor (1 outside training)."""
+        return self.config.beta * kl_scale
 
     def sample_latent(self, n: int, generator=None, temperature: float = 1.0) -> torch.Tensor:
         device = next(self.parameters()).device
@@ -87,10 +85,10 @@ class VAE(nn.Module):
     def cond(self, y: torch.Tensor | None) -> torch.Tensor | None:
         return one_hot(y, self.num_classes) if self.conditional else None
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, epoch: float | None = None) -> Output:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_scale: float = 1.0) -> Output:
         recon, kl, q, logits = self.body.terms(x, self.cond(y))
         recon_loss, kl = recon.mean(), kl.mean()
-        loss = recon_loss + self.body.kl_weight(epoch) * kl
+        loss = recon_loss + self.body.kl_weight(kl_scale) * kl
         # neg_elbo is the bound itself (beta = 1), whatever beta is trained with.
         parts = {"recon_loss": recon_loss, "kl": kl, "neg_elbo": recon_loss + kl}
         return Output(loss, parts, to_image(logits), q.mean)
@@ -142,10 +140,10 @@ class M2(nn.Module):
         recon, kl, q, logits = self.body.terms(x, self.cond(y))
         return recon + kl_weight * kl + math.log(self.num_classes), recon, kl, logits
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, epoch: float | None = None) -> Output:
+    def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_scale: float = 1.0) -> Output:
         if y is None:
             y = torch.full((x.shape[0],), -1, device=x.device, dtype=torch.long)
-        kl_weight = self.body.kl_weight(epoch)
+        kl_weight = self.body.kl_weight(kl_scale)
         labeled = y >= 0
         class_logits = self.classifier(x)
         zero = x.new_zeros(())
