@@ -47,7 +47,7 @@ PROTOCOLS = {p.name: p for p in [
     Protocol(
         "pytorch-example",
         TrainConfig(model="vae", dataset="mnist", binarize="none", hidden=(400,), latent_dim=20, likelihood="bernoulli",
-                    batch_size=128, lr=1e-3, epochs=10),
+                    batch_size=128, lr=1e-3, epochs=10, patience=0, kl_warmup=0, decoder_bias="zero"),
         "neg_elbo", "~105.6 nats/image test loss after 10 epochs",
         "pytorch/examples vae/main.py (MLP 784-400-20, BCE summed + KL, batch 128, Adam 1e-3)",
         "trains on 54000 images (10 % held out for validation; the example trains on all 60000) and keeps the epoch "
@@ -55,7 +55,7 @@ PROTOCOLS = {p.name: p for p in [
     Protocol(
         "burda-vae",
         TrainConfig(model="vae", dataset="mnist", binarize="dynamic", hidden=(200, 200), latent_dim=50, batch_size=20,
-                    lr=1e-3, epochs=3280),
+                    lr=1e-3, epochs=3280, patience=0, kl_warmup=0),
         "nll_iw", "VAE 86.76 nats; IWAE (k=50) 84.78 nats", "Burda et al. 2015, table 1 (one stochastic layer)",
         "ReLU instead of tanh units, constant learning rate instead of the 3^i-epoch schedule, trained with the "
         "ELBO only (aetrack has no IWAE objective, so the IWAE k=50 row has no aetrack figure); the test images are "
@@ -69,7 +69,7 @@ PROTOCOLS = {p.name: p for p in [
     Protocol(
         "m2-100",
         TrainConfig(model="m2", dataset="mnist", binarize="dynamic", hidden=(500,), latent_dim=50, labeled=100,
-                    classifier_weight=0.1, batch_size=100, lr=3e-4, epochs=1000),
+                    classifier_weight=0.1, batch_size=100, lr=3e-4, epochs=1000, patience=0, kl_warmup=0),
         "error", "M2 11.97 % test error with 100 labels; M1+M2 3.33 %", "Kingma et al. 2014, table 1",
         "Adam instead of RMSProp with momentum, ReLU instead of softplus; aetrack has no M1+M2 stack, so that row "
         "has no aetrack figure"),

@@ -1,0 +1,132 @@
+"""The lesson's questions, answered from converged runs: every `aetrack study`, on digits with three seeds per
+setting and, for the generation and prior questions, on MNIST with one seed (the time on two CPU cores allows no
+more). Results go to benchmarks/results/questions.json and questions.md, and the README's tables between
+`<!-- questions:STUDY:DATASET -->` markers are rewritten from them.
+
+    python benchmarks/questions.py                 # everything; resumes: finished, evaluated runs are reused
+    python benchmarks/questions.py --only priors@digits --only generation@mnist
+    python benchmarks/questions.py --readme-only   # rewrite the README tables from the results file
+
+Each group of studies runs in its own process (one torch thread) with its own MLflow store under
+--workdir, two groups at a time: a long job split into resumable legs, since runs already in a store are kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+# Groups share an MLflow store (and so a reference classifier); groups run in parallel.
+GROUPS = {
+    "mnist": [("generation", "mnist", 1), ("priors", "mnist", 1)],
+    "digits-a": [("latent-size", "digits", 3)],
+    "digits-b": [("generation", "digits", 3), ("priors", "digits", 3), ("denoising", "digits", 3),
+                 ("regularised", "digits", 3), ("conditional", "digits", 3)],
+}
+
+
+def run_group(group: str, workdir: Path, only: set[str], data_dir: str | None) -> None:
+    """In this process: every study of the group, results written one file per study."""
+    import torch
+
+    from aetrack.studies import STUDIES, run_study
+
+    torch.set_num_threads(1)
+    uri = f"sqlite:///{workdir / (group + '.db')}"
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+    for name, dataset, seeds in GROUPS[group]:
+        if only and f"{name}@{dataset}" not in only:
+            continue
+        started = time.time()
+        result = run_study(STUDIES[name], dataset=dataset, seeds=seeds, data_dir=data_dir, tracking_uri=uri,
+                           echo=lambda line: print(f"[{group}] {line}", flush=True))
+        record = {**result.as_dict(), "table": result.markdown(), "seconds": round(time.time() - started),
+                  "store": uri, "machine": machine()}
+        (RESULTS / "questions").mkdir(parents=True, exist_ok=True)
+        (RESULTS / "questions" / f"{name}@{dataset}.json").write_text(json.dumps(record, indent=2) + "\n")
+        print(f"[{group}] {name}@{dataset} done in {record['seconds']} s", flush=True)
+
+
+def machine() -> dict:
+    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+            "python": platform.python_version(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+            "load_average_1m": round(os.getloadavg()[0], 2)}
+
+
+def collect() -> dict[str, dict]:
+    folder = RESULTS / "questions"
+    return {path.stem: json.loads(path.read_text()) for path in sorted(folder.glob("*.json"))} if folder.exists() else {}
+
+
+def write_summary(results: dict[str, dict]) -> None:
+    lines = ["# The questions, answered", "",
+             "Produced by `python benchmarks/questions.py`: every study with aetrack's defaults (`--epochs auto`, "
+             "early stopping), mean ± sample standard deviation over seeds.", ""]
+    for key, record in results.items():
+        lines += [f"## {record['study']} on {record['dataset']}", "", record["question"], "",
+                  f"{len(record['cells'][0]['run_ids'])} seed(s); {record['seconds']} s on "
+                  f"{record['machine']['cores']} cores ({record['machine']['date']}).", "", record["table"], ""]
+    (RESULTS / "questions.md").write_text("\n".join(lines))
+
+
+def rewrite_readme(results: dict[str, dict]) -> list[str]:
+    """Replace each `<!-- questions:STUDY@DATASET -->` ... `<!-- /questions -->` block with its table."""
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    done = []
+    for key, record in results.items():
+        pattern = re.compile(rf"(<!-- questions:{re.escape(key)} -->\n).*?(<!-- /questions -->)", re.S)
+        text, count = pattern.subn(lambda m: m.group(1) + record["table"] + "\n" + m.group(2), text)
+        if count:
+            done.append(key)
+    readme.write_text(text)
+    return done
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--only", action="append", default=[], metavar="STUDY@DATASET")
+    parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / "work")
+    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--data-dir", default=os.environ.get("AETRACK_DATA_DIR"))
+    parser.add_argument("--readme-only", action="store_true")
+    parser.add_argument("--group", help=argparse.SUPPRESS)  # internal: run one group in this process
+    args = parser.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    if args.group:
+        run_group(args.group, args.workdir, set(args.only), args.data_dir)
+        return
+    if not args.readme_only:
+        groups = [g for g, studies in GROUPS.items()
+                  if not args.only or any(f"{n}@{d}" in args.only for n, d, _ in studies)]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+        def launch(group: str) -> int:
+            command = [sys.executable, __file__, "--group", group, "--workdir", str(args.workdir)]
+            command += [item for only in args.only for item in ("--only", only)]
+            command += ["--data-dir", args.data_dir] if args.data_dir else []
+            return subprocess.run(command, env=env).returncode
+
+        with concurrent.futures.ThreadPoolExecutor(args.jobs) as pool:
+            codes = dict(zip(groups, pool.map(launch, groups)))
+        failed = [g for g, code in codes.items() if code]
+        if failed:
+            print(f"groups failed: {', '.join(failed)}", file=sys.stderr)
+    results = collect()
+    write_summary(results)
+    print(f"README tables rewritten: {', '.join(rewrite_readme(results)) or 'none'}")
+
+
+if __name__ == "__main__":
+    main()
