@@ -1,0 +1,99 @@
+"""`aetrack study`: a lesson's question trained over seeds, evaluated, compared, resumable; and the image cadence
+that keeps long runs' step sliders usable."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from aetrack import data as datasets
+from aetrack.cli import main
+from aetrack.config import TrainConfig
+from aetrack.studies import STUDIES
+from aetrack.tracking import IMAGE_STEPS, TrackingOptions, image_epochs, train_tracked
+
+TINY = "epochs=2,hidden=32,latent_dim=4,batch_size=256"
+
+
+def study(*args: str):
+    return CliRunner().invoke(main, ["study", *args])
+
+
+def test_list_shows_every_study_and_its_grid():
+    result = study("--list")
+    assert result.exit_code == 0
+    for name, entry in STUDIES.items():
+        assert f"{name}: {entry.question}" in result.output
+    assert "model=vae,prior=vamp" in result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["nonsense"], "unknown study 'nonsense'"),
+    (["priors", "--set", "model=ae"], "a study chooses these itself"),
+    (["priors", "--set", "noise_level=0.5"], "no model of study priors takes it"),
+    (["priors", "--set", "latent_dim=0"], "--latent-dim must be at least 1"),
+    (["priors", "--set", "epochs=many"], "--set"),
+])
+def test_bad_study_options_are_one_line_errors(args, message):
+    result = study(*args)
+    assert result.exit_code == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def training_runs(client: MlflowClient, experiment: str) -> list:
+    found = client.get_experiment_by_name(experiment)
+    return [r for r in client.search_runs([found.experiment_id]) if r.data.tags.get("aetrack.kind") != "comparison"]
+
+
+def test_study_trains_evaluates_compares_and_resumes(tmp_path):
+    result = study("denoising", "--seeds", "2", "--set", TINY, "--output", str(tmp_path / "report"))
+    assert result.exit_code == 0, result.stderr
+    # The table: one line per setting, mean ± spread over the two seeds, the dae scored against the ae baseline.
+    dae_line = next(line for line in result.output.splitlines() if line.strip().startswith("dae"))
+    assert dae_line.count("±") == 6 and dae_line.split()[-1] == "2"
+    assert (tmp_path / "report" / "report.html").exists()
+
+    client = MlflowClient()
+    runs = training_runs(client, "study-denoising-digits")
+    assert len(runs) == 4
+    assert {(r.data.params["model"], r.data.params["seed"]) for r in runs} == {("ae", "0"), ("ae", "1"), ("dae", "0"), ("dae", "1")}
+    for run in runs:
+        assert run.info.status == "FINISHED" and "test_psnr" in run.data.metrics
+        assert run.data.tags["aetrack.study"] == "denoising"
+        if run.data.params["model"] == "dae":
+            assert "test_psnr_baseline_at_0.3" in run.data.metrics
+    report_id = re.search(r"report: run (\w+)", result.output).group(1)
+    assert client.get_run(report_id).data.tags["aetrack.kind"] == "comparison"
+
+    # Again, with a third seed: the four finished runs are reused, only seed 2 trains.
+    again = study("denoising", "--seeds", "3", "--set", TINY)
+    assert again.exit_code == 0, again.stderr
+    assert again.stderr.count("training") == 2
+    assert len(training_runs(client, "study-denoising-digits")) == 6
+
+
+@pytest.mark.parametrize("epochs", [1, 10, 48, 49, 546, 5000])
+def test_image_epochs_stay_within_the_cap(epochs):
+    chosen = image_epochs(epochs)
+    assert 1 in chosen and len(chosen) <= IMAGE_STEPS - 1
+    assert max(chosen) <= epochs
+    assert len(chosen) >= min(epochs, IMAGE_STEPS // 2)  # spread over the run, not bunched at its start
+
+
+def test_a_long_run_logs_each_image_key_at_most_fifty_times(tmp_path):
+    data = datasets.load("digits")
+    config = TrainConfig(model="vae", hidden=(16,), latent_dim=2, batch_size=1024, epochs=150, patience=0)
+    result = train_tracked(config, data, TrackingOptions(checkpoint_dir=str(tmp_path / "ckpt"), register=False),
+                           progress=False)
+    steps: dict[str, set[int]] = {}
+    for artifact in MlflowClient().list_artifacts(result.run_id, "images"):
+        parts = re.split("[%+]", artifact.path.rsplit("/", 1)[-1])
+        if artifact.path.endswith(".png") and "compressed" not in artifact.path:
+            steps.setdefault(parts[0], set()).add(int(parts[2]))
+    for key in ("reconstructions", "samples"):
+        assert 1 in steps[key] and result.history.best_epoch in steps[key]
+        assert 30 <= len(steps[key]) <= IMAGE_STEPS
