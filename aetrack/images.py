@@ -50,8 +50,22 @@ def latent_scatter(points: np.ndarray, labels: np.ndarray, title: str) -> Image.
     return figure_to_image(fig)
 
 
+def degenerate(z: np.ndarray, tolerance: float = 1e-6) -> str | None:
+    """Why codes cannot be embedded (scikit-learn's t-SNE crashes the process on constant input), or None."""
+    if len(z) < 4:
+        return f"only {len(z)} codes"
+    if not np.isfinite(z).all():
+        return "codes that are not finite"
+    if float(np.ptp(z, axis=0).max()) < tolerance:
+        return "constant codes (a collapsed encoder)"
+    return None
+
+
 def latent_plots(z: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, Image.Image]:
-    """The latent space coloured by label: directly when 2-D, else PCA and t-SNE (scikit-learn)."""
+    """The latent space coloured by label: directly when 2-D, else PCA and t-SNE (scikit-learn).
+    Nothing for degenerate codes: there is no space to show, and t-SNE would crash on them."""
+    if degenerate(z):
+        return {}
     if z.shape[1] == 2:
         return {"latent_2d": latent_scatter(z, labels, "latent space")}
     from sklearn.decomposition import PCA

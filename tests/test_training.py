@@ -163,3 +163,16 @@ def test_default_vae_does_not_collapse(digits):
     assert spread > 0.5 * float(digits.test_x[:64].flatten(1).std(0).mean())
     assert history.best_val_loss < 27.0
     assert math.isfinite(history.best_val_loss)
+
+
+def test_latent_plots_skip_degenerate_codes_instead_of_crashing():
+    import numpy as np
+
+    from aetrack import images
+
+    labels = np.arange(200) % 10
+    assert images.latent_plots(np.ones((200, 16)), labels) == {}  # t-SNE on this would kill the process
+    assert images.latent_plots(np.full((200, 16), np.nan), labels) == {}
+    assert images.latent_plots(np.zeros((2, 16)), labels[:2]) == {}
+    spread = np.random.default_rng(0).normal(size=(60, 3))
+    assert set(images.latent_plots(spread, labels[:60])) == {"latent_pca", "latent_tsne"}
