@@ -27,8 +27,8 @@ class Study:
     baseline: dict[str, object] | None = None  # dae: evaluate with the run of these settings (same seed) as baseline
 
     def describe(self) -> str:
-        settings = "; ".join(setting_key(s) for s in self.grid)
-        return f"{self.name}: {self.question}\n    trains {len(self.grid)} settings: {settings}"
+        settings = "\n".join(f"    {setting_key(s)}" for s in self.grid)
+        return f"{self.name}: {self.question}\n  trains {len(self.grid)} settings:\n{settings}"
 
 
 def grid(**axes) -> tuple[dict[str, object], ...]:
@@ -38,8 +38,11 @@ def grid(**axes) -> tuple[dict[str, object], ...]:
 
 
 STUDIES = {study.name: study for study in (
+    # Each architecture at its own usual width: an MLP of 256-128 units, a conv net of 32-64 channels.
     Study("latent-size", "How do latent size and architecture change reconstructions?",
-          grid(model=("ae", "vae"), arch=("mlp", "conv"), latent_dim=(2, 8, 32)), by="latent_dim",
+          tuple({**s, **a} for s in grid(model=("ae", "vae"), latent_dim=(2, 8, 32))
+                for a in ({"arch": "mlp", "hidden": (256, 128)}, {"arch": "conv", "hidden": (32, 64)})),
+          by="latent_dim",
           metrics=("recon_loss", "psnr", "probe_accuracy"), reference=False),
     Study("denoising", "How well does a denoising autoencoder clean images, against a plain one?",
           ({"model": "ae"}, {"model": "dae", "noise": "gaussian", "noise_level": 0.3}), by="model",
@@ -62,7 +65,11 @@ STUDIES = {study.name: study for study in (
 
 
 def setting_key(setting: dict[str, object]) -> str:
-    return ",".join(f"{k}={v}" for k, v in setting.items())
+    return ";".join(f"{k}={show(v)}" for k, v in setting.items())
+
+
+def show(value: object) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 @dataclass
@@ -93,7 +100,7 @@ class StudyResult:
         header = [*keys, *(f"test_{m}" for m in self.study.metrics), "seeds"]
         rows = []
         for cell in self.cells:
-            row = [str(cell.setting.get(k, "")) for k in keys]
+            row = [show(cell.setting.get(k, "")) for k in keys]
             for metric in self.study.metrics:
                 found = cell.summary(metric)
                 row.append("" if found is None else format_spread(found[0], found[1], found[2]))

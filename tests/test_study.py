@@ -27,7 +27,7 @@ def test_list_shows_every_study_and_its_grid():
     assert result.exit_code == 0
     for name, entry in STUDIES.items():
         assert f"{name}: {entry.question}" in result.output
-    assert "model=vae,prior=vamp" in result.output
+    assert "model=vae;prior=vamp" in result.output
 
 
 @pytest.mark.parametrize("args,message", [
