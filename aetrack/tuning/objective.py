@@ -12,7 +12,7 @@ from typing import Any
 
 import mlflow
 import optuna
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 
 from aetrack.config import TrainConfig
 from aetrack.tracking import tags
