@@ -1,8 +1,9 @@
-"""One frozen dataclass holds every setting of a training run.
+"""Every setting, written once: a training run's in TrainConfig, a tuning worker's in TuneConfig.
 
-Click options are generated from its fields, its flat form is what MLflow logs
-as params, and the same params rebuild the model for evaluation and serving.
-Every setting is written once, here.
+Click options are generated from their fields (`option()` metadata: help, choices, scope), the flat
+form of a TrainConfig is what MLflow logs as params, and the same params rebuild the model for
+evaluation and serving. `validate()` turns impossible values into a ConfigError; the CLI shows it
+as a one-line usage error. This module imports nothing heavy: `aetrack --help` reads it.
 """
 
 from __future__ import annotations
@@ -12,24 +13,44 @@ import math
 import typing
 from dataclasses import dataclass, field
 
+DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
+BINARIZE = ("none", "static", "dynamic")
+# Training-pool sizes (before the validation split): what `--epochs auto` is documented with.
+POOL_SIZES = {"digits": 1437, "mnist": 60000, "fashion-mnist": 60000, "cifar10": 50000}
+DEVICES = ("auto", "cpu", "cuda")
+SAMPLERS = ("tpe", "random", "cmaes", "grid")
+PRUNERS = ("median", "hyperband", "none")
 
 # `--epochs auto`: a budget of optimiser steps, turned into epochs for the data set at hand. Small data sets need
 # many passes (digits: 11 steps an epoch) and large ones few (MNIST: 422), so no fixed epoch count suits both.
 AUTO_STEPS = 6000
 AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS = 50, 600
+AUTO = "auto"  # how a None ("resolved at training time") setting is written and read
 
 
-def option(default, help: str, *, choices: tuple | None = None, scope: str | None = None):
+class UserError(Exception):
+    """A failure the user can fix (a missing data file, a study that cannot go on); str(err) is one line."""
+
+
+class ConfigError(UserError, ValueError):
+    """An impossible setting or combination of options; str(err) is one line that names the option."""
+
+
+def option(default, help: str, *, choices: tuple | None = None, scope: str | None = None, envvar: str | None = None):
     """A config field with its CLI help; `scope` names the option group a variant must accept."""
-    return field(default=default, metadata={"help": help, "choices": choices, "scope": scope})
+    return field(default=default, metadata={"help": help, "choices": choices, "scope": scope, "envvar": envvar})
+
+
+def option_name(field_name: str) -> str:
+    return "--" + field_name.replace("_", "-")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
     # What to train on.
     model: str = option("vae", "Autoencoder variant.")
-    dataset: str = option("digits", "Data set.", choices=("digits", "mnist", "fashion-mnist", "cifar10"))
-    binarize: str = option("none", "Bernoulli-likelihood protocol.", choices=("none", "static", "dynamic"))
+    dataset: str = option("digits", "Data set.", choices=DATASETS)
+    binarize: str = option("none", "Bernoulli-likelihood protocol.", choices=BINARIZE)
     val_fraction: float = option(0.1, "Fraction of the training set held out for validation.")
     # Networks.
     arch: str = option("mlp", "Encoder/decoder architecture.", choices=("mlp", "conv"))
@@ -69,7 +90,7 @@ class TrainConfig:
     patience: int | None = option(None, "Stop after this many epochs without a better validation loss "
                                   "(auto: 20 % of --epochs, at least 10; 0: never).")
     seed: int = option(0, "Random seed: the same seed gives the same run.")
-    device: str = option("auto", "Where to train.", choices=("auto", "cpu", "cuda"))
+    device: str = option("auto", "Where to train.", choices=DEVICES)
     log_every: int = option(20, "Log training metrics every N steps.")
 
     def steps_per_epoch(self, n_train: int) -> int:
@@ -84,22 +105,131 @@ class TrainConfig:
         kl_warmup = self.kl_warmup if self.kl_warmup is not None else round(0.1 * epochs)
         return dataclasses.replace(self, epochs=epochs, patience=patience, kl_warmup=kl_warmup)
 
+    def validate(self) -> TrainConfig:
+        """Impossible values as a one-line ConfigError; returns the config."""
+        rules = [
+            (self.latent_dim >= 1, "--latent-dim must be at least 1"),
+            (len(self.hidden) >= 1 and min(self.hidden) >= 1, "--hidden needs at least one positive size, e.g. 256,128"),
+            (self.epochs is None or self.epochs >= 1, "--epochs must be auto or at least 1"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.lr > 0, "--lr must be positive"),
+            (0 < self.val_fraction < 1, "--val-fraction must be between 0 and 1"),
+            (self.patience is None or self.patience >= 0, "--patience must be auto, 0 (off) or positive"),
+            (self.warmup_steps >= 0 and self.grad_clip >= 0, "--warmup-steps and --grad-clip must be >= 0"),
+            (self.log_every >= 1, "--log-every must be at least 1"),
+            (self.noise_level >= 0 and (self.noise == "gaussian" or self.noise_level <= 1),
+             "--noise-level must be >= 0 (and at most 1 for masking and salt-pepper noise)"),
+            (self.sparsity_weight >= 0 and 0 < self.sparsity_target < 1,
+             "--sparsity-weight must be >= 0 and --sparsity-target between 0 and 1"),
+            (self.contractive_weight >= 0, "--contractive-weight must be >= 0"),
+            (self.beta >= 0 and (self.kl_warmup is None or self.kl_warmup >= 0), "--beta and --kl-warmup must be >= 0"),
+            (self.prior_components >= 1, "--prior-components must be at least 1"),
+            (self.labeled >= 1 and self.classifier_weight >= 0, "--labeled must be at least 1 and --classifier-weight >= 0"),
+        ]
+        _check(self, rules)
+        if self.device == "cuda":
+            resolve_device(self.device)
+        return self
+
     def to_params(self) -> dict[str, str]:
         """Flat string params, named like the CLI options (with underscores)."""
-        return {f.name: _format(getattr(self, f.name)) for f in dataclasses.fields(self)}
+        return to_strings(self)
 
     @classmethod
     def from_params(cls, params: dict[str, str]) -> TrainConfig:
         """Rebuild from logged params; unknown keys (tracking options) are ignored."""
-        hints = typing.get_type_hints(cls)
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{k: _parse(hints[k], v) for k, v in params.items() if k in known})
+        return from_strings(cls, params)
 
 
-AUTO = "auto"  # how a None ("resolved at training time") setting is written and read
+@dataclass(frozen=True)
+class TuneConfig:
+    """How one tuning worker searches: everything of `aetrack tune` that is not a training setting."""
+
+    n_trials: int | None = option(None, "Trials in total over all workers (auto: 20; grid: its size).")
+    timeout: float = option(0.0, "This worker starts no trial after this many seconds (0: no limit).")
+    study_name: str = option("", "Optuna study  [default: aetrack-<dataset>-<model>]")
+    storage: str = option("sqlite:///optuna.db", "SQLAlchemy URL of the study's database; postgresql://user:pass@host/db "
+                          "for many machines.", envvar="AETRACK_OPTUNA_STORAGE")
+    sampler: str = option("tpe", "Optuna sampler.", choices=SAMPLERS)
+    sampler_seed: int | None = option(None, "Seed of the sampler (auto: unseeded; give each worker its own).")
+    pruner: str = option("median", "Optuna pruner.", choices=PRUNERS)
+    pruner_startup_trials: int = option(5, "Median pruner: trials completed before it prunes.")
+    pruner_warmup_epochs: int = option(1, "Median pruner: epochs a trial runs before it can be pruned.")
+    metric: str = option("", "Validation metric to optimise  [default: val_error for m2, val_neg_elbo for VAEs, "
+                         "else val_recon_loss]")
+    direction: str = option("minimize", "Whether a lower or a higher metric is better.", choices=("minimize", "maximize"))
+    heartbeat: int = option(10, "Seconds between a running trial's heartbeats.")
+    grace_period: int | None = option(None, "Seconds without heartbeat before a trial counts as dead (auto: 2 x heartbeat).")
+    max_retry: int = option(3, "Retries of a dead worker's trial.")
+    threads: int = option(0, "Torch CPU threads of this worker (0: torch's default); cores / workers on one machine.")
+
+    def validate(self) -> TuneConfig:
+        _check(self, [
+            ((self.n_trials is None or self.n_trials >= 1) and self.heartbeat >= 1 and self.max_retry >= 0,
+             "--n-trials and --heartbeat must be at least 1, --max-retry at least 0"),
+            (self.grace_period is None or self.grace_period > self.heartbeat,
+             "--grace-period must be longer than --heartbeat, or live trials count as dead"),
+        ])
+        return self
+
+    def study_for(self, config: TrainConfig) -> str:
+        return self.study_name or f"aetrack-{config.dataset}-{config.model}"
+
+    @property
+    def stale_after(self) -> int:
+        return self.grace_period or 2 * self.heartbeat
 
 
-def _optional(hint):
+@dataclass(frozen=True)
+class TrackingOptions:
+    """Where and how a training run is tracked (the tracking URI is set by the caller, once)."""
+
+    experiment: str = "aetrack"
+    run_name: str | None = None
+    register: bool = True
+    registered_model: str | None = None
+    checkpoint_dir: str = "checkpoints"
+
+
+# Evaluation: the noise levels of a denoising autoencoder's PSNR table.
+DEFAULT_NOISE_LEVELS = (0.1, 0.2, 0.3, 0.5, 0.7)
+
+
+def _check(config, rules) -> None:
+    for ok, message in rules:
+        if not ok:
+            raise ConfigError(message)
+    for f in dataclasses.fields(config):
+        choices = f.metadata["choices"]
+        if choices and getattr(config, f.name) not in choices:
+            raise ConfigError(f"{option_name(f.name)}: {getattr(config, f.name)!r} is not one of {', '.join(choices)}")
+
+
+def resolve_device(name: str):
+    """The torch device `--device` names; `cuda` where none is available is a ConfigError."""
+    if name == "cpu":
+        return _torch().device("cpu")
+    torch = _torch()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device cuda: no CUDA device is available here (use --device auto or cpu)")
+    return torch.device(name)
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+# ----- values as strings: CLI options, --set, MLflow params -------------------------------------
+
+def hints(cls) -> dict[str, typing.Any]:
+    return typing.get_type_hints(cls)
+
+
+def optional_type(hint):
     """int for `int | None`, else None."""
     args = typing.get_args(hint)
     if type(None) in args and len(args) == 2:
@@ -107,11 +237,7 @@ def _optional(hint):
     return None
 
 
-def scoped_fields(scope: str | None = None) -> list[dataclasses.Field]:
-    return [f for f in dataclasses.fields(TrainConfig) if f.metadata["scope"] == scope]
-
-
-def _format(value) -> str:
+def format_value(value) -> str:
     if value is None:
         return AUTO
     if isinstance(value, tuple):
@@ -119,13 +245,59 @@ def _format(value) -> str:
     return str(value)
 
 
-def _parse(hint, text):
+def parse_value(hint, text):
     if not isinstance(text, str):
         return text
-    if _optional(hint):
-        return None if text.strip().lower() == AUTO else _parse(_optional(hint), text)
+    if optional_type(hint):
+        return None if text.strip().lower() == AUTO else parse_value(optional_type(hint), text)
     if hint is bool:
         return text.lower() in ("1", "true", "yes")
     if typing.get_origin(hint) is tuple:
         return tuple(int(part) for part in text.split(",") if part.strip())
     return hint(text)
+
+
+def to_strings(config) -> dict[str, str]:
+    return {f.name: format_value(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def from_strings(cls, values: dict[str, str]):
+    """A config from strings (options, --set, logged params); unknown keys are ignored, unreadable values are
+    a ConfigError."""
+    types = hints(cls)
+    fields = {}
+    for name, text in values.items():
+        if name not in types:
+            continue
+        try:
+            fields[name] = parse_value(types[name], text)
+        except ValueError:
+            raise ConfigError(f"{option_name(name)}: cannot read {text!r} as {types[name]}") from None
+    return cls(**fields)
+
+
+def parse_settings(items: tuple[str, ...], cls=TrainConfig) -> dict[str, str]:
+    """`--set latent_dim=4,prior=mog,hidden=64,32` (repeatable): any field by name, for MLproject's string params.
+
+    A piece without `=` continues the previous value (hidden's sizes); an empty value keeps the default."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    settings: dict[str, str] = {}
+    key = None
+    for item in items:
+        for piece in (part.strip() for part in item.split(",")):
+            name, sep, value = piece.partition("=")
+            if not sep and key is not None and piece:
+                settings[key] += "," + piece
+                continue
+            if not piece:
+                continue
+            key = name.strip().replace("-", "_")
+            if not sep or key not in known:
+                raise ConfigError(f"--set expects NAME=VALUE with NAME a training option, got {piece!r}")
+            settings[key] = value.strip()
+    return {k: v for k, v in settings.items() if v != ""}
+
+
+def field_scope(name: str) -> str | None:
+    found = TrainConfig.__dataclass_fields__.get(name)
+    return found.metadata["scope"] if found else None

@@ -22,10 +22,8 @@ import torch
 if TYPE_CHECKING:
     from torchvision.datasets import CIFAR10, MNIST
 
-DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
-# Training-pool sizes (before the validation split): what `--epochs auto` is documented with.
-POOL_SIZES = {"digits": 1437, "mnist": 60000, "fashion-mnist": 60000, "cifar10": 50000}
-BINARIZE = ("none", "static", "dynamic")
+from aetrack.config import BINARIZE, DATASETS, POOL_SIZES, UserError, resolve_device  # noqa: F401 (POOL_SIZES: re-exported)
+
 
 # Fixed seeds, independent of the run's seed, so that the digits test split and every binarized
 # validation / test image are the same in all runs and their losses can be compared.
@@ -35,7 +33,7 @@ BINARIZE_SEED = 0
 _DEFAULT_DIR = "~/.cache/aetrack/data"
 
 
-class DataError(Exception):
+class DataError(UserError):
     """A data set that cannot be loaded; str(err) is ONE line saying which file was expected where and how to get it."""
 
 
@@ -112,6 +110,29 @@ def load(name: str, *, data_dir: str | None = None, download: bool = False, bina
     train_x = pool_x[train] if binarize == "dynamic" else fixed_pool[train]
     splits = Splits(name, train_x, pool_y[train], fixed_pool[val], pool_y[val], test_x, test_y, classes, binarize)
     return splits.to(device)
+
+
+def load_for(config, *, data_dir: str | None = None, download: bool = False, binarize: str | None = None,
+             device=None) -> Splits:
+    """The data set and split a config trains on (its binarization unless `binarize` is given), on `device`
+    (default: the config's)."""
+    return load(config.dataset, data_dir=data_dir, download=download,
+                binarize=config.binarize if binarize is None else binarize, val_fraction=config.val_fraction,
+                seed=config.seed, device=resolve_device(config.device) if device is None else device)
+
+
+def labeled_indices(y: torch.Tensor, count: int, num_classes: int, seed: int) -> torch.Tensor:
+    """`count` training indices balanced over classes (as in Kingma et al. 2014), fixed by the seed."""
+    generator = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(y), generator=generator)
+    y_cpu = y.cpu()[order]
+    per_class = [order[y_cpu == c] for c in range(num_classes)]
+    quota = [count // num_classes + (1 if c < count % num_classes else 0) for c in range(num_classes)]
+    chosen = torch.cat([idx[:q] for idx, q in zip(per_class, quota)])
+    if len(chosen) < count:  # a class too small for its quota: fill from the rest
+        rest = order[~torch.isin(order, chosen)]
+        chosen = torch.cat([chosen, rest[: count - len(chosen)]])
+    return chosen.to(y.device)
 
 
 class _Pool(NamedTuple):

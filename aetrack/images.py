@@ -14,7 +14,10 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
+from aetrack.samplers import generate  # noqa: E402
+
 MIN_TILE = 28  # 8x8 digits are upscaled to be visible
+IMAGE_ROWS = 8  # images per row in every grid of samples, reconstructions and interpolations
 
 
 def grid(images: torch.Tensor, nrow: int = 8) -> Image.Image:
@@ -32,6 +35,15 @@ def rows(*blocks: torch.Tensor) -> Image.Image:
     """Each block of n images becomes one row: inputs over reconstructions, noisy/output/clean for a dae."""
     n = blocks[0].shape[0]
     return grid(torch.cat(blocks), nrow=n)
+
+
+@torch.no_grad()
+def sample_grid(model, generator: torch.Generator, *, conditional: bool, num_classes: int, sampler=None) -> Image.Image:
+    """8 x 8 samples; for a conditional model one row per label."""
+    device = next(model.parameters()).device
+    labels = torch.arange(num_classes, device=device).repeat_interleave(IMAGE_ROWS) if conditional else None
+    count = IMAGE_ROWS * IMAGE_ROWS if labels is None else len(labels)
+    return grid(generate(model, count, labels, generator, sampler=sampler), IMAGE_ROWS)
 
 
 def figure_to_image(fig) -> Image.Image:

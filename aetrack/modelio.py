@@ -1,5 +1,9 @@
-"""Saving and rebuilding a trained model from plain files: the config as JSON and
-the weights as a state dict loaded with `weights_only=True` (no arbitrary unpickling)."""
+"""Model folders: a trained network as plain files, the same for a generator and the reference classifier.
+
+A folder holds `config.json` (what rebuilds the network) and `weights.pt`, a state dict loaded with
+`weights_only=True` (no arbitrary unpickling). MLflow logs such a folder as a pyfunc model's artifact
+(aetrack.tracking.artifacts); serving loads it back from there.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +19,27 @@ from aetrack.models import build_model
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "weights.pt"
 
 
+def write_folder(directory: Path, meta: dict, state: dict) -> Path:
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
+    torch.save(state, directory / WEIGHTS_FILE)
+    return directory
+
+
+def read_meta(directory: Path) -> dict:
+    return json.loads((Path(directory) / CONFIG_FILE).read_text())
+
+
+def read_folder(directory: Path, device: str | torch.device = "cpu") -> tuple[dict, dict]:
+    state = torch.load(Path(directory) / WEIGHTS_FILE, map_location=device, weights_only=True)
+    return read_meta(directory), state
+
+
+def cpu_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu() for k, v in module.state_dict().items()}
+
+
 @dataclass(frozen=True)
 class ModelInfo:
     config: TrainConfig
@@ -27,21 +52,14 @@ class ModelInfo:
 
 
 def save(model: torch.nn.Module, info: ModelInfo, directory: Path, extra: dict[str, torch.Tensor] | None = None) -> Path:
-    """Write config.json and weights.pt; `extra` tensors (say a fitted latent sampler) ride along in the weights file."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
+    """A generator's folder; `extra` tensors (say a fitted latent sampler) ride along in the weights file."""
     meta = {"params": info.config.to_params(), "shape": list(info.shape), "classes": list(info.classes)}
-    (directory / CONFIG_FILE).write_text(json.dumps(meta, indent=2))
-    state = {"model": {k: v.detach().cpu() for k, v in model.state_dict().items()}, "extra": extra or {}}
-    torch.save(state, directory / WEIGHTS_FILE)
-    return directory
+    return write_folder(directory, meta, {"model": cpu_state(model), "extra": extra or {}})
 
 
 def load(directory: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelInfo, dict[str, torch.Tensor]]:
-    directory = Path(directory)
-    meta = json.loads((directory / CONFIG_FILE).read_text())
+    meta, state = read_folder(directory, device)
     info = ModelInfo(TrainConfig.from_params(meta["params"]), tuple(meta["shape"]), tuple(meta["classes"]))
     model = build_model(info.config, info.shape, info.num_classes)
-    state = torch.load(directory / WEIGHTS_FILE, map_location=device, weights_only=True)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), info, state.get("extra", {})

@@ -9,7 +9,6 @@ as plain tensors, saved beside the weights.
 from __future__ import annotations
 
 import torch
-from sklearn.mixture import GaussianMixture
 
 
 class LatentMixture:
@@ -18,6 +17,8 @@ class LatentMixture:
 
     @classmethod
     def fit(cls, codes: torch.Tensor, components: int = 10, seed: int = 0) -> LatentMixture:
+        from sklearn.mixture import GaussianMixture
+
         codes = codes.detach().double().cpu().numpy()
         components = max(1, min(components, len(codes) // 2))
         gmm = GaussianMixture(components, covariance_type="full", reg_covar=1e-4, random_state=seed).fit(codes)
@@ -51,12 +52,16 @@ def encode_all(model, x: torch.Tensor, y: torch.Tensor | None = None, batch_size
     return torch.cat(chunks)
 
 
+def fit_sampler(model, train_x: torch.Tensor, seed: int = 0, components: int = 10) -> LatentMixture:
+    """The latent mixture of a trained autoencoder (after `training.fit`, or loaded): what it generates from."""
+    model.eval()
+    return LatentMixture.fit(encode_all(model, train_x), components=components, seed=seed)
+
+
 def generate(model, n: int, labels: torch.Tensor | None = None, generator: torch.Generator | None = None,
              temperature: float = 1.0, sampler: LatentMixture | None = None) -> torch.Tensor:
-    """n images: from the model's prior, or, for an autoencoder, from its fitted latent mixture."""
-    if hasattr(model, "sample"):
-        return model.sample(n, labels, generator=generator, temperature=temperature)
+    """n images: from an autoencoder's fitted latent `sampler` when given, else from the model's prior."""
     if sampler is None:
-        raise ValueError("this autoencoder has no fitted latent mixture to generate from")
+        return model.sample(n, labels, generator=generator, temperature=temperature)
     device = next(model.parameters()).device
     return model.decode(sampler.sample(n, generator, temperature, device=device))

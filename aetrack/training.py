@@ -13,9 +13,9 @@ from typing import Callable, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from aetrack.config import TrainConfig
+from aetrack.config import TrainConfig, resolve_device  # noqa: F401 (resolve_device: re-exported)
 from aetrack.data import Splits
-from aetrack.models import REGISTRY, build_model
+from aetrack.models import OwnBatches, build_model
 from aetrack.nets import Decoder
 
 
@@ -30,28 +30,6 @@ class History:
     best_val_loss: float = math.inf
     stopped_early: bool = False
     config: TrainConfig | None = None  # the config as trained, every `auto` setting resolved
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available here (use --device auto or cpu)")
-    return torch.device(name)
-
-
-def labeled_indices(y: torch.Tensor, count: int, num_classes: int, seed: int) -> torch.Tensor:
-    """`count` training indices balanced over classes (as in Kingma et al. 2014), fixed by the seed."""
-    generator = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(y), generator=generator)
-    y_cpu = y.cpu()[order]
-    per_class = [order[y_cpu == c] for c in range(num_classes)]
-    quota = [count // num_classes + (1 if c < count % num_classes else 0) for c in range(num_classes)]
-    chosen = torch.cat([idx[:q] for idx, q in zip(per_class, quota)])
-    if len(chosen) < count:  # a class too small for its quota: fill from the rest
-        rest = order[~torch.isin(order, chosen)]
-        chosen = torch.cat([chosen, rest[: count - len(chosen)]])
-    return chosen.to(y.device)
 
 
 @torch.no_grad()
@@ -126,7 +104,6 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
     device = data.train_x.device
     n_train = len(data.train_x)
     config = config.resolve(n_train)
-    variant = REGISTRY[config.model]
     if model is None:
         model = build_model(config, data.shape, data.num_classes)
         if config.decoder_bias == "mean":
@@ -138,7 +115,7 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
     learning_rate = LearningRate(config, total_steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate)
     generator = torch.Generator(device=device).manual_seed(config.seed)
-    labeled = labeled_indices(data.train_y, config.labeled, data.num_classes, config.seed) if variant.semi_supervised else None
+    draw = model.training_batches(data, config.seed) if isinstance(model, OwnBatches) else data.train_batch
     history, best_state, stale, step = History(config=config), None, 0, 0
 
     for epoch in range(config.epochs):
@@ -149,12 +126,7 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
         count, epoch_loss = 0, torch.zeros((), device=device)
         bar = tqdm(range(per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
         for i in bar:
-            x, y = data.train_batch(order[i * config.batch_size:(i + 1) * config.batch_size], generator)
-            if labeled is not None:
-                # M2: the drawn batch is unlabelled; a labelled batch of the same size joins it.
-                pick = labeled[torch.randint(len(labeled), (min(config.batch_size, len(labeled)),), generator=generator, device=device)]
-                xl, yl = data.train_batch(pick, generator)
-                x, y = torch.cat([x, xl]), torch.cat([torch.full_like(y, -1), yl])
+            x, y = draw(order[i * config.batch_size:(i + 1) * config.batch_size], generator)
             out = model(x, y, kl_scale=kl_scale(config, epoch + i / per_epoch))
             optimizer.zero_grad(set_to_none=True)
             out.loss.backward()

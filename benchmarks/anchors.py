@@ -22,12 +22,15 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import click
+import mlflow
 import torch
 
 from aetrack import data as datasets
 from aetrack import evaluation
+from aetrack.tracking import artifacts
+from aetrack.tracking import evaluate as tracked_evaluation
 from aetrack.config import TrainConfig
-from aetrack.tracking import TrackingOptions, git_commit, train_tracked
+from aetrack.tracking.run import TrackingOptions, git_commit, train_tracked
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -78,7 +81,7 @@ PROTOCOLS = {p.name: p for p in [
 
 def measure(protocol: Protocol, run_id: str, data, iw_samples: int, test_images: int | None, seed: int) -> tuple[float, str]:
     """Reload the logged model and measure the protocol's figure; log it to the run as test_<metric>."""
-    logged = evaluation.load_logged(run_id, data.test_x.device)
+    logged = artifacts.load_logged(run_id, data.test_x.device)
     model, x, y = logged.model, data.test_x, data.test_y
     n = min(test_images or len(x), len(x))
     result = evaluation.Evaluation()
@@ -91,7 +94,7 @@ def measure(protocol: Protocol, run_id: str, data, iw_samples: int, test_images:
     else:
         result.metrics["error"] = float((model.classify(x) != y).float().mean()) * 100
         how = f"q(y|x) error (%) on all {len(x)} test images"
-    evaluation.log_evaluation(run_id, result)
+    tracked_evaluation.log_evaluation(run_id, result)
     return result.metrics[protocol.metric], how
 
 
@@ -143,11 +146,13 @@ def main(protocol, epochs, iw_samples, test_images, seed, device, data_dir, trac
     spec = PROTOCOLS[protocol]
     config = replace(spec.config, epochs=epochs or spec.config.epochs, seed=seed, device=device)
     started = time.perf_counter()
-    from aetrack.training import resolve_device
+    from aetrack.config import resolve_device
 
     data = datasets.load(config.dataset, data_dir=data_dir, binarize=config.binarize, val_fraction=config.val_fraction,
                          seed=config.seed, device=resolve_device(device))
-    options = TrackingOptions(tracking_uri, experiment="aetrack-anchors", run_name=f"anchor-{protocol}", register=False)
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    options = TrackingOptions(experiment="aetrack-anchors", run_name=f"anchor-{protocol}", register=False)
     result = train_tracked(config, data, options, data_dir=data_dir, progress=sys.stderr.isatty())
     trained = time.perf_counter()
     k = iw_samples or spec.iw_samples

@@ -40,7 +40,7 @@ def run_group(group: str, workdir: Path, only: set[str], data_dir: str | None) -
     """In this process: every study of the group, results written one file per study."""
     import torch
 
-    from aetrack.studies import STUDIES, run_study
+    from aetrack.tracking.studies import STUDIES, run_study
 
     torch.set_num_threads(1)
     uri = f"sqlite:///{workdir / (group + '.db')}"
@@ -49,7 +49,7 @@ def run_group(group: str, workdir: Path, only: set[str], data_dir: str | None) -
         if only and f"{name}@{dataset}" not in only:
             continue
         started = time.time()
-        result = run_study(STUDIES[name], dataset=dataset, seeds=seeds, data_dir=data_dir, tracking_uri=uri,
+        result = run_study(STUDIES[name], dataset=dataset, seeds=seeds, data_dir=data_dir,
                            echo=lambda line: print(f"[{group}] {line}", flush=True))
         record = {**result.as_dict(), "table": result.markdown(), "seconds": round(time.time() - started),
                   "store": uri, "machine": machine()}

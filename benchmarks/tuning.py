@@ -24,11 +24,14 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+import mlflow
 import optuna
 
-from aetrack.config import TrainConfig
+from aetrack.config import TrackingOptions, TrainConfig, TuneConfig
 from aetrack.models import REGISTRY
-from aetrack.tuning import build_space, tune_study, used_trials
+from aetrack.tuning.space import build_space
+from aetrack.tuning.storage import used_trials
+from aetrack.tuning.study import tune_study
 
 RESULTS = Path(__file__).resolve().parent / "results"
 VENV_BIN = Path(sys.executable).parent
@@ -43,10 +46,12 @@ def pruning(trials: int, epochs: int, seed: int, pruners: list[str], workdir: Pa
     rows = {}
     for pruner in pruners:
         started = time.perf_counter()
-        study = tune_study(base, space, n_trials=trials, study_name=f"pruning-{pruner}", storage_url=f"sqlite:///{workdir}/optuna.db",
-                           sampler="tpe", sampler_seed=seed, pruner=pruner, pruner_startup_trials=3, pruner_warmup_epochs=1,
-                           tracking_uri=f"sqlite:///{workdir}/mlflow.db", experiment="bench-pruning", threads=2,
-                           checkpoint_dir=str(workdir / "checkpoints"), echo=lambda line: None, summary=lambda line: None)
+        mlflow.set_tracking_uri(f"sqlite:///{workdir}/mlflow.db")
+        search = TuneConfig(n_trials=trials, study_name=f"pruning-{pruner}", storage=f"sqlite:///{workdir}/optuna.db",
+                            sampler="tpe", sampler_seed=seed, pruner=pruner, pruner_startup_trials=3, pruner_warmup_epochs=1,
+                            threads=2)
+        tracking = TrackingOptions(experiment="bench-pruning", checkpoint_dir=str(workdir / "checkpoints"))
+        study = tune_study(base, space, search, tracking=tracking, echo=lambda line: None, summary=lambda line: None)
         done = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
         rows[pruner] = {
             "best_value": round(study.best_value, 3),

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from mlflow.entities import Metric, Param
 from PIL import Image
 
-from aetrack import compare
+from aetrack.tracking import compare
 from aetrack.cli import main
 from aetrack.config import TrainConfig
 
@@ -146,3 +146,24 @@ def test_bad_options_are_one_line_usage_errors(tmp_path):
         assert message in result.output
     result = runner.invoke(main, ["compare", "--experiment", "missing"])
     assert result.exit_code == 2 and "no experiment named 'missing'" in result.output
+
+
+def test_a_tuning_studys_parent_run_is_not_compared_as_a_training_run(tmp_path):
+    """`aetrack tune` leaves a parent run with a `model` param beside its trials' runs: only the trials are
+    training runs. (The parent was tagged aetrack_role=study while compare skipped by aetrack.kind.)"""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    tuned = CliRunner().invoke(main, ["tune", "--model", "ae", "--hidden", "16", "--latent-dim", "2", "--epochs", "1",
+                                      "--n-trials", "1", "--param", "lr=float:1e-3:1e-2:log", "--no-register", "--quiet",
+                                      "--threads", "1", "--storage", f"sqlite:///{tmp_path}/optuna.db",
+                                      "--tracking-uri", uri, "--experiment", "tuned"])
+    assert tuned.exit_code == 0, tuned.output
+    client = mlflow.MlflowClient(uri)
+    experiment_id = client.get_experiment_by_name("tuned").experiment_id
+    [parent] = client.search_runs([experiment_id], "tags.aetrack_role = 'study'")
+    [trial] = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert parent.info.status == "FINISHED" and "model" in parent.data.params  # what made compare take it
+
+    result = CliRunner().invoke(main, ["compare", "--experiment", "tuned", "--tracking-uri", uri, "--no-log",
+                                       "--output", str(tmp_path / "report")])
+    assert result.exit_code == 0, result.output
+    assert table_run_ids((tmp_path / "report" / "report.html").read_text()) == [trial.info.run_id]

@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 from aetrack import data as datasets
 from aetrack import evaluation as ev
-from aetrack import reference
+from aetrack.evaluation import reference
+from aetrack.tracking import reference as registered_reference
 from aetrack.cli import main
 from aetrack.config import TrainConfig
 from aetrack.models import REGISTRY
@@ -200,12 +201,12 @@ def test_denoising_autoencoder_beats_its_noisy_input(digits):
 def test_reference_classifier_is_trained_once_registered_and_reused(digits, monkeypatch):
     monkeypatch.setitem(reference.EPOCHS, "digits", 15)  # the mechanics, not the recipe's last percent, are tested here
     client = mlflow.MlflowClient()
-    first = reference.reference_classifier("digits")
-    second = reference.reference_classifier("digits")
-    name = reference.registered_name("digits")
+    first = registered_reference.reference_classifier("digits")
+    second = registered_reference.reference_classifier("digits")
+    name = registered_reference.registered_name("digits")
     assert first.name == second.name == name == "aetrack-digits-reference-classifier"
     assert len(client.search_model_versions(f"name = '{name}'")) == 1
-    runs = client.search_runs([client.get_experiment_by_name(reference.EXPERIMENT).experiment_id])
+    runs = client.search_runs([client.get_experiment_by_name(registered_reference.EXPERIMENT).experiment_id])
     assert len(runs) == 1 and runs[0].data.metrics["test_accuracy"] > 0.9
     assert second.test_accuracy == pytest.approx(runs[0].data.metrics["test_accuracy"], abs=1e-4)
     # The reloaded network is the registered one: same features, same predictions.
@@ -268,10 +269,11 @@ def test_evaluate_model_applies_the_measures_that_fit_each_variant(name, digits,
 
 
 def test_evaluate_command_end_to_end_on_a_real_mlflow_server(mlflow_server, digits, tmp_path):
-    from aetrack.tracking import TrackingOptions, train_tracked
+    from aetrack.tracking.run import TrackingOptions, train_tracked
 
     config = TrainConfig(model="vae", hidden=(64,), latent_dim=4, epochs=5)
-    run = train_tracked(config, digits, TrackingOptions(mlflow_server, experiment="evaluate-e2e"), progress=False)
+    mlflow.set_tracking_uri(mlflow_server)  # the caller sets the tracking URI (as the CLI does)
+    run = train_tracked(config, digits, TrackingOptions(experiment="evaluate-e2e"), progress=False)
 
     small = ["--iw-samples", "50", "--samples", "200", "--tracking-uri", mlflow_server]
     done = subprocess.run([*aetrack_command(), "evaluate", run.run_id, "--json", *small], capture_output=True, text=True,
@@ -289,7 +291,7 @@ def test_evaluate_command_end_to_end_on_a_real_mlflow_server(mlflow_server, digi
     artifacts = {a.path for a in client.list_artifacts(run.run_id, "evaluation")}
     assert {"evaluation/samples.png", "evaluation/reconstructions.png", "evaluation/traversals.png",
             "evaluation/kl_per_dim.png", "evaluation/evaluation.json"} <= artifacts
-    name = reference.registered_name("digits")
+    name = registered_reference.registered_name("digits")
     assert len(client.search_model_versions(f"name = '{name}'")) == 1
 
     # Again, by the registered model's URI: the reference is reused and the seeded figures repeat exactly.

@@ -9,7 +9,7 @@ import pytest
 import torch
 from scipy.stats import multivariate_normal
 
-from aetrack.models.autoencoders import jacobian_frobenius_sq
+from aetrack.penalties import jacobian_frobenius_sq
 from aetrack.priors import Box, DiagonalGaussian, MixtureOfGaussians, StandardNormal, Uniform, VampPrior
 
 

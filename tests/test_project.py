@@ -85,3 +85,16 @@ def test_compose_services_run_natively(tmp_path, postgres_url):
         if serve is not None:
             stop(serve)
         stop(server)
+
+
+def test_mlproject_defaults_are_train_configs_own():
+    """MLflow logs each entry-point parameter on the run, where aetrack logs the same names: a default that
+    drifted from TrainConfig's would log a param that the run's own config contradicts."""
+    from aetrack.config import TrainConfig, from_strings
+
+    parameters = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]["main"]["parameters"]
+    defaults = {name: str(spec["default"]) for name, spec in parameters.items() if name in TrainConfig.__dataclass_fields__}
+    from_strings(TrainConfig, defaults).validate()
+    budget = {"epochs", "patience"}  # `auto` resolves per data set; MLproject fixes a short, concrete budget
+    assert {k: v for k, v in defaults.items() if k not in budget} == \
+        {k: v for k, v in TrainConfig().to_params().items() if k in defaults and k not in budget}

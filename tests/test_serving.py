@@ -27,7 +27,9 @@ from mlflow.models.utils import load_serving_example
 from PIL import Image
 
 from aetrack import data as datasets
-from aetrack import modelio, samplers, serving
+from aetrack import modelio, samplers
+from aetrack.serving import generator as serving
+from aetrack.tracking import artifacts
 from aetrack.config import TrainConfig
 from aetrack.models import REGISTRY, build_model
 from aetrack.training import fit
@@ -65,7 +67,7 @@ def log_and_register(model, info: modelio.ModelInfo, name: str | None, extra: di
     with mlflow.start_run(experiment_id=mlflow.get_experiment_by_name("aetrack").experiment_id):
         with tempfile.TemporaryDirectory() as tmp:
             model_dir = modelio.save(model, info, Path(tmp) / "aetrack-model", extra)
-            return serving.log_model(model_dir, registered_model_name=name)
+            return artifacts.log_generator(model_dir, registered_model_name=name)
 
 
 def serve_model(model_uri: str, root: Path, tracking_uri: str | None = None, timeout: float = 180.0):

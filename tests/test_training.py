@@ -176,3 +176,17 @@ def test_latent_plots_skip_degenerate_codes_instead_of_crashing():
     assert images.latent_plots(np.zeros((2, 16)), labels[:2]) == {}
     spread = np.random.default_rng(0).normal(size=(60, 3))
     assert set(images.latent_plots(spread, labels[:60])) == {"latent_pca", "latent_tsne"}
+
+
+def test_a_plain_autoencoder_generates_after_fit_alone(digits):
+    """No MLflow: `fit`, then a latent mixture fitted to the training codes, and the autoencoder draws images."""
+    from aetrack.samplers import fit_sampler, generate
+
+    config = TrainConfig(model="ae", hidden=(32,), latent_dim=4, epochs=20, patience=0)
+    model, _ = fit(config, digits, progress=False)
+    sampler = fit_sampler(model, digits.train_x, seed=0, components=3)
+    with torch.no_grad():
+        images = generate(model, 16, generator=torch.Generator().manual_seed(0), sampler=sampler)
+        again = generate(model, 16, generator=torch.Generator().manual_seed(0), sampler=sampler)
+    assert images.shape == (16, *digits.shape) and 0 <= float(images.min()) and float(images.max()) <= 1
+    assert torch.equal(images, again) and float(images.flatten(1).std(0).mean()) > 0.01  # seeded, and not one image

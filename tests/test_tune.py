@@ -19,8 +19,9 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from aetrack.cli import main
-from aetrack.tuning import (StudyStorage, TrialBudgetSpent, config_value, crown, open_storage, parse_param,
-                            used_trials)
+from aetrack.tuning.report import crown
+from aetrack.tuning.space import config_value, parse_param
+from aetrack.tuning.storage import StudyStorage, TrialBudgetSpent, open_storage, used_trials
 from conftest import aetrack_command, stop
 
 # One searched setting (lr) on a tiny VAE; latent_dim 2 keeps the final latent plot free of t-SNE.

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from aetrack.losses import reconstruction_nll, to_image
-from aetrack.models import REGISTRY, Output, register
+from aetrack.data import labeled_indices
+from aetrack.models import Output, register
 from aetrack.nets import Decoder, Encoder
 from aetrack.priors import build_prior
 
@@ -76,9 +77,8 @@ def one_hot(y: torch.Tensor, num_classes: int) -> torch.Tensor:
 @register("vae", scopes=("variational",), generative=True, description="variational autoencoder (any prior, beta, KL warm-up)")
 @register("cvae", scopes=("variational",), generative=True, conditional=True, description="conditional VAE")
 class VAE(nn.Module):
-    def __init__(self, config, shape, num_classes):
+    def __init__(self, config, shape, num_classes, *, conditional: bool = False):
         super().__init__()
-        conditional = REGISTRY[config.model].conditional
         self.config, self.num_classes, self.conditional = config, num_classes, conditional
         self.body = LatentVariableModel(config, shape, num_classes if conditional else 0)
 
@@ -117,7 +117,7 @@ class VAE(nn.Module):
 
 
 @register("m2", scopes=("variational", "semi_supervised"), generative=True, conditional=True, semi_supervised=True,
-          description="semi-supervised VAE (Kingma et al. 2014, M2)")
+          classifies=True, description="semi-supervised VAE (Kingma et al. 2014, M2)")
 class M2(nn.Module):
     """Labels are y >= 0; unlabelled examples carry y = -1.
 
@@ -178,6 +178,20 @@ class M2(nn.Module):
         parts.update(recon_loss=recon.mean().detach(), kl=kl.mean().detach(), neg_elbo=(recon + kl).mean().detach())
         parts["error"] = (class_logits.argmax(-1) != y)[labeled].float().mean() if labeled.any() else zero
         return Output(loss, parts, recon_image, q.mean)
+
+    def training_batches(self, data, seed: int):
+        """Each drawn batch is unlabelled; a labelled batch of the same size, drawn from `config.labeled`
+        examples balanced over classes, joins it."""
+        labeled = labeled_indices(data.train_y, self.config.labeled, data.num_classes, seed)
+        size = min(self.config.batch_size, len(labeled))
+
+        def draw(index: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+            x, y = data.train_batch(index, generator)
+            pick = labeled[torch.randint(len(labeled), (size,), generator=generator, device=labeled.device)]
+            xl, yl = data.train_batch(pick, generator)
+            return torch.cat([x, xl]), torch.cat([torch.full_like(y, -1), yl])
+
+        return draw
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         return self.classifier(x).argmax(-1)

@@ -3,6 +3,6 @@ load the model, so nothing is unpickled."""
 
 import mlflow
 
-from aetrack.serving import GeneratorModel
+from aetrack.serving.generator import GeneratorModel
 
 mlflow.models.set_model(GeneratorModel())

@@ -1,5 +1,7 @@
 """MLflow around the training loop: params, tags, data set, metrics (asynchronous),
-images with steps, the logged pyfunc model and its registry version."""
+images with steps, the logged pyfunc model and its registry version.
+
+The tracking URI is the caller's to set (the CLI does, once); this module only uses it."""
 
 from __future__ import annotations
 
@@ -14,17 +16,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
-from mlflow.entities import Metric
 import torch
+from mlflow.entities import Metric
 
 import aetrack
-from aetrack import images, modelio, samplers, serving
-from aetrack.config import TrainConfig
+from aetrack import images, modelio, samplers
+from aetrack.config import TrackingOptions, TrainConfig  # noqa: F401 (TrackingOptions: re-exported)
 from aetrack.data import Splits
+from aetrack.images import IMAGE_ROWS
 from aetrack.models import REGISTRY
+from aetrack.tracking import tags as tag
+from aetrack.tracking.artifacts import log_generator
 from aetrack.training import History, fit
 
-IMAGE_ROWS = 8  # images per row in every logged grid
 IMAGE_STEPS = 50  # at most this many steps per image key: the UI's step slider stays usable, the store small
 
 
@@ -33,16 +37,6 @@ def image_epochs(epochs: int) -> set[int]:
     (the best epoch's pictures, logged at the end, may add one)."""
     every = max(1, math.ceil(epochs / (IMAGE_STEPS - 2)))
     return {1} | set(range(every, epochs + 1, every))
-
-
-@dataclass(frozen=True)
-class TrackingOptions:
-    tracking_uri: str | None = None
-    experiment: str = "aetrack"
-    run_name: str | None = None
-    register: bool = True
-    registered_model: str | None = None
-    checkpoint_dir: str = "checkpoints"
 
 
 @dataclass
@@ -54,6 +48,7 @@ class RunResult:
     registered_model: str | None = None
     registered_version: str | None = None
     history: History = field(default_factory=History)
+    logged_model_uri: str | None = None  # the logged model itself (models:/m-...), registrable
 
 
 def registered_name(config: TrainConfig) -> str:
@@ -95,18 +90,14 @@ class EpochImages:
     def pictures(self, model) -> dict:
         pictures = {}
         device = self.x.device
-        if getattr(model, "denoising", False):
+        if self.variant.denoising:
             noisy = model.corrupt(self.x, torch.Generator(device).manual_seed(self.seed))
             pictures["reconstructions"] = images.rows(noisy, model.reconstruct(noisy), self.x)
         else:
             pictures["reconstructions"] = images.rows(self.x, model.reconstruct(self.x, self.y))
         if self.variant.generative:
-            generator = torch.Generator(device).manual_seed(self.seed)
-            if self.variant.conditional:
-                labels = torch.arange(self.num_classes, device=device).repeat_interleave(IMAGE_ROWS)
-                pictures["samples"] = images.grid(model.sample(len(labels), labels, generator), IMAGE_ROWS)
-            else:
-                pictures["samples"] = images.grid(model.sample(IMAGE_ROWS * IMAGE_ROWS, None, generator), IMAGE_ROWS)
+            pictures["samples"] = images.sample_grid(model, torch.Generator(device).manual_seed(self.seed),
+                                                     conditional=self.variant.conditional, num_classes=self.num_classes)
         return pictures
 
 
@@ -173,8 +164,6 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
 
     With `parent_run_id` the run is a child of that run, in its experiment (tuning: one child per trial);
     `callbacks` join the per-epoch image logging and may stop training by raising."""
-    if options.tracking_uri:
-        mlflow.set_tracking_uri(options.tracking_uri)
     experiment_id = None
     if parent_run_id:
         experiment_id = mlflow.get_run(parent_run_id).info.experiment_id
@@ -188,12 +177,12 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
         run_id = run.info.run_id
         mlflow.log_params(config.to_params())
         mlflow.set_tags({
-            "model": config.model,
-            "model_family": "variational" if variant.generative else "autoencoder",
-            "dataset": config.dataset,
-            "aetrack_version": aetrack.__version__,
-            "auto_settings": ",".join(auto) or "none",
-            **({"git_commit": commit} if (commit := git_commit()) else {}),
+            tag.MODEL: config.model,
+            tag.MODEL_FAMILY: "variational" if variant.generative else "autoencoder",
+            tag.DATASET: config.dataset,
+            tag.VERSION: aetrack.__version__,
+            tag.AUTO_SETTINGS: ",".join(auto) or "none",
+            **({tag.GIT_COMMIT: commit} if (commit := git_commit()) else {}),
         })
         log_dataset(data, data_dir)
 
@@ -209,24 +198,24 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
         for key, picture in final_pictures(model, data, history, config.seed).items():
             mlflow.log_image(picture, key=key, step=history.best_epoch)
         mlflow.log_metrics({"best_val_loss": history.best_val_loss, "best_epoch": history.best_epoch})
-        mlflow.set_tag("stopped_early", str(history.stopped_early).lower())
+        mlflow.set_tag(tag.STOPPED_EARLY, str(history.stopped_early).lower())
 
         extra = {}
-        if not hasattr(model, "sample"):
+        if not variant.generative:
             # Ex-post density estimation: the autoencoder generates from a mixture fitted to its codes.
-            sampler = samplers.LatentMixture.fit(samplers.encode_all(model, data.train_x), seed=config.seed)
+            sampler = samplers.fit_sampler(model, data.train_x, seed=config.seed)
             extra = sampler.state()
-            generator = torch.Generator().manual_seed(config.seed)
-            samples = samplers.generate(model, IMAGE_ROWS * IMAGE_ROWS, generator=generator, sampler=sampler)
-            mlflow.log_image(images.grid(samples, IMAGE_ROWS), key="samples", step=history.best_epoch)
+            grid = images.sample_grid(model, torch.Generator().manual_seed(config.seed), conditional=False,
+                                      num_classes=data.num_classes, sampler=sampler)
+            mlflow.log_image(grid, key="samples", step=history.best_epoch)
         info = modelio.ModelInfo(config, data.shape, data.classes)
         name = None
         if options.register and (variant.generative or options.registered_model):
             name = options.registered_model or registered_name(config)
         with tempfile.TemporaryDirectory() as tmp:
             model_dir = modelio.save(model, info, Path(tmp) / "aetrack-model", extra)
-            logged = serving.log_model(model_dir, registered_model_name=name)
-        version = getattr(logged, "registered_model_version", None)
+            logged = log_generator(model_dir, registered_model_name=name)
+        version = getattr(logged, "registered_model_version", None)  # absent when nothing was registered
         result = RunResult(run_id, run.info.experiment_id, mlflow.get_tracking_uri(), f"runs:/{run_id}/model",
-                           name, None if version is None else str(version), history)
+                           name, None if version is None else str(version), history, logged.model_uri)
     return result

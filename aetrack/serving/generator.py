@@ -14,7 +14,7 @@ The answer has one row per image: `row` (the request row), `label` (the class us
 and `image` or `pixels`.
 
 Every bad request is a `ServingError`: HTTP 400 with one line that names the field. The model is
-logged as "models from code" (aetrack/pyfunc_model.py) with the package in code_paths; loading it
+logged as "models from code" (aetrack/serving/pyfunc_model.py, by aetrack.tracking.artifacts) with the package in code_paths; loading it
 imports code and reads JSON and a weights-only state dict, never unpickling arbitrary objects.
 """
 
@@ -41,7 +41,7 @@ from aetrack import modelio
 from aetrack.models import REGISTRY
 from aetrack.samplers import LatentMixture, generate
 
-PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")  # the entry file MLflow runs to load the model
 MAX_IMAGES = 1024            # images per request, all rows together
 MAX_IMAGE_BYTES = 1 << 20    # one base64 PNG
 REQUESTS = ("n", "latent", "image", "pixels")
@@ -160,7 +160,8 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         self.model, self.info, extra = modelio.load(context.artifacts["model"])
         self.sampler = LatentMixture.from_state(extra)
-        self.conditional = REGISTRY[self.info.config.model].conditional
+        self.variant = REGISTRY[self.info.config.model]
+        self.conditional = self.variant.conditional
         self.shape = tuple(self.info.shape)
         self.latent_dim = self.info.config.latent_dim
         with torch.inference_mode():  # warm-up: the first request is not slower than the rest
@@ -225,7 +226,7 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
 
     def check_label(self, label, kind: str) -> int | None:
         if label is None:
-            if kind in ("image", "pixels") and self.conditional and not hasattr(self.model, "classify"):
+            if kind in ("image", "pixels") and self.conditional and not self.variant.classifies:
                 raise ServingError(f"label: a {self.info.config.model} model needs the label of the image it reconstructs")
             return None
         if not self.conditional:
@@ -284,7 +285,7 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         given = None if request.label is None else torch.full((request.count,), request.label)
         if request.kind in ("image", "pixels"):
             x = request.value.unsqueeze(0)
-            if given is None and self.conditional:  # only m2 gets here: it reads the class with its classifier
+            if given is None and self.variant.classifies:  # a conditional model reads the class with its classifier
                 given = self.model.classify(x)
             return self.model.reconstruct(x, given), given
         labels = given
@@ -295,7 +296,7 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         return generate(self.model, request.value, labels, generator, temperature, self.sampler), labels
 
 
-# ----- logging ---------------------------------------------------------------------------------
+# ----- what the logged model declares -----------------------------------------------------------
 
 def input_example(info: modelio.ModelInfo) -> list[dict]:
     """One row of each kind, valid for this model: what the MLflow UI shows as the way to call it."""
@@ -306,23 +307,10 @@ def input_example(info: modelio.ModelInfo) -> list[dict]:
     return [{**row, "label": 0} for row in rows] if conditional else rows
 
 
-def log_model(model_dir: Path, registered_model_name: str | None = None):
-    """Log a saved model directory as the run's pyfunc model (and register it when a name is given)."""
-    _, meta, _ = modelio.load(model_dir)
-    return mlflow.pyfunc.log_model(
-        name="model",
-        python_model=str(PYFUNC_FILE),
-        artifacts={"model": str(model_dir)},
-        code_paths=[str(Path(__file__).parent)],
-        signature=SIGNATURE,
-        input_example=(input_example(meta), {"seed": 0}),
-        registered_model_name=registered_model_name,
-        pip_requirements=requirements(),
-        metadata={"aetrack": {
-            "model": meta.config.model, "dataset": meta.config.dataset, "shape": list(meta.shape),
-            "latent_dim": meta.config.latent_dim, "classes": list(meta.classes), "max_images": MAX_IMAGES,
-        }},
-    )
+def metadata(info: modelio.ModelInfo) -> dict:
+    config = info.config
+    return {"aetrack": {"model": config.model, "dataset": config.dataset, "shape": list(info.shape),
+                        "latent_dim": config.latent_dim, "classes": list(info.classes), "max_images": MAX_IMAGES}}
 
 
 def requirements() -> list[str]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from aetrack.config import TrainConfig
+from aetrack.tracking import tags
 
 
 @dataclass(frozen=True)
@@ -130,19 +131,18 @@ def format_spread(mean: float, spread: float, count: int) -> str:
 
 
 def run_study(study: Study, *, dataset: str = "digits", seeds: int = 3, experiment: str | None = None,
-              base: TrainConfig = TrainConfig(), data_dir: str | None = None, tracking_uri: str | None = None,
+              base: TrainConfig = TrainConfig(), data_dir: str | None = None,
               device: str = "cpu", echo: Callable[[str], None] = print, report_dir=None) -> StudyResult:
     """Train (or reuse), evaluate and compare every run of `study`; returns the table's numbers."""
     import mlflow
 
-    from aetrack import compare
     from aetrack import data as datasets
-    from aetrack.evaluation import Settings, evaluate_run
-    from aetrack.tracking import TrackingOptions, train_tracked
+    from aetrack.evaluation import Settings
+    from aetrack.tracking import compare
+    from aetrack.tracking.evaluate import evaluate_run
+    from aetrack.tracking.run import TrackingOptions, train_tracked
 
     experiment = experiment or f"study-{study.name}-{dataset}"
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient()
     experiment_id = mlflow.set_experiment(experiment).experiment_id
     cells = [Cell(setting) for setting in study.grid]
@@ -161,16 +161,16 @@ def run_study(study: Study, *, dataset: str = "digits", seeds: int = 3, experime
                 loaded[seed] = datasets.load(dataset, data_dir=data_dir, binarize=config.binarize,
                                              val_fraction=config.val_fraction, seed=seed, device=device)
             echo(f"[{study.name}] training {key} seed {seed}")
-            tags = {"aetrack.study": study.name, "aetrack.setting": key}
-            options = TrackingOptions(tracking_uri, experiment, f"{study.name} {key} seed {seed}", register=False)
-            run_id = train_tracked(config, loaded[seed], options, data_dir=data_dir, progress=False, tags=tags).run_id
+            marks = {tags.STUDY: study.name, tags.SETTING: key}
+            options = TrackingOptions(experiment, f"{study.name} {key} seed {seed}", register=False)
+            run_id = train_tracked(config, loaded[seed], options, data_dir=data_dir, progress=False, tags=marks).run_id
         metrics = client.get_run(run_id).data.metrics
         if "test_recon_loss" not in metrics:
             echo(f"[{study.name}] evaluating {key} seed {seed} ({run_id})")
             baseline = baseline_runs.get(seed) if study.baseline and cell.setting != study.baseline else None
             evaluate_run(run_id, Settings(seed=seed), use_reference=study.reference, baseline=baseline,
-                         data_dir=data_dir, device=device)
-            client.set_tag(run_id, "aetrack.evaluated", "true")
+                         data_dir=data_dir, device=device, echo=echo)
+            client.set_tag(run_id, tags.EVALUATED, "true")
             metrics = client.get_run(run_id).data.metrics
         if study.baseline and cell.setting == study.baseline:
             baseline_runs[seed] = run_id
@@ -188,7 +188,7 @@ def run_study(study: Study, *, dataset: str = "digits", seeds: int = 3, experime
 
 def finished_run(client, experiment_id: str, study: str, key: str, seed: int) -> str | None:
     """The id of this setting's finished run for `seed` in the study's experiment, if one exists."""
-    runs = client.search_runs([experiment_id], f"tags.`aetrack.study` = '{study}' and attributes.status = 'FINISHED' "
+    runs = client.search_runs([experiment_id], f"tags.`{tags.STUDY}` = '{study}' and attributes.status = 'FINISHED' "
                               f"and params.seed = '{seed}'", max_results=1000)
-    matching = [r for r in runs if r.data.tags.get("aetrack.setting") == key]
+    matching = [r for r in runs if r.data.tags.get(tags.SETTING) == key]
     return matching[0].info.run_id if matching else None

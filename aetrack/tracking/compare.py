@@ -1,9 +1,9 @@
-"""`aetrack compare`: one report over an experiment's runs, as self-contained HTML (pictures inlined
+"""What `aetrack compare` reports: one report over an experiment's runs, as self-contained HTML (pictures inlined
 as base64, so the MLflow UI shows it as it is) and as Markdown (pictures beside it).
 
 The report is logged as the artifacts `comparison/report.html`, `comparison/report.md` and
 `comparison/images/` of a new run in the same experiment, tagged `aetrack.kind=comparison`
-(comparison and reference-classifier runs are never themselves compared).
+(comparison, reference-classifier and tuning-study parent runs are never themselves compared).
 """
 
 from __future__ import annotations
@@ -18,13 +18,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import click
+import mlflow
 import numpy as np
 
-from aetrack.cliutils import friendly_errors, tracking_uri_option
 from aetrack import images
+from aetrack.config import ConfigError, TrainConfig
+from aetrack.models import REGISTRY
+from aetrack.tracking import tags
 
-SKIPPED_KINDS = ("comparison", "reference-classifier")
 # Settings that never describe a run's model (how it was logged or where it ran).
 IGNORED_PARAMS = {"device", "log_every"}
 # Training images logged as "samples" with a step: images/samples<sep>step<sep>N<sep>timestamp<sep>T<sep>....png
@@ -53,18 +54,18 @@ class Report:
 def select_runs(client, experiment: str, run_ids: list[str] | None = None) -> tuple[str, list]:
     found = client.get_experiment_by_name(experiment)
     if found is None:
-        raise click.UsageError(f"no experiment named {experiment!r}")
+        raise ConfigError(f"no experiment named {experiment!r}")
     if run_ids:
         runs = [client.get_run(run_id) for run_id in run_ids]
         stray = [r.info.run_id for r in runs if r.info.experiment_id != found.experiment_id]
         if stray:
-            raise click.UsageError(f"run(s) {', '.join(stray)} are not in experiment {experiment!r}")
+            raise ConfigError(f"run(s) {', '.join(stray)} are not in experiment {experiment!r}")
         return found.experiment_id, runs
     runs = client.search_runs([found.experiment_id], "attributes.status = 'FINISHED'", max_results=5000,
                               order_by=["attributes.start_time ASC"])
-    runs = [r for r in runs if r.data.tags.get("aetrack.kind") not in SKIPPED_KINDS and "model" in r.data.params]
+    runs = [r for r in runs if tags.is_training_run(r.data.tags) and "model" in r.data.params]
     if not runs:
-        raise click.UsageError(f"experiment {experiment!r} has no finished aetrack training runs to compare")
+        raise ConfigError(f"experiment {experiment!r} has no finished aetrack training runs to compare")
     return found.experiment_id, runs
 
 
@@ -75,12 +76,12 @@ def build_report(runs, *, by: str | None = None, metrics: tuple[str, ...] = (), 
     varying = [k for k in keys if len({row.params.get(k) for row in rows}) > 1]
     common = {k: rows[0].params.get(k) for k in keys if k not in varying}
     if by and by not in keys:
-        raise click.UsageError(f"--by {by}: not a param of these runs (they have: {', '.join(keys)})")
+        raise ConfigError(f"--by {by}: not a param of these runs (they have: {', '.join(keys)})")
     wanted = [m if m.startswith("test_") else f"test_{m}" for m in metrics]
     present = sorted({k for row in rows for k in row.metrics})
     missing = [m for m in wanted if m not in present]
     if missing:
-        raise click.UsageError(f"--metric {', '.join(missing)}: no selected run has it "
+        raise ConfigError(f"--metric {', '.join(missing)}: no selected run has it "
                                f"(evaluated metrics: {', '.join(present) or 'none; run aetrack evaluate first'})")
     report = Report(rows, varying, common, wanted or present, by)
     for metric in report.metrics:
@@ -92,9 +93,6 @@ def build_report(runs, *, by: str | None = None, metrics: tuple[str, ...] = (), 
 
 def applies(param: str, rows: list[Row]) -> bool:
     """False for an option group that none of the runs' variants takes (say --noise-level when no run is a dae)."""
-    from aetrack.config import TrainConfig
-    from aetrack.models import REGISTRY
-
     fields = {f.name: f.metadata["scope"] for f in dataclasses.fields(TrainConfig)}
     scope = fields.get(param)
     if scope is None:
@@ -261,49 +259,10 @@ def write_html(report: Report, title: str, folder: Path) -> Path:
     return path
 
 
-@click.command()
-@click.option("--experiment", required=True, help="MLflow experiment whose runs are compared.")
-@click.option("--runs", "run_ids", multiple=True, metavar="ID[,ID...]", help="Only these runs (repeatable) [default: every finished training run].")
-@click.option("--by", default=None, metavar="PARAM", help="Plot each metric against this param, one line per other varying setting.")
-@click.option("--metric", "metrics", multiple=True, metavar="NAME", help="Only these test metrics (repeatable; test_ prefix optional) [default: all].")
-@click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None, help="Also keep report.html and report.md in this folder.")
-@click.option("--run-name", default="comparison", show_default=True, help="Name of the run that holds the report.")
-@click.option("--no-log", is_flag=True, help="Write the report to --output only; log nothing.")
-@tracking_uri_option
-@friendly_errors
-def compare(experiment, run_ids, by, metrics, output, run_name, no_log, tracking_uri):
-    """One HTML + Markdown report over an experiment's runs, logged to a new "comparison" run.
-
-    \b
-    Holds a table of the runs' varying params and test_* metrics, each metric plotted
-    against --by (one line per other varying setting), and the runs' sample grids side by side.
-    """
-    import mlflow
-
-    if no_log and output is None:
-        raise click.UsageError("--no-log needs --output, or the report would go nowhere")
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    client = mlflow.MlflowClient()
-    ids = [i for item in run_ids for i in re.split(r"[,\s]+", item) if i]
-    experiment_id, runs = select_runs(client, experiment, ids)
-    report = build_report(runs, by=by, metrics=metrics, client=client)
-    title = f"aetrack comparison: {experiment}" + (f", by {by}" if by else "")
-    run_id, paths = publish(client, experiment_id, report, title, output=output, run_name=run_name, log=not no_log)
-    if run_id:
-        click.echo(f"compared {len(report.rows)} runs; report logged to run {run_id} "
-                   f"as comparison/report.html and comparison/report.md")
-        click.echo(f"look at it: mlflow ui, then open #/experiments/{experiment_id}/runs/{run_id} (Artifacts)")
-    if output:
-        click.echo(f"local copy: {paths[0]} and {paths[1]}")
-
-
 def publish(client, experiment_id: str, report: Report, title: str, *, output: Path | None = None,
             run_name: str = "comparison", log: bool = True) -> tuple[str | None, tuple[Path, Path] | None]:
     """Write report.html and report.md (into `output` when given) and log them to a new comparison run.
     Returns that run's id (None without `log`) and the local paths (None without `output`)."""
-    import mlflow
-
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(output) if output else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
@@ -311,7 +270,7 @@ def publish(client, experiment_id: str, report: Report, title: str, *, output: P
         run_id = None
         if log:
             with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
-                mlflow.set_tags({"aetrack.kind": "comparison", "compared_runs": ",".join(r.run_id for r in report.rows)[:5000]})
+                mlflow.set_tags({tags.KIND: tags.KIND_COMPARISON, tags.COMPARED_RUNS: ",".join(r.run_id for r in report.rows)[:5000]})
                 mlflow.log_params({"by": report.by or "", "metrics": ",".join(report.metrics)[:500], "runs": len(report.rows)})
                 mlflow.log_artifact(str(html_path), "comparison")
                 mlflow.log_artifact(str(md_path), "comparison")

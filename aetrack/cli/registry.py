@@ -1,17 +1,13 @@
-"""The MLflow model registry from the command line: aliases (not stages), a listing of aetrack's
-registered models, and offline generation through the same pyfunc model that a server runs."""
+"""`aetrack promote`, `aetrack models` and `aetrack generate`: the MLflow model registry from the command line."""
 
 from __future__ import annotations
 
 import json
-from datetime import datetime
 
 import click
 
-from aetrack.cliutils import friendly_errors, tracking_uri_option
+from aetrack.cli.options import friendly_errors, tracking_uri_option, use_tracking_uri
 
-KEY_METRICS = ("best_val_loss", "test_recon_loss", "test_neg_elbo", "test_nll_iw", "test_fcd",
-               "test_label_accuracy", "test_error")
 
 @click.command()
 @click.argument("name")
@@ -23,28 +19,11 @@ def promote(name, version, alias, tracking_uri):
     """Point ALIAS of registered model NAME at VERSION; serve it as models:/NAME@ALIAS."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(tracking_uri=tracking_uri)
-    client.get_model_version(name, version)  # fails in one line when there is no such version
-    client.set_registered_model_alias(name, alias, version)
+    from aetrack.tracking import registry
+
+    use_tracking_uri(tracking_uri)
+    registry.promote(MlflowClient(), name, version, alias)
     click.echo(f"models:/{name}@{alias} -> version {version}")
-
-
-def registered_versions(client, pattern: str) -> list[dict]:
-    """Every version of the registered models whose name matches `pattern` (SQL LIKE), newest first."""
-    rows = []
-    for model in client.search_registered_models(filter_string=f"name LIKE '{pattern}'", order_by=["name ASC"]):
-        versions = client.search_model_versions(f"name = '{model.name}'")
-        for version in sorted(versions, key=lambda v: int(v.version), reverse=True):
-            metrics = client.get_run(version.run_id).data.metrics if version.run_id else {}
-            rows.append({
-                "name": model.name,
-                "version": int(version.version),
-                "aliases": sorted(alias for alias, number in model.aliases.items() if str(number) == str(version.version)),
-                "run_id": version.run_id,
-                "created": datetime.fromtimestamp(version.creation_timestamp / 1000).strftime("%Y-%m-%d %H:%M"),
-                "metrics": {key: metrics[key] for key in KEY_METRICS if key in metrics},
-            })
-    return rows
 
 
 @click.command()
@@ -56,7 +35,10 @@ def models(pattern, as_json, tracking_uri):
     """List registered aetrack models: versions, aliases and key test metrics."""
     from mlflow import MlflowClient
 
-    rows = registered_versions(MlflowClient(tracking_uri=tracking_uri), pattern)
+    from aetrack.tracking.registry import registered_versions
+
+    use_tracking_uri(tracking_uri)
+    rows = registered_versions(MlflowClient(), pattern)
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
@@ -87,18 +69,9 @@ def models(pattern, as_json, tracking_uri):
 def generate(model_uri, count, label, seed, temperature, nrow, output, tracking_uri):
     """Generate images from MODEL_URI (models:/NAME@ALIAS, runs:/ID/model or a folder) offline,
     through the same pyfunc model that `mlflow models serve` runs, and save them as one grid PNG."""
-    import mlflow
-    import torch
+    from aetrack.tracking.registry import generate_grid
 
-    from aetrack import images
-    from aetrack.serving import decode_png
-
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    pyfunc = mlflow.pyfunc.load_model(model_uri)
-    row = {"n": count} if label is None else {"n": count, "label": label}
-    answer = pyfunc.predict([row], params={"seed": seed, "temperature": temperature, "output": "png"})
-    pictures = [torch.from_numpy(decode_png(text)).float() / 255 for text in answer["image"]]
-    batch = torch.stack([p.unsqueeze(0) if p.dim() == 2 else p.permute(2, 0, 1) for p in pictures])
-    images.grid(batch, nrow).save(output)
-    click.echo(f"{len(batch)} images from {model_uri} -> {output}")
+    use_tracking_uri(tracking_uri)
+    grid, drawn = generate_grid(model_uri, count, label=label, seed=seed, temperature=temperature, nrow=nrow)
+    grid.save(output)
+    click.echo(f"{drawn} images from {model_uri} -> {output}")

@@ -1,0 +1,122 @@
+"""What every command shares: options generated from the config dataclasses, the data, device and tracking
+options, reading --set, and the boundary where library errors become one-line messages."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import typing
+
+import click
+
+from aetrack.config import (DEVICES, AUTO_STEPS, POOL_SIZES, ConfigError, TrainConfig, UserError, format_value, from_strings,
+                            hints, optional_type, option_name, parse_settings)
+from aetrack.models import REGISTRY, check_options
+
+
+def friendly_errors(func):
+    """Known failures become one line on stderr: a ConfigError is a usage error (exit 2), another UserError
+    exits 1 with its message; anything else exits 1 with its type and first line. AETRACK_DEBUG=1 shows the
+    traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except (click.ClickException, click.exceptions.Exit, click.Abort, KeyboardInterrupt):
+            raise
+        except ConfigError as err:
+            raise click.UsageError(str(err)) from None
+        except UserError as err:
+            raise click.ClickException(str(err)) from None
+        except Exception as err:  # noqa: BLE001 - the boundary where errors become messages
+            if os.environ.get("AETRACK_DEBUG"):
+                raise
+            message = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise click.ClickException(f"{type(err).__name__}: {message}") from None
+
+    return wrapper
+
+
+def apply(options):
+    def decorate(func):
+        for option in reversed(options):
+            func = option(func)
+        return func
+    return decorate
+
+
+data_options = [
+    click.option("--data-dir", default=None, envvar="AETRACK_DATA_DIR", show_envvar=True,
+                 help="Folder holding the torchvision data sets (MNIST/, FashionMNIST/, cifar-10-batches-py/)."),
+    click.option("--download", is_flag=True, help="Let torchvision fetch missing data set files (needs a network)."),
+]
+device_option = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
+tracking_uri_option = click.option(
+    "--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's local default).")
+tracking_options = [
+    tracking_uri_option,
+    click.option("--experiment", default="aetrack", show_default=True, help="MLflow experiment name."),
+    click.option("--run-name", default=None, help="MLflow run name."),
+]
+settings_option = click.option("--set", "settings", multiple=True, metavar="NAME=VALUE[,...]",
+                               help="Set training options by name (as MLproject passes them; empty: the default).")
+
+
+def use_tracking_uri(uri: str | None) -> None:
+    """Point MLflow at `uri` for this command (else $MLFLOW_TRACKING_URI or MLflow's default)."""
+    if uri:
+        import mlflow
+
+        mlflow.set_tracking_uri(uri)
+
+
+def auto_epochs_help() -> str:
+    """What `--epochs auto` resolves to on each data set, at the default batch size and validation fraction."""
+    default = TrainConfig()
+    budgets = [f"{name} {default.resolve(round(size * (1 - default.val_fraction))).epochs}"
+               for name, size in POOL_SIZES.items()]
+    return (f" auto = about {AUTO_STEPS} optimiser steps, as epochs at batch {default.batch_size}: "
+            + ", ".join(budgets) + ".")
+
+
+def config_options(cls):
+    """One click option per field of a config dataclass, with its default, choices and help."""
+    types = hints(cls)
+
+    def decorate(func):
+        for f in reversed(dataclasses.fields(cls)):
+            hint, meta = types[f.name], f.metadata
+            if cls is TrainConfig and f.name == "model":
+                kind = click.Choice(sorted(REGISTRY))
+            elif meta["choices"]:
+                kind = click.Choice(meta["choices"])
+            elif typing.get_origin(hint) is tuple or optional_type(hint):
+                kind = str
+            else:
+                kind = hint
+            extra = auto_epochs_help() if cls is TrainConfig and f.name == "epochs" else ""
+            scope = f" [{meta['scope'].replace('_', '-')}]" if meta["scope"] else ""
+            func = click.option(option_name(f.name), f.name, type=kind, default=format_value(f.default) if kind is str else f.default,
+                                metavar="auto|N" if optional_type(hint) else None, show_default=f.default != "",
+                                envvar=meta["envvar"], show_envvar=bool(meta["envvar"]),
+                                help=meta["help"] + extra + scope)(func)
+        return func
+    return decorate
+
+
+def explicit_options(ctx: click.Context, cls, settings: dict[str, str] = {}) -> set[str]:
+    """The fields of `cls` given on the command line or by --set, not left at their defaults."""
+    return {f.name for f in dataclasses.fields(cls) if f.name in settings
+            or ctx.get_parameter_source(f.name) not in (click.core.ParameterSource.DEFAULT, None)}
+
+
+def train_config(ctx: click.Context, values: dict, settings: tuple[str, ...] = ()) -> tuple[TrainConfig, set[str]]:
+    """The training config of a command's options and --set, validated, and the names set explicitly.
+    Options that do not apply to the model, and impossible values, are ConfigErrors."""
+    given = parse_settings(settings)
+    values = {**values, **given}
+    explicit = explicit_options(ctx, TrainConfig, given)
+    check_options(values["model"], explicit)
+    return from_strings(TrainConfig, values).validate(), explicit

@@ -1,0 +1,58 @@
+"""`aetrack tune`: training options from TrainConfig, search options from TuneConfig, the space from --param."""
+
+from __future__ import annotations
+
+import click
+
+from aetrack.cli.options import (apply, config_options, data_options, friendly_errors, settings_option, tracking_options,
+                                 train_config, use_tracking_uri)
+from aetrack.config import TrackingOptions, TrainConfig, TuneConfig, from_strings
+from aetrack.models import REGISTRY
+from aetrack.tuning.space import space_for
+
+TUNE_FIELDS = tuple(TuneConfig.__dataclass_fields__)
+
+
+@click.command()
+@config_options(TrainConfig)
+@apply(data_options)
+@apply(tracking_options)
+@click.option("--register/--no-register", default=TrackingOptions.register, show_default=True,
+              help="Register the best trials' models and crown the champion.")
+@click.option("--registered-model", default=None, help="Registry name (default aetrack-<dataset>-<model>).")
+@click.option("--checkpoint-dir", default=TrackingOptions.checkpoint_dir, show_default=True,
+              help="Per-trial checkpoints (<dir>/<run id>/last.pt).")
+@settings_option
+@click.option("--quiet", is_flag=True, help="No line per trial; only the summary.")
+@config_options(TuneConfig)
+@click.option("--param", "param_specs", multiple=True, metavar="NAME=SPEC",
+              help="Search NAME over SPEC: int:LOW:HIGH[:log|:STEP], float:LOW:HIGH[:log|:STEP] or cat:A,B,... (repeatable).")
+@click.option("--space", "space_file", default=None, help="YAML file of NAME: SPEC lines (null drops a default).")
+@click.option("--show-space", is_flag=True, help="Print the search space (as a --space file) and exit.")
+@click.pass_context
+@friendly_errors
+def tune(ctx, data_dir, download, tracking_uri, experiment, run_name, register, registered_model, checkpoint_dir,
+         settings, quiet, param_specs, space_file, show_space, **values):
+    """Search hyperparameters with Optuna; every trial is an MLflow child run, the best model becomes the champion.
+
+    Start the same command several times (on one machine or many, with one --storage and one
+    --tracking-uri) and the workers share the study until --n-trials trials are done in total.
+    """
+    search = from_strings(TuneConfig, {k: values.pop(k) for k in TUNE_FIELDS}).validate()
+    base, explicit = train_config(ctx, values, settings)
+    space = space_for(REGISTRY[base.model], base, sampler=search.sampler, param_specs=param_specs,
+                      space_file=space_file, fixed=explicit)
+    if show_space:
+        click.echo(f"# search space of --model {base.model} ({search.sampler} sampler); every other option is fixed")
+        click.echo(space.to_yaml() or "# (empty: every searchable setting is fixed)")
+        return
+    if not space.params:
+        raise click.UsageError("nothing to search: every parameter is fixed (see --show-space)")
+    from aetrack.tracking.run import registered_name
+    from aetrack.tuning.study import tune_study
+
+    use_tracking_uri(tracking_uri)
+    registered_model = (registered_model or registered_name(base)) if register else None
+    tracking = TrackingOptions(experiment, run_name or None, checkpoint_dir=checkpoint_dir)
+    tune_study(base, space, search, data_dir=data_dir or None, download=download, tracking=tracking,
+               registered_model=registered_model, echo=(lambda line: None) if quiet else click.echo, summary=click.echo)

@@ -1,0 +1,3 @@
+"""MLflow around everything else: a training run (run), tag keys (tags), models as artifacts (artifacts), the
+reference classifiers (reference), evaluation logged to a run (evaluate), compare reports (compare), the model
+registry (registry) and the lesson's studies (studies). Only this package, serving, tuning and the CLI import MLflow."""

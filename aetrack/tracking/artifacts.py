@@ -1,0 +1,87 @@
+"""Models as MLflow artifacts: a model folder (aetrack.modelio) logged as a "models from code" pyfunc
+model, for a generator and for the reference classifier alike, and read back from a model URI."""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+
+import aetrack
+from aetrack import modelio
+from aetrack.config import UserError
+from aetrack.samplers import LatentMixture
+from aetrack.serving import generator as served
+from aetrack.serving import reference as served_reference
+
+GENERATOR_ARTIFACT = "model"
+PACKAGE = Path(aetrack.__file__).parent  # shipped with every model: loading it imports aetrack, never unpickles
+
+
+def log_pyfunc(entry: Path, folder: Path, artifact: str, *, signature, registered_model_name: str | None = None,
+               input_example=None, metadata: dict | None = None):
+    """Log `folder` as the active run's pyfunc model `model`, loaded by the entry file `entry`."""
+    return mlflow.pyfunc.log_model(name="model", python_model=str(entry), artifacts={artifact: str(folder)},
+                                   code_paths=[str(PACKAGE)], signature=signature, input_example=input_example,
+                                   registered_model_name=registered_model_name, pip_requirements=served.requirements(),
+                                   metadata=metadata)
+
+
+def log_generator(model_dir: Path, registered_model_name: str | None = None):
+    """Log a saved generator folder as the run's pyfunc model (and register it when a name is given)."""
+    _, info, _ = modelio.load(model_dir)
+    return log_pyfunc(served.PYFUNC_FILE, model_dir, GENERATOR_ARTIFACT, signature=served.SIGNATURE,
+                      registered_model_name=registered_model_name,
+                      input_example=(served.input_example(info), {"seed": 0}), metadata=served.metadata(info))
+
+
+def log_reference(folder: Path, registered_model_name: str):
+    return log_pyfunc(served_reference.PYFUNC_FILE, folder, served_reference.ARTIFACT,
+                      signature=served_reference.SIGNATURE, registered_model_name=registered_model_name)
+
+
+def pyfunc_artifact(model_dir: Path, key: str) -> Path:
+    """The local folder of artifact `key` inside a downloaded pyfunc model (as its MLmodel file names it)."""
+    import yaml
+
+    meta = yaml.safe_load((Path(model_dir) / "MLmodel").read_text())
+    return Path(model_dir) / meta["flavors"]["python_function"]["artifacts"][key]["path"]
+
+
+def with_model_folder(model_uri: str, key: str, read):
+    """`read(folder)` on the model folder inside the pyfunc model at `model_uri`, downloaded to a temporary place."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model_uri, dst_path=tmp))
+        return read(pyfunc_artifact(local, key))
+
+
+@dataclass
+class LoggedModel:
+    run_id: str
+    model_uri: str
+    model: object                       # the torch module
+    info: modelio.ModelInfo
+    sampler: LatentMixture | None       # the autoencoder's fitted latent mixture, if any
+    params: dict[str, str]
+
+
+class NotFromARun(UserError):
+    """A model URI that no run logged."""
+
+
+def model_uri_of(target: str) -> str:
+    """A run id, or any MLflow model URI (runs:/, models:/, m-...)."""
+    return target if ":/" in target else f"runs:/{target}/{GENERATOR_ARTIFACT}"
+
+
+def load_logged(target: str, device="cpu") -> LoggedModel:
+    """The model as logged (the model folder inside the pyfunc model) and its run's params."""
+    uri = model_uri_of(target)
+    run_id = mlflow.models.get_model_info(uri).run_id
+    if not run_id:
+        raise NotFromARun(f"{uri} was not logged by a run; evaluate needs the run to log the metrics to")
+    model, info, extra = with_model_folder(uri, GENERATOR_ARTIFACT, lambda folder: modelio.load(folder, device))
+    params = mlflow.MlflowClient().get_run(run_id).data.params
+    return LoggedModel(run_id, uri, model, info, LatentMixture.from_state(extra), params)
