@@ -3,6 +3,8 @@
 One cvae, trained on `digits` just enough that a classifier can tell its labels apart, is
 registered in a temporary SQLite store, aliased `champion` and served once for the module.
 Every variant's pyfunc model is also loaded in-process and asked for every kind of request.
+Bad requests, from aetrack's checks or from MLflow's layer in front of them, get a one-line 4xx;
+a 200 MB body is refused without the server's memory growing (tests/test_serving_fuzz.py fuzzes).
 """
 
 from __future__ import annotations
@@ -12,9 +14,14 @@ import contextlib
 import io
 import json
 import os
+import re
 import signal
+import socket
+import struct
 import subprocess
 import tempfile
+import time
+import zlib
 from pathlib import Path
 
 import mlflow
@@ -29,6 +36,7 @@ from PIL import Image
 from aetrack import data as datasets
 from aetrack import modelio, samplers
 from aetrack.serving import generator as serving
+from aetrack.serving import guard as serving_guard
 from aetrack.tracking import artifacts
 from aetrack.config import TrainConfig
 from aetrack.models import REGISTRY, build_model
@@ -70,10 +78,12 @@ def log_and_register(model, info: modelio.ModelInfo, name: str | None, extra: di
             return artifacts.log_generator(model_dir, registered_model_name=name)
 
 
-def serve_model(model_uri: str, root: Path, tracking_uri: str | None = None, timeout: float = 180.0):
-    """`mlflow models serve --env-manager local` on a free loopback port; returns (url, process)."""
+def serve_model(model_uri: str, root: Path, tracking_uri: str | None = None, timeout: float = 180.0,
+                env: dict[str, str] | None = None):
+    """`mlflow models serve --env-manager local` on a free loopback port, with `env` added to this
+    process's environment; returns (url, process)."""
     port = free_port()
-    env = {**os.environ, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # it execs `uvicorn`
+    env = {**os.environ, **(env or {}), "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}  # it execs `uvicorn`
     if tracking_uri:
         env["MLFLOW_TRACKING_URI"] = tracking_uri
     log_path = root / f"models-serve-{port}.log"
@@ -103,6 +113,40 @@ def stop_server(process: subprocess.Popen) -> None:
             continue
 
 
+def scoring_process(process: subprocess.Popen) -> int:
+    """The pid of the uvicorn process that `mlflow models serve` (`process`) started: the one that answers."""
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError):
+            if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == process.pid:
+                return int(stat.parent.name)
+    raise RuntimeError(f"no child of {process.pid}")
+
+
+def memory_mb(pid: int) -> dict[str, float]:
+    """Resident memory now ("rss") and at its highest since the last `reset_peak` ("peak"), in MB."""
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {"rss": int(status["VmRSS"].split()[0]) / 1024, "peak": int(status["VmHWM"].split()[0]) / 1024}
+
+
+def reset_peak(pid: int) -> None:
+    Path(f"/proc/{pid}/clear_refs").write_text("5")  # Linux: VmHWM restarts from the current RSS
+
+
+# No traceback, no file or module path, no MLflow field beyond the two that aetrack promises.
+LEAKS = re.compile(r'Traceback|File "|\.py\b|site-packages|stack_trace|(?:/[\w.-]+){2,}')
+
+
+def assert_one_line_refusal(response: requests.Response, status: int | None = None) -> str:
+    """A 4xx (`status` if given) with {"error_code", "message"}, the message one short line; returns it."""
+    assert 400 <= response.status_code < 500 and response.status_code == (status or response.status_code), \
+        f"{response.status_code}: {response.text[:500]}"
+    error = response.json()
+    assert sorted(error) == ["error_code", "message"], error
+    assert "\n" not in error["message"] and len(error["message"]) <= serving_guard.MAX_MESSAGE, error["message"]
+    assert not LEAKS.search(response.text), response.text[:500]
+    return error["message"]
+
+
 def png(array: np.ndarray) -> str:
     """(H, W) floats in [0, 1] -> base64 PNG."""
     return serving.encode_png(torch.as_tensor(array, dtype=torch.float32).unsqueeze(0))
@@ -128,15 +172,21 @@ def store(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(store, digits):
-    """The trained cvae, registered, aliased champion and served as models:/aetrack-digits-cvae@champion."""
+def served(store, digits):
+    """The trained cvae, registered, aliased champion and served as models:/aetrack-digits-cvae@champion:
+    (url, pid of the process that answers)."""
     root, uri = store
     model, _ = fit(LABEL_CONFIG, digits, progress=False)
     logged = log_and_register(model, modelio.ModelInfo(LABEL_CONFIG, digits.shape, digits.classes), NAME)
     MlflowClient(uri).set_registered_model_alias(NAME, "champion", logged.registered_model_version)
     url, process = serve_model(f"models:/{NAME}@champion", root, uri)
-    yield url
+    yield url, scoring_process(process)
     stop_server(process)
+
+
+@pytest.fixture(scope="module")
+def server(served):
+    return served[0]
 
 
 def post(url: str, body) -> requests.Response:
@@ -256,7 +306,20 @@ def test_the_signature_and_input_example_show_how_to_call_it(server, store):
     assert {record["row"] for record in answer} == {0, 1, 2}
 
 
+def png_declaring(width: int, height: int, pixel_data: bytes) -> str:
+    """A base64 grey PNG whose header says width x height, whatever `pixel_data` (zlib-compressed) holds."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    raw = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", pixel_data) + chunk(b"IEND", b"")
+    return base64.b64encode(raw).decode("ascii")
+
+
+BOMB = png_declaring(100_000, 100_000, zlib.compress(bytes(1000)))  # 10 G pixels declared in 100 bytes
+DAMAGED = png_declaring(8, 8, b"not zlib data at all")
 NAN_LATENT = "[0, NaN, 0, 0, 0, 0, 0, 0]"
+HUGE = "9" * 4000  # digits: under Python's limit of 4300, far beyond any float
 BAD_REQUESTS = [
     ({"dataframe_records": [{"label": 1}]}, "exactly one of the fields n, latent"),
     ({"dataframe_records": [{"n": 1, "latent": LATENT}]}, "exactly one of the fields n, latent"),
@@ -265,19 +328,26 @@ BAD_REQUESTS = [
     ({"dataframe_records": [{"n": "two"}]}, "n: expected a whole number"),
     ({"dataframe_records": [{"n": 1.5}]}, "n: expected a whole number"),
     ({"dataframe_records": [{"n": 5000}]}, "n: must be between 1 and 1024"),
+    ('{"dataframe_records": [{"n": %s}]}' % HUGE, "n: must be between 1 and 1024, got 999"),
     ({"dataframe_records": [{"n": 600}, {"n": 600}]}, "n: at most 1024 images per request"),
     ({"dataframe_records": [{"n": 1, "label": 10}]}, "label: must be between 0 and 9"),
     ({"dataframe_records": [{"n": 1, "label": -1}]}, "label: must be between 0 and 9"),
     ({"dataframe_records": [{"latent": [0.0] * 3}]}, "latent: expected 8 numbers"),
     ({"dataframe_records": [{"latent": "zero"}]}, "latent: expected a list of numbers"),
+    ({"dataframe_records": [{"latent": [[0], [0, 0]]}]}, "latent: expected a list of numbers (of equal lengths when nested)"),
+    ('{"dataframe_records": [{"latent": [%s, 0, 0, 0, 0, 0, 0, 0]}]}' % HUGE, "latent: a number is too large"),
     ('{"dataframe_records": [{"latent": %s}]}' % NAN_LATENT, "latent: NaN or infinity"),
     ('{"dataframe_records": [{"pixels": [%s], "label": 0}]}' % ", ".join(["Infinity"] * 64), "pixels: NaN or infinity"),
     ({"dataframe_records": [{"pixels": [2.0] * 64, "label": 0}]}, "pixels: values must lie in [0, 1]"),
     ({"dataframe_records": [{"pixels": [0.5] * 65, "label": 0}]}, "pixels: expected 64 numbers"),
+    ({"dataframe_records": [{"pixels": [[0.5] * 8] * 7 + [[0.5] * 9], "label": 0}]}, "pixels: expected a list of numbers (of equal"),
     ({"dataframe_records": [{"image": png(np.zeros((9, 8))), "label": 0}]}, "image: expected 8x8 pixels, got 8x9"),
+    ({"dataframe_records": [{"image": BOMB, "label": 0}]}, "image: expected 8x8 pixels, got a PNG that declares far more"),
+    ({"dataframe_records": [{"image": DAMAGED, "label": 0}]}, "image: cannot decode the PNG"),
     ({"dataframe_records": [{"image": "bm90IGEgcG5n", "label": 0}]}, "image: not a base64-encoded PNG"),
     ({"dataframe_records": [{"image": png(np.zeros((8, 8)))}]}, "label: a cvae model needs the label of the image"),
     ({"dataframe_records": [{"n": 1}], "params": {"output": "jpeg"}}, "output: must be one of png, array"),
+    ({"dataframe_records": [{"n": 1}], "params": {"output": "x" * 100_000}}, "output: must be one of png, array, got 'xxx"),
     ({"dataframe_records": [{"n": 1}], "params": {"seed": -3}}, "seed: must be between 0"),
     ({"dataframe_records": [{"n": 1}], "params": {"temperature": -1.0}}, "temperature: must be a finite number"),
     ('{"dataframe_records": [{"n": 1}], "params": {"temperature": NaN}}', "temperature: must be a finite number"),
@@ -287,20 +357,118 @@ BAD_REQUESTS = [
 
 @pytest.mark.parametrize("body, message", BAD_REQUESTS, ids=[message for _, message in BAD_REQUESTS])
 def test_bad_requests_get_400_with_one_line_naming_the_field(server, body, message):
-    response = post(server, body)
-    assert response.status_code == 400, response.text
-    error = response.json()
-    assert message in error["message"]
-    assert "\n" not in error["message"] and "stack_trace" not in error and "Traceback" not in response.text
+    assert message in assert_one_line_refusal(post(server, body), 400)
     assert len(predictions(server, {"dataframe_records": [{"n": 1}]})) == 1  # and the next good request is answered
 
 
-def test_params_of_the_wrong_type_are_refused_by_mlflow_without_a_stack_trace(server):
-    """MLflow checks param types against the ParamSchema before the model runs: its message, not ours."""
+def test_params_of_the_wrong_type_are_refused_by_mlflow_in_one_line(server):
+    """MLflow checks param types against the ParamSchema before the model runs: its words, on one line."""
     response = post(server, {"dataframe_records": [{"n": 1}], "params": {"seed": "seven"}})
-    assert response.status_code == 400
-    assert "seed" in response.json()["message"] and "Traceback" not in response.text
+    assert assert_one_line_refusal(response, 400).startswith("params: seed: ")
     assert len(predictions(server, {"dataframe_records": [{"n": 1}]})) == 1
+
+
+JSON = {"Content-Type": "application/json"}
+# What MLflow's layer answered with a 500, a stack trace or a quote of the input before aetrack's guard:
+# (body, headers, status, message).
+MLFLOW_LAYER = {
+    "no Content-Type": ('{"dataframe_records": [{"n": 1}]}', {}, 415, "Content-Type: missing"),
+    "text/csv": ("n\n1\n", {"Content-Type": "text/csv"}, 415, "expected application/json, got 'text/csv'"),
+    "parquet": (b"PAR1\0\0PAR1", {"Content-Type": "application/vnd.apache.parquet"}, 415, "expected application/json"),
+    "latin-1": ('{"dataframe_records": [{"n": 1}]}', {"Content-Type": "application/json; charset=latin-1"}, 415,
+                "the only parameter allowed is charset=utf-8"),
+    "JSON nested 100,000 deep": ("[" * 100_000 + "]" * 100_000, JSON, 400, "body: more than 65536 arrays and objects"),
+    "JSON nested 50,000 deep": ("[" * 50_000 + "]" * 50_000, JSON, 400, "body: JSON nested more than 32 deep"),
+    "JSON nested 40 deep in a row": ('{"dataframe_records": [{"latent": %s0%s}]}' % ("[" * 40, "]" * 40), JSON, 400,
+                                     "body: JSON nested more than 32 deep"),
+    "a 5,000-digit integer": ('{"dataframe_records": [{"n": %s}]}' % ("9" * 5000), JSON, 400,
+                              "body: a number has more than 4300 digits"),
+    "not UTF-8": (b'{"dataframe_records": [{"n": 1, "x": "\xff"}]}', JSON, 400, "body: not UTF-8"),
+    "not JSON": ('{"dataframe_records": [{"n": 1}]', JSON, 400, "body: not valid JSON"),
+    "empty": ("", JSON, 400, "body: not valid JSON"),
+    "an array": ('[{"n": 1}]', JSON, 400, "body: expected a JSON object with one of the keys"),
+    "no input key": ('{"rows": [{"n": 1}]}', JSON, 400, "body: give exactly one of the keys dataframe_records, "
+                                                        "dataframe_split, inputs, instances (got none)"),
+    "two input keys": ('{"dataframe_records": [{"n": 1}], "inputs": [{"n": 1}]}', JSON, 400,
+                       "(got dataframe_records, inputs)"),
+    "params not an object": ('{"dataframe_records": [{"n": 1}], "params": [1]}', JSON, 400,
+                             "params: expected a JSON object, got an array"),
+    "2,000 rows": (json.dumps({"dataframe_records": [{"n": 1}] * 2000}), JSON, 400, "dataframe_records: at most 1024 rows"),
+    "100,000 empty arrays": ('{"inputs": {"n": [%s]}}' % ",".join(["[]"] * 100_000), JSON, 400,
+                             "body: more than 65536 arrays and objects"),
+    "100 fields": (json.dumps({"dataframe_records": [{f"f{i}": 1 for i in range(100)}]}), JSON, 400,
+                   "at most 16 fields per row"),
+    "duplicate columns": ('{"dataframe_split": {"columns": ["n", "n"], "data": [[1, 2]]}}', JSON, 400,
+                          "input: MLflow cannot read it as a table of the model's fields"),
+    "columns of unequal length": ('{"inputs": {"n": [1], "label": [1, 2]}}', JSON, 400,
+                                  "input: MLflow cannot read it as a table of the model's fields"),
+    "records that are not objects": ('{"dataframe_records": [{"n": 1}, 5]}', JSON, 400,
+                                     "dataframe_records field is not a valid dataframe"),
+}
+
+
+@pytest.mark.parametrize("case", MLFLOW_LAYER)
+def test_what_mlflow_cannot_read_gets_a_one_line_4xx(server, case):
+    body, headers, status, message = MLFLOW_LAYER[case]
+    data = body.encode() if isinstance(body, str) else body
+    response = requests.post(f"{server}/invocations", data=data, headers=headers, timeout=60)
+    assert message in assert_one_line_refusal(response, status)
+    assert len(predictions(server, {"dataframe_records": [{"n": 1}]})) == 1
+
+
+def test_other_methods_and_paths_get_a_one_line_4xx(server):
+    assert assert_one_line_refusal(requests.get(f"{server}/invocations", timeout=10), 405) == "Method Not Allowed"
+    assert assert_one_line_refusal(requests.post(f"{server}/predict", json={}, timeout=10), 404) == "Not Found"
+
+
+# ----- the body limit ----------------------------------------------------------------------------
+
+def read_response(connection: socket.socket) -> tuple[int, dict]:
+    """(status, JSON body) of one HTTP/1.1 answer with a Content-Length."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += connection.recv(65536) or pytest.fail(f"connection closed after {data!r}")
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head)[1])
+    while len(body) < length:
+        body += connection.recv(65536) or pytest.fail("connection closed in the body")
+    return int(head.split()[1]), json.loads(body)
+
+
+LIMIT = serving_guard.max_body_bytes({})
+
+
+def test_a_200_mb_body_is_refused_before_it_is_sent(served):
+    """Content-Length says 200 MB: the 413 comes at once, before the client sends a byte of the body."""
+    url, pid = served
+    port = int(url.rsplit(":", 1)[1])
+    reset_peak(pid)
+    before = memory_mb(pid)
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as connection:
+        connection.sendall(f"POST /invocations HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                           f"Content-Length: {200 << 20}\r\n\r\n".encode())
+        status, error = read_response(connection)
+    assert status == 413 and error["message"] == (f"body: {200 << 20} bytes, more than the limit of {LIMIT} "
+                                                  f"(AETRACK_SERVE_MAX_BODY)")
+    assert memory_mb(pid)["peak"] - before["rss"] < 20
+    assert len(predictions(url, {"dataframe_records": [{"n": 1}]})) == 1
+
+
+@pytest.mark.parametrize("framing", ["content-length", "chunked"])
+def test_a_200_mb_body_leaves_the_server_memory_as_it_was(served, framing):
+    """An ordinary client that sends all 200 MB gets 413; without a length, the server stops keeping
+    the body at the limit. Before the guard, such a body took the server from 0.9 to 2.1 GB."""
+    url, pid = served
+    body = bytes(200 << 20) if framing == "content-length" else (bytes(1 << 20) for _ in range(200))
+    reset_peak(pid)
+    before = memory_mb(pid)
+    started = time.perf_counter()
+    response = requests.post(f"{url}/invocations", data=body, headers=JSON, timeout=120)
+    assert "more than the limit of" in assert_one_line_refusal(response, 413)
+    assert time.perf_counter() - started < 30
+    grown = memory_mb(pid)["peak"] - before["rss"]
+    assert grown < 3 * LIMIT / 2**20, f"the server's peak memory grew by {grown:.0f} MB"
+    assert len(predictions(url, {"dataframe_records": [{"n": 1}]})) == 1
 
 
 # ----- in-process: every variant, internal errors, loading safety --------------------------------

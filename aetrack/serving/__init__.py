@@ -1,2 +1,3 @@
-"""Serving with `mlflow models serve`: the pyfunc generator and its request checks (generator), the reference
-classifier's pyfunc (reference), and the entry files MLflow runs to load them. Logging them is tracking's job."""
+"""Serving with `mlflow models serve`: the pyfunc generator and its request checks (generator), the guard in front of
+MLflow's scoring app that the generator installs when the server loads it (guard), the reference classifier's pyfunc
+(reference), and the entry files MLflow runs to load them. Logging them is tracking's job."""

@@ -13,9 +13,11 @@ Params: `seed` (the same seed gives the same bytes; none draws a fresh one), `te
 The answer has one row per image: `row` (the request row), `label` (the class used, cvae and m2)
 and `image` or `pixels`.
 
-Every bad request is a `ServingError`: HTTP 400 with one line that names the field. The model is
-logged as "models from code" (aetrack/serving/pyfunc_model.py, by aetrack.tracking.artifacts) with the package in code_paths; loading it
-imports code and reads JSON and a weights-only state dict, never unpickling arbitrary objects.
+Every bad request is a `ServingError`: HTTP 400 with one line that names the field. Loading the
+model inside `mlflow models serve` also puts `aetrack.serving.guard` in front of MLflow's scoring app
+(body limit, one-line 4xx for what MLflow itself cannot read). The model is logged as "models from
+code" (aetrack/serving/pyfunc_model.py, by aetrack.tracking.artifacts) with the package in code_paths;
+loading it imports code and reads JSON and a weights-only state dict, never unpickling arbitrary objects.
 """
 
 from __future__ import annotations
@@ -40,6 +42,8 @@ from PIL import Image
 from aetrack import modelio
 from aetrack.models import REGISTRY
 from aetrack.samplers import LatentMixture, generate
+from aetrack.serving import guard
+from aetrack.serving.guard import shown
 
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")  # the entry file MLflow runs to load the model
 MAX_IMAGES = 1024            # images per request, all rows together
@@ -129,17 +133,19 @@ def whole_number(value, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ServingError(f"{field}: expected a whole number, got {type(value).__name__}")
     if isinstance(value, float) and not value.is_integer():
-        raise ServingError(f"{field}: expected a whole number, got {value}")
+        raise ServingError(f"{field}: expected a whole number, got {shown(value)}")
     return int(value)
 
 
 def numbers(value, field: str) -> np.ndarray:
-    if isinstance(value, str) or np.ndim(value) == 0:
+    if not isinstance(value, (list, tuple, np.ndarray)):
         raise ServingError(f"{field}: expected a list of numbers, got {type(value).__name__}")
     try:
         array = np.asarray(value.tolist() if isinstance(value, np.ndarray) else value, dtype=np.float32)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError):  # ragged, not numbers, or nested past numpy's 64 dimensions
         raise ServingError(f"{field}: expected a list of numbers (of equal lengths when nested)") from None
+    except OverflowError:  # an integer beyond any float
+        raise ServingError(f"{field}: a number is too large") from None
     if not np.isfinite(array).all():
         raise ServingError(f"{field}: NaN or infinity")
     return array
@@ -158,6 +164,7 @@ class Request:
 
 class GeneratorModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
+        guard.install(max_rows=MAX_IMAGES)  # inside `mlflow models serve` only; each row makes an image
         self.model, self.info, extra = modelio.load(context.artifacts["model"])
         self.sampler = LatentMixture.from_state(extra)
         self.variant = REGISTRY[self.info.config.model]
@@ -210,11 +217,11 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
             if kind == "n":
                 value = whole_number(value, "n")
                 if not 1 <= value <= MAX_IMAGES:
-                    raise ServingError(f"n: must be between 1 and {MAX_IMAGES}, got {value}")
+                    raise ServingError(f"n: must be between 1 and {MAX_IMAGES}, got {shown(value)}")
             elif kind == "latent":
                 value = numbers(value, "latent")
                 if value.shape != (self.latent_dim,):
-                    raise ServingError(f"latent: expected {self.latent_dim} numbers, got shape {list(value.shape)}")
+                    raise ServingError(f"latent: expected {self.latent_dim} numbers, got shape {shown(list(value.shape))}")
             elif kind == "image":
                 value = self.read_png(value)
             else:
@@ -233,7 +240,7 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
             raise ServingError(f"label: this {self.info.config.model} model is not conditional; leave label out")
         label = whole_number(label, "label")
         if not 0 <= label < self.info.num_classes:
-            raise ServingError(f"label: must be between 0 and {self.info.num_classes - 1}, got {label}")
+            raise ServingError(f"label: must be between 0 and {self.info.num_classes - 1}, got {shown(label)}")
         return label
 
     def read_png(self, text) -> torch.Tensor:
@@ -244,14 +251,16 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
             raise ServingError(f"image: larger than {MAX_IMAGE_BYTES} bytes")
         try:
             pil = Image.open(io.BytesIO(base64.b64decode(text, validate=True)), formats=["PNG"])
+        except Image.DecompressionBombError:  # a header declaring over 2 * Image.MAX_IMAGE_PIXELS pixels
+            raise ServingError(f"image: expected {width}x{height} pixels, got a PNG that declares far more") from None
         except (binascii.Error, ValueError, OSError):
             raise ServingError("image: not a base64-encoded PNG") from None
         if pil.size != (width, height):  # read from the header, before any pixel is decoded
             raise ServingError(f"image: expected {width}x{height} pixels, got {pil.size[0]}x{pil.size[1]}")
         try:
             array = np.asarray(pil.convert("L" if channels == 1 else "RGB"), dtype=np.float32) / 255
-        except OSError:
-            raise ServingError("image: the PNG data is damaged") from None
+        except Exception as err:  # noqa: BLE001 - whatever the decoder trips on in the client's bytes is a bad PNG
+            raise ServingError(f"image: cannot decode the PNG ({type(err).__name__}: {shown(str(err), 80)})") from None
         return torch.from_numpy(array.reshape(height, width, channels).transpose(2, 0, 1).copy())
 
     def read_pixels(self, value) -> torch.Tensor:
@@ -260,7 +269,7 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         allowed = {(channels * height * width,), (channels, height, width)} | ({(height, width)} if channels == 1 else set())
         if array.shape not in allowed:
             raise ServingError(f"pixels: expected {channels * height * width} numbers ({channels}x{height}x{width}, "
-                               f"flat or nested), got shape {list(array.shape)}")
+                               f"flat or nested), got shape {shown(list(array.shape))}")
         if array.min() < 0 or array.max() > 1:
             raise ServingError("pixels: values must lie in [0, 1]")
         return torch.from_numpy(array.reshape(self.shape))
@@ -271,11 +280,11 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
         if seed is None:
             seed = int(torch.randint(2**62, (1,)))
         elif not 0 <= seed < 2**63:
-            raise ServingError(f"seed: must be between 0 and 2**63 - 1, got {seed}")
+            raise ServingError(f"seed: must be between 0 and 2**63 - 1, got {shown(seed)}")
         if temperature is None or not (math.isfinite(temperature) and temperature >= 0):
-            raise ServingError(f"temperature: must be a finite number >= 0, got {temperature}")
+            raise ServingError(f"temperature: must be a finite number >= 0, got {shown(temperature)}")
         if output not in OUTPUTS:
-            raise ServingError(f"output: must be one of {', '.join(OUTPUTS)}, got {output!r}")
+            raise ServingError(f"output: must be one of {', '.join(OUTPUTS)}, got {shown(output)}")
         return int(seed), float(temperature), output
 
     # ----- the work -----
