@@ -75,17 +75,19 @@ def timing(uri: str) -> dict:
 
 def targets(uri: str) -> dict:
     out = {}
-    for model in ("cvae", "m2"):
+    for model in ("m2", "cvae"):
         out[model] = train_and_evaluate(model, uri)
     return out
 
 
-def convergence(uri: str, results: dict) -> dict:
+def convergence(uri: str, results: dict, variants: tuple[str, ...] = VARIANTS) -> dict:
     rows = results.get("convergence", {})
-    for model in VARIANTS:
+    for model in variants:
         if model in rows and "longer" in rows[model]:
             continue
-        default = rows.get(model, {}).get("default") or train_and_evaluate(model, uri, evaluate=False)
+        # The targets' default run (cvae, m2) is the same command: reuse it rather than train it twice.
+        default = (rows.get(model, {}).get("default") or results.get("targets", {}).get(model)
+                   or train_and_evaluate(model, uri, evaluate=False))
         rows[model] = {"default": default}
         save({**results, "convergence": rows})
         kl = ["--kl-warmup", str(round(0.1 * default["epochs"]))] if model in ("vae", "cvae", "m2") else []
@@ -108,7 +110,22 @@ def machine() -> dict:
 def save(results: dict) -> None:
     RESULTS.mkdir(exist_ok=True)
     FILE.write_text(json.dumps(results, indent=2) + "\n")
-    write_markdown(results)
+    write_markdown(merged())
+
+
+def merged() -> dict:
+    """defaults.json with the parts that other processes (--file) measured."""
+    results: dict = {}
+    for path in sorted(RESULTS.glob("defaults*.json")):
+        part = json.loads(path.read_text())
+        for key, value in part.items():
+            if key == "convergence":
+                results.setdefault("convergence", {}).update({k: v for k, v in value.items() if "longer" in v})
+            elif key == "targets":
+                results.setdefault("targets", {}).update(value)
+            else:
+                results[key] = value
+    return results
 
 
 def write_markdown(results: dict) -> None:
@@ -119,11 +136,16 @@ def write_markdown(results: dict) -> None:
                   f"- whole command {t['command_seconds']} s, training {t['training_seconds']} s over {t['epochs_run']} epochs",
                   f"- test_active_units {t['test_active_units']:.0f} of 8, test_fcd {t['test_fcd']:.1f}, "
                   f"test_nll_iw {t['test_nll_iw']:.2f} nats (run {t['run_id']})", ""]
-    if "targets" in results:
-        c, m = results["targets"]["cvae"], results["targets"]["m2"]
-        lines += ["## Conditional and semi-supervised defaults", "",
-                  f"- cvae: test_label_accuracy {c['test']['test_label_accuracy']:.3f} (run {c['run_id']})",
-                  f"- m2 (100 labels): test_error {m['test']['test_error']:.3f} (run {m['run_id']})", ""]
+    targets_done = results.get("targets", {})
+    if "cvae" in targets_done or "m2" in targets_done:
+        lines += ["## Conditional and semi-supervised defaults", ""]
+        if "cvae" in targets_done:
+            c = targets_done["cvae"]
+            lines.append(f"- cvae: test_label_accuracy {c['test']['test_label_accuracy']:.3f} (run {c['run_id']})")
+        if "m2" in targets_done:
+            m = targets_done["m2"]
+            lines.append(f"- m2 (100 labels): test_error {m['test']['test_error']:.3f} (run {m['run_id']})")
+        lines.append("")
     if results.get("convergence"):
         lines += ["## Converged? Default budget against five times longer", "",
                   "| model | epochs (default) | best val loss | epochs (5x) | best val loss (5x) | gap |",
@@ -143,9 +165,15 @@ def main() -> None:
     parser.add_argument("--part", action="append", choices=("timing", "targets", "convergence"))
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / "work")
     parser.add_argument("--redo", action="store_true", help="Measure parts again even where results exist.")
+    parser.add_argument("--variants", default=",".join(VARIANTS), help="Convergence: these variants only.")
+    parser.add_argument("--file", default="defaults.json",
+                        help="Results file under benchmarks/results/ (another process can measure other parts at once; "
+                             "defaults.md merges every defaults*.json).")
     args = parser.parse_args()
+    global FILE
+    FILE = RESULTS / args.file
     args.workdir.mkdir(parents=True, exist_ok=True)
-    uri = f"sqlite:///{args.workdir / 'defaults.db'}"
+    uri = f"sqlite:///{args.workdir / Path(args.file).with_suffix('.db').name}"
     results = json.loads(FILE.read_text()) if FILE.exists() else {}
     for part in args.part or ("timing", "targets", "convergence"):
         if part in results and not args.redo and part != "convergence":
@@ -155,8 +183,9 @@ def main() -> None:
         elif part == "targets":
             results["targets"] = {**targets(uri), "machine": machine()}
         else:
-            results["convergence"] = convergence(uri, results)
+            results["convergence"] = convergence(uri, results, tuple(args.variants.split(",")))
         save(results)
+    write_markdown(merged())
     print((RESULTS / "defaults.md").read_text())
 
 
