@@ -73,6 +73,8 @@ def start_mlflow_server(root: Path, backend_uri: str | None = None) -> tuple[str
          "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
          "--workers", "1", "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"],
         stdout=log, stderr=subprocess.STDOUT, cwd=root,
+        # MLflow's job runner (seven processes for GenAI scorers) would only compete with the tests for the cores.
+        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
     )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -10,6 +10,7 @@ import click
 from aetrack.cli.compare import compare
 from aetrack.cli.evaluate import evaluate
 from aetrack.cli.registry import generate, models, promote
+from aetrack.cli.server import serve, server
 from aetrack.cli.study import study
 from aetrack.cli.train import train
 from aetrack.cli.tune import tune
@@ -25,5 +26,5 @@ def main():
     logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])
 
 
-for command in (train, evaluate, compare, promote, models, generate, tune, study):
+for command in (train, evaluate, compare, promote, models, generate, tune, study, server, serve):
     main.add_command(command)

@@ -4,6 +4,7 @@ registered trial when it beats the current one."""
 
 from __future__ import annotations
 
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Callable
@@ -37,10 +38,21 @@ def reconcile_children(client, study: optuna.Study, parent: dict) -> int:
     for run in runs:
         trial = trials.get(int(run.data.tags.get(tags.OPTUNA_TRIAL, -1)))
         if trial is not None and trial.state.is_finished():
-            client.set_tag(run.info.run_id, tags.OPTUNA_STATE, STATE_WORDS[trial.state])
+            set_tags(client, run.info.run_id, {tags.OPTUNA_STATE: STATE_WORDS[trial.state]})
             client.set_terminated(run.info.run_id, "FINISHED" if trial.state == TrialState.COMPLETE else "FAILED")
             fixed += 1
     return fixed
+
+
+def set_tags(client, run_id: str, values: dict[str, str], metrics: dict[str, float] | None = None) -> None:
+    """Tags (and metrics) on a run that other workers may write at the same moment: the study's parent, a dead
+    worker's child. MLflow's batch call retries an insert that loses such a race; its single `set_tag` fails with
+    a duplicate key on a PostgreSQL-backed server when two workers finish together."""
+    from mlflow.entities import Metric, RunTag
+
+    now = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(key, value, now, 0) for key, value in (metrics or {}).items()],
+                     tags=[RunTag(key, str(value)) for key, value in values.items()])
 
 
 PLOTS = ("optimization_history", "intermediate_values", "param_importances", "parallel_coordinate")
@@ -60,10 +72,7 @@ def log_study(client, study: optuna.Study, parent_run_id: str, space: SearchSpac
     if best is not None:
         metrics["best_value"] = best.value
         marks.update({tags.BEST_TRIAL: str(best.number), **{tags.BEST_PARAM.format(k): str(v) for k, v in best.params.items()}})
-    for key, value in metrics.items():
-        client.log_metric(parent_run_id, key, value)
-    for key, value in marks.items():
-        client.set_tag(parent_run_id, key, value)
+    set_tags(client, parent_run_id, marks, metrics)
     client.log_text(parent_run_id, summary_table(study, metric, limit=None), "study/summary.txt")
     client.log_dict(parent_run_id, space.as_dict(), "study/search_space.yaml")
     if trials:

@@ -25,7 +25,7 @@ from aetrack.tracking.run import TrackingOptions, git_commit
 from aetrack.tuning import TuningError
 from aetrack.tuning.objective import WORKER, Objective
 from aetrack.tuning.report import (CHAMPION, FAILURES_IN_A_ROW, STATE_WORDS, Crowning, TrialLines, best_trial, crown_best,
-                                   log_study, reconcile_children, summary_table)
+                                   log_study, reconcile_children, set_tags, summary_table)
 from aetrack.tuning.space import SearchSpace, available_metrics, default_metric
 from aetrack.tuning.storage import StudyStorage, TrialBudgetSpent, open_storage, redact, used_trials
 
@@ -118,10 +118,9 @@ def finish(client, study: optuna.Study, parent_run_id: str, space: SearchSpace, 
     log_study(client, study, parent_run_id, space, metric)
     outcome = crown_best(client, study, registered_model, metric) if registered_model else None
     if outcome is not None:
-        client.set_tag(parent_run_id, tags.CHAMPION_MODEL, outcome.model)
-        client.set_tag(parent_run_id, tags.CHAMPION_VERSION, outcome.version)
-        client.set_tag(parent_run_id, tags.CHAMPION_CROWNED, str(outcome.crowned).lower())
-        client.set_tag(parent_run_id, tags.BEST_REGISTERED_VERSION, outcome.candidate)
+        set_tags(client, parent_run_id, {tags.CHAMPION_MODEL: outcome.model, tags.CHAMPION_VERSION: outcome.version,
+                                         tags.CHAMPION_CROWNED: str(outcome.crowned).lower(),
+                                         tags.BEST_REGISTERED_VERSION: outcome.candidate})
     complete = study_finished(study, n_trials)
     if not study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
         client.set_terminated(parent_run_id, "FINISHED")  # a worker that joins later sets it RUNNING again
