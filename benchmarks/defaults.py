@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 import time
@@ -160,11 +161,52 @@ def write_markdown(results: dict) -> None:
     (RESULTS / "defaults.md").write_text("\n".join(lines))
 
 
+def readme_block(results: dict) -> str:
+    """The README's table of targets and the convergence table, from the results."""
+    lines = ["| target (digits, defaults) | required | measured |", "| --- | --- | --- |"]
+    if "timing" in results:
+        t = results["timing"]
+        load = t.get("machine", {}).get("load_average_1m")
+        lines += [f"| `aetrack train`, no options: training time | at most 90 s | {t['training_seconds']:.0f} s "
+                  f"({t['epochs_run']} epochs, early stop; whole command {t['command_seconds']:.0f} s, load average {load}) |",
+                  f"| its `test_active_units` | at least 3 of 8 | {t['test_active_units']:.0f} |",
+                  f"| its `test_fcd` | at most 60 | {t['test_fcd']:.1f} |"]
+    targets_done = results.get("targets", {})
+    if "cvae" in targets_done:
+        lines.append(f"| `aetrack train --model cvae`: `test_label_accuracy` | at least 0.95 | "
+                     f"{targets_done['cvae']['test']['test_label_accuracy']:.3f} |")
+    if "m2" in targets_done:
+        lines.append(f"| `aetrack train --model m2` (100 labels): `test_error` | at most 0.20 | "
+                     f"{targets_done['m2']['test']['test_error']:.3f} |")
+    rows = {k: v for k, v in results.get("convergence", {}).items() if "longer" in v}
+    if rows:
+        lines += ["", "Converged: each variant's best validation loss with the defaults against the same variant "
+                  "trained five times longer (same seed and KL warm-up, no early stopping); the gap must stay "
+                  "under 2 %.", "",
+                  "| model | default: epochs run (best) | best val loss | 5x: epochs (best) | best val loss | gap |",
+                  "| --- | --- | --- | --- | --- | --- |"]
+        for model, row in rows.items():
+            d, longer = row["default"], row["longer"]
+            lines.append(f"| {model} | {d['epochs_run']} of {d['epochs']} ({d['best_epoch']}) | {d['best_val_loss']:.3f} | "
+                         f"{longer['epochs_run']} of {longer['epochs']} ({longer['best_epoch']}) | "
+                         f"{longer['best_val_loss']:.3f} | {row['gap_percent']:+.2f} % |")
+    return "\n".join(lines)
+
+
+def rewrite_readme(results: dict) -> None:
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    block = readme_block(results)
+    readme.write_text(re.sub(r"(<!-- defaults -->\n).*?(<!-- /defaults -->)", lambda m: m.group(1) + block + "\n" + m.group(2),
+                             text, flags=re.S))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", action="append", choices=("timing", "targets", "convergence"))
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / "work")
     parser.add_argument("--redo", action="store_true", help="Measure parts again even where results exist.")
+    parser.add_argument("--readme", action="store_true", help="Only rewrite the README's table from the results.")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="Convergence: these variants only.")
     parser.add_argument("--file", default="defaults.json",
                         help="Results file under benchmarks/results/ (another process can measure other parts at once; "
@@ -172,6 +214,9 @@ def main() -> None:
     args = parser.parse_args()
     global FILE
     FILE = RESULTS / args.file
+    if args.readme:
+        rewrite_readme(merged())
+        return
     args.workdir.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{args.workdir / Path(args.file).with_suffix('.db').name}"
     results = json.loads(FILE.read_text()) if FILE.exists() else {}
@@ -186,6 +231,7 @@ def main() -> None:
             results["convergence"] = convergence(uri, results, tuple(args.variants.split(",")))
         save(results)
     write_markdown(merged())
+    rewrite_readme(merged())
     print((RESULTS / "defaults.md").read_text())
 
 
