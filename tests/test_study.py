@@ -11,9 +11,9 @@ from mlflow import MlflowClient
 
 from aetrack import data as datasets
 from aetrack.cli import main
-from aetrack.config import TrainConfig
-from aetrack.studies import STUDIES
-from aetrack.tracking import IMAGE_STEPS, TrackingOptions, image_epochs, train_tracked
+from aetrack.config import TrackingOptions, TrainConfig
+from aetrack.tracking.studies import STUDIES
+from aetrack.tracking.run import IMAGE_STEPS, image_epochs, train_tracked
 
 TINY = "epochs=2,hidden=32,latent_dim=4,batch_size=256"
 
