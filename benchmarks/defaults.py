@@ -178,7 +178,8 @@ def readme_block(results: dict) -> str:
     if "m2" in targets_done:
         lines.append(f"| `aetrack train --model m2` (100 labels): `test_error` | at most 0.20 | "
                      f"{targets_done['m2']['test']['test_error']:.3f} |")
-    rows = {k: v for k, v in results.get("convergence", {}).items() if "longer" in v}
+    found = results.get("convergence", {})
+    rows = {k: found[k] for k in VARIANTS if "longer" in found.get(k, {})}
     if rows:
         lines += ["", "Converged: each variant's best validation loss with the defaults against the same variant "
                   "trained five times longer (same seed and KL warm-up, no early stopping); the gap must stay "
