@@ -52,7 +52,7 @@ def train_and_evaluate(model: str, uri: str, *extra: str, evaluate: bool = True)
     history = MlflowClient(uri).get_metric_history(run_id, "epoch_time")
     record = {"run_id": run_id, "command_seconds": round(seconds, 1),
               "training_seconds": round(sum(m.value for m in history), 1), "epochs_run": len(history),
-              "epochs": int(run.data.params["epochs"]), "best_epoch": int(run.data.metrics["best_epoch"]),
+              "epochs": int(run.data.params["resolved_epochs"]), "best_epoch": int(run.data.metrics["best_epoch"]),
               "best_val_loss": run.data.metrics["best_val_loss"]}
     if evaluate:
         output, _ = aetrack("evaluate", run_id, "--json", uri=uri)

@@ -5,7 +5,6 @@ The tracking URI is the caller's to set (the CLI does, once); this module only u
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import subprocess
@@ -170,18 +169,19 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
     elif "MLFLOW_RUN_ID" not in os.environ:
         mlflow.set_experiment(options.experiment)
     variant = REGISTRY[config.model]
-    auto = [name for name, value in dataclasses.asdict(config).items() if value is None]
-    config = config.resolve(len(data.train_x))
+    given, config = config, config.resolve(len(data.train_x))
     with mlflow.start_run(run_name=options.run_name, experiment_id=experiment_id, parent_run_id=parent_run_id,
                           tags=tags) as run:
         run_id = run.info.run_id
-        mlflow.log_params(config.to_params())
+        # The settings as given (`mlflow run` logs its entry point's parameters under the same names, and a
+        # logged param cannot change), and what `auto` resolved to beside them.
+        mlflow.log_params({**given.to_params(), **{f"resolved_{name}": str(getattr(config, name))
+                                                   for name in ("epochs", "patience", "kl_warmup")}})
         mlflow.set_tags({
             tag.MODEL: config.model,
             tag.MODEL_FAMILY: "variational" if variant.generative else "autoencoder",
             tag.DATASET: config.dataset,
             tag.VERSION: aetrack.__version__,
-            tag.AUTO_SETTINGS: ",".join(auto) or "none",
             **({tag.GIT_COMMIT: commit} if (commit := git_commit()) else {}),
         })
         log_dataset(data, data_dir)

@@ -16,7 +16,7 @@ ROLE = "aetrack_role"
 # A training run.
 MODEL, DATASET, MODEL_FAMILY = "model", "dataset", "model_family"
 VERSION, GIT_COMMIT = "aetrack_version", "git_commit"
-AUTO_SETTINGS, STOPPED_EARLY = "auto_settings", "stopped_early"
+STOPPED_EARLY = "stopped_early"
 REGISTERED_VERSION = "registered_version"
 
 # `aetrack study`: which study and setting a run belongs to, and whether it was evaluated.
