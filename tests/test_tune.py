@@ -216,10 +216,12 @@ def test_a_killed_workers_trial_is_failed_and_retried(postgres_url, mlflow_serve
               "--heartbeat", "1", "--grace-period", "4"]
     doomed = worker([*common, "--epochs", "500"], tmp_path / "doomed.log")  # its trial would take minutes
     survivor = None
+    # One storage for all the polling below: a URL per call would open a new connection pool every 0.1 s.
+    storage = optuna.storages.RDBStorage(postgres_url)
     try:
         def reported(pid: int):
             try:
-                study = optuna.load_study(study_name="killed", storage=postgres_url)
+                study = optuna.load_study(study_name="killed", storage=storage)
             except KeyError:
                 return None
             return [t for t in study.get_trials(states=(TrialState.RUNNING,))
