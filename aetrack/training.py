@@ -172,9 +172,12 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
                         "config": config.to_params()}, checkpoint_dir / "last.pt")
         for callback in callbacks:
             callback.on_epoch_end(epoch + 1, model, metrics)
-        if progress:
-            tqdm.write(f"epoch {epoch + 1}: val_loss {val['loss']:.4f}  ({elapsed:.1f}s, {n_train / elapsed:.0f} samples/s)")
-        if config.patience and stale >= config.patience:
+        # About 50 lines for a whole run, however many epochs the budget has (546 on digits).
+        stopping = bool(config.patience) and stale >= config.patience
+        if progress and (epoch == 0 or (epoch + 1) % max(1, config.epochs // 50) == 0 or stopping):
+            tqdm.write(f"epoch {epoch + 1}: val_loss {val['loss']:.4f}  best {history.best_val_loss:.4f} (epoch {history.best_epoch})"
+                       f"  ({elapsed:.1f}s, {n_train / elapsed:.0f} samples/s)")
+        if stopping:
             history.stopped_early = True
             break
 

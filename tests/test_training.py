@@ -190,3 +190,11 @@ def test_a_plain_autoencoder_generates_after_fit_alone(digits):
         again = generate(model, 16, generator=torch.Generator().manual_seed(0), sampler=sampler)
     assert images.shape == (16, *digits.shape) and 0 <= float(images.min()) and float(images.max()) <= 1
     assert torch.equal(images, again) and float(images.flatten(1).std(0).mean()) > 0.01  # seeded, and not one image
+
+
+def test_progress_prints_about_fifty_epoch_lines_however_long_the_run(digits, capsys):
+    config = TrainConfig(model="ae", hidden=(16,), latent_dim=2, epochs=300, patience=0, batch_size=1024)
+    fit(config, digits, progress=True)
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ") and "val_loss" in line]
+    assert 50 <= len(lines) <= 52
+    assert lines[0].startswith("epoch 1:") and lines[-1].startswith("epoch 300:")
