@@ -25,7 +25,7 @@ from aetrack.models import REGISTRY
 @click.option("--checkpoint-dir", default=TrackingOptions.checkpoint_dir, show_default=True,
               help="Where the per-epoch checkpoint goes (<dir>/<run id>/last.pt).")
 @settings_option
-@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--quiet", is_flag=True, help="No progress bar and no epoch lines; only the summary.")
 @click.pass_context
 @friendly_errors
 def train(ctx, data_dir, download, tracking_uri, experiment, run_name, register, registered_model, checkpoint_dir, settings, quiet, **values):
