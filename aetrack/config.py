@@ -26,6 +26,8 @@ PRUNERS = ("median", "hyperband", "none")
 AUTO_STEPS = 6000
 AUTO_MIN_EPOCHS, AUTO_MAX_EPOCHS = 50, 600
 AUTO = "auto"  # how a None ("resolved at training time") setting is written and read
+MAX_SEED = 2**32 - 1  # NumPy and scikit-learn (PCA, t-SNE, the latent mixture) take no larger seed
+MIN_VAL_EXAMPLES = 16  # the validation loss, and the pictures drawn from the validation set (8 inputs, 8 pairs)
 
 
 class UserError(Exception):
@@ -114,6 +116,10 @@ class TrainConfig:
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.lr > 0, "--lr must be positive"),
             (0 < self.val_fraction < 1, "--val-fraction must be between 0 and 1"),
+            (not 0 < self.val_fraction < 1 or round(self.val_fraction * POOL_SIZES.get(self.dataset, 10**9)) >= MIN_VAL_EXAMPLES,
+             f"--val-fraction {self.val_fraction} leaves {round(self.val_fraction * POOL_SIZES.get(self.dataset, 0))} "
+             f"validation examples of {self.dataset}'s {POOL_SIZES.get(self.dataset)}; at least {MIN_VAL_EXAMPLES} are needed"),
+            (0 <= self.seed <= MAX_SEED, f"--seed must be between 0 and {MAX_SEED} (2**32 - 1)"),
             (self.patience is None or self.patience >= 0, "--patience must be auto, 0 (off) or positive"),
             (self.warmup_steps >= 0 and self.grad_clip >= 0, "--warmup-steps and --grad-clip must be >= 0"),
             (self.log_every >= 1, "--log-every must be at least 1"),

@@ -13,10 +13,20 @@ from typing import Callable, Protocol
 import torch
 from tqdm.auto import tqdm
 
+from aetrack import checkpoints
 from aetrack.config import TrainConfig, resolve_device  # noqa: F401 (resolve_device: re-exported)
 from aetrack.data import Splits
 from aetrack.models import OwnBatches, build_model
 from aetrack.nets import Decoder
+
+
+class Diverged(FloatingPointError):
+    """The training loss stopped being finite. `model` holds the weights of the best epoch before that (if any
+    finished), `history` what was trained: the caller can still keep them."""
+
+    def __init__(self, message: str, model: torch.nn.Module, history: "History"):
+        super().__init__(message)
+        self.model, self.history = model, history
 
 
 class Callback(Protocol):
@@ -70,6 +80,12 @@ class LearningRate:
             shape = self.plateau_scale  # 1 for constant
         return warmup * shape
 
+    def state_dict(self) -> dict[str, float]:
+        return {"plateau_scale": self.plateau_scale, "best": self.best, "bad_epochs": self.bad_epochs}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.plateau_scale, self.best, self.bad_epochs = state["plateau_scale"], state["best"], int(state["bad_epochs"])
+
     def epoch_end(self, val_loss: float) -> None:
         if self.config.lr_schedule != "plateau":
             return
@@ -96,17 +112,21 @@ def init_output_biases(model: torch.nn.Module, train_x: torch.Tensor) -> None:
 
 def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = None,
         log: Callable[[dict[str, float], int], None] | None = None,
-        callbacks: tuple[Callback, ...] = (), checkpoint_dir: Path | None = None,
-        progress: bool = True) -> tuple[torch.nn.Module, History]:
+        callbacks: tuple[Callback, ...] = (), checkpoint: Path | None = None, run_id: str | None = None,
+        resume: dict | None = None, progress: bool = True) -> tuple[torch.nn.Module, History]:
     """Train `config.model` on `data`; returns the model at its best validation loss and the history.
-    `auto` settings are resolved first (`TrainConfig.resolve`); callbacks see the resolved config through `history.config`."""
+    `auto` settings are resolved first (`TrainConfig.resolve`); callbacks see the resolved config through `history.config`.
+
+    With `checkpoint`, every finished epoch is saved there (after the callbacks, so that the random state is the one
+    the next epoch starts from); `resume` is such a checkpoint (`checkpoints.load`): training goes on from its epoch
+    and, with the same data, ends with the same weights as a run that was never stopped."""
     torch.manual_seed(config.seed)
     device = data.train_x.device
     n_train = len(data.train_x)
     config = config.resolve(n_train)
     if model is None:
         model = build_model(config, data.shape, data.num_classes)
-        if config.decoder_bias == "mean":
+        if config.decoder_bias == "mean" and resume is None:
             init_output_biases(model, data.train_x)
     model = model.to(device)
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
@@ -116,9 +136,22 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate)
     generator = torch.Generator(device=device).manual_seed(config.seed)
     draw = model.training_batches(data, config.seed) if isinstance(model, OwnBatches) else data.train_batch
-    history, best_state, stale, step = History(config=config), None, 0, 0
+    history, best_state, stale, step, start = History(config=config), None, 0, 0, 0
+    if resume is not None:
+        model.load_state_dict(resume["model"])
+        optimizer.load_state_dict(resume["optimizer"])
+        schedule.last_epoch = resume["step"]  # LambdaLR's next step() sets the rate of the step after it
+        learning_rate.load_state_dict(resume["learning_rate"])
+        history.epochs, history.best_val_loss, history.best_epoch = list(resume["history"]), resume["best_val_loss"], resume["best_epoch"]
+        best_state, stale, step, start = resume["best_model"], resume["stale"], resume["step"], resume["epoch"]
+        generator.set_state(resume["rng"]["generator"])
+        torch.set_rng_state(resume["rng"]["torch"])
+        if "cuda" in resume["rng"]:
+            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
+        if config.patience and stale >= config.patience:  # stopped after its last checkpoint, before it could end
+            start, history.stopped_early = config.epochs, True
 
-    for epoch in range(config.epochs):
+    for epoch in range(start, config.epochs):
         model.train()
         started = time.perf_counter()
         order = torch.randperm(n_train, generator=generator, device=device)
@@ -145,7 +178,11 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
                 running, count = {}, 0
                 bar.set_postfix(loss=f"{metrics['train_loss']:.3f}")
                 if not math.isfinite(metrics["train_loss"]):
-                    raise FloatingPointError(f"training loss became {metrics['train_loss']} at step {step}; try a lower --lr")
+                    if best_state is not None:
+                        model.load_state_dict(best_state)
+                    model.eval()
+                    raise Diverged(f"training loss became {metrics['train_loss']} at step {step} (epoch {epoch + 1}); "
+                                   "try a lower --lr", model, history)
                 if log:
                     log(metrics, step)
         bar.close()
@@ -166,12 +203,17 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
             stale += 1
         if not warming_up:
             learning_rate.epoch_end(val["loss"])
-        if checkpoint_dir is not None:
-            checkpoint_dir.mkdir(parents=True, exist_ok=True)
-            torch.save({"epoch": epoch + 1, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "config": config.to_params()}, checkpoint_dir / "last.pt")
         for callback in callbacks:
             callback.on_epoch_end(epoch + 1, model, metrics)
+        if checkpoint is not None:
+            rng = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+            if device.type == "cuda":
+                rng["cuda"] = torch.cuda.get_rng_state_all()
+            checkpoints.save(checkpoint, {
+                "run_id": run_id, "config": config.to_params(), "epoch": epoch + 1, "step": step, "stale": stale,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "best_model": best_state,
+                "best_val_loss": history.best_val_loss, "best_epoch": history.best_epoch, "history": history.epochs,
+                "learning_rate": learning_rate.state_dict(), "rng": rng})
         # About 50 lines for a whole run, however many epochs the budget has (546 on digits).
         stopping = bool(config.patience) and stale >= config.patience
         if progress and (epoch == 0 or (epoch + 1) % max(1, config.epochs // 50) == 0 or stopping):

@@ -63,9 +63,10 @@ def _isolated_mlflow(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
 
 
-def start_mlflow_server(root: Path, backend_uri: str | None = None) -> tuple[str, subprocess.Popen]:
-    """`mlflow server` on a free loopback port, storing runs in `backend_uri` (SQLite in `root` by default)."""
-    port = free_port()
+def start_mlflow_server(root: Path, backend_uri: str | None = None, port: int | None = None) -> tuple[str, subprocess.Popen]:
+    """`mlflow server` on a loopback port (a free one by default), storing runs in `backend_uri` (SQLite in `root`
+    by default)."""
+    port = port or free_port()
     backend_uri = backend_uri or f"sqlite:///{root}/server.db"
     log = open(root / f"mlflow-server-{port}.log", "w")
     process = subprocess.Popen(

@@ -24,7 +24,7 @@ ONLY_IN = {"click": ("aetrack.cli",), "optuna": ("aetrack.tuning",),
 # (The registry, aetrack.models, is light and low; the variants in its package sit above the building blocks.)
 RANKS = {"aetrack": 0, "aetrack.config": 0, "aetrack.models": 1,
          **{f"aetrack.{block}": 2 for block in ("data", "losses", "nets", "priors", "penalties", "samplers", "images",
-                                                "modelio")},
+                                                "modelio", "checkpoints")},
          "aetrack.models.*": 3, "aetrack.training": 4, "aetrack.evaluation.*": 5, "aetrack.serving.*": 6,
          "aetrack.tracking.*": 7, "aetrack.tuning.*": 8, "aetrack.cli.*": 9, "aetrack.__main__": 10}
 

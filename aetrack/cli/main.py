@@ -23,6 +23,11 @@ def main():
     # MLflow's INFO lines and artifact progress bars would bury aetrack's own output.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # MLflow retries an absent server for about 250 s per request by default. A few seconds here: requests that
+    # must arrive (metrics, pictures, the model) are retried by aetrack itself, with a line saying it waits.
+    for name, value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}.items():
+        os.environ.setdefault(name, value)
     logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])
 
 

@@ -65,11 +65,15 @@ settings_option = click.option("--set", "settings", multiple=True, metavar="NAME
 
 
 def use_tracking_uri(uri: str | None) -> None:
-    """Point MLflow at `uri` for this command (else $MLFLOW_TRACKING_URI or MLflow's default)."""
-    if uri:
-        import mlflow
+    """Point MLflow at `uri` for this command (else $MLFLOW_TRACKING_URI or MLflow's default); a tracking server
+    that does not answer is a one-line error within seconds, not MLflow's minutes of retries."""
+    import mlflow
 
+    from aetrack.tracking.lifecycle import check_server
+
+    if uri:
         mlflow.set_tracking_uri(uri)
+    check_server(mlflow.get_tracking_uri())
 
 
 def auto_epochs_help() -> str:

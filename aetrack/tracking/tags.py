@@ -18,6 +18,9 @@ MODEL, DATASET, MODEL_FAMILY = "model", "dataset", "model_family"
 VERSION, GIT_COMMIT = "aetrack_version", "git_commit"
 STOPPED_EARLY = "stopped_early"
 REGISTERED_VERSION = "registered_version"
+# Which process runs it (to close runs a dead process left RUNNING), how it ended, what went wrong on the way.
+HOST, PID, PID_STARTED = "aetrack.host", "aetrack.pid", "aetrack.pid_started"
+END_REASON, RESUMED, WARNINGS = "aetrack.end_reason", "aetrack.resumed_at_epochs", "aetrack.warnings"
 
 # `aetrack study`: which study and setting a run belongs to, and whether it was evaluated.
 STUDY, SETTING, EVALUATED = "aetrack.study", "aetrack.setting", "aetrack.evaluated"

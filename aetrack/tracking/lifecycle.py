@@ -1,0 +1,238 @@
+"""A training run's life with the tracking server: is the server there, which process owns a RUNNING run, runs
+that a dead process left RUNNING, stopping on SIGINT/SIGTERM, and logging that waits out a server's absence."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import queue
+import signal
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from typing import Callable
+
+import mlflow
+from mlflow.entities import Metric
+
+from aetrack.config import UserError
+from aetrack.tracking import tags as tag
+
+# A server that does not answer at start is an error within this many seconds (MLflow alone retries for ~250 s).
+PROBE_SECONDS = 12.0
+
+
+def check_server(uri: str, seconds: float = PROBE_SECONDS) -> None:
+    """Raise UserError (one line, naming `uri`) unless an http(s) tracking server answers within `seconds`.
+    Any HTTP answer counts (a login server's 401 too); other URIs (files, databases) are not probed."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    deadline, reason = time.monotonic() + seconds, "no answer"
+    while True:
+        try:
+            with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=min(5.0, seconds)):
+                return
+        except urllib.error.HTTPError:
+            return  # it answered
+        except (urllib.error.URLError, OSError) as err:
+            reason = str(getattr(err, "reason", err)) or type(err).__name__
+        if time.monotonic() >= deadline:
+            raise UserError(f"the tracking server {uri} does not answer ({reason}) after {seconds:.0f} s: "
+                            "start it, or point --tracking-uri / MLFLOW_TRACKING_URI at one that runs")
+        time.sleep(1.0)
+
+
+# ----- which process owns a run --------------------------------------------------------------------------------
+
+def _started(pid: int) -> str:
+    """The process's start time in clock ticks since boot ('' where /proc is missing): a pid can be reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as file:
+            return file.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def owner_tags() -> dict[str, str]:
+    pid = os.getpid()
+    return {tag.HOST: socket.gethostname(), tag.PID: str(pid), tag.PID_STARTED: _started(pid)}
+
+
+def owner_alive(tags: dict[str, str]) -> bool | None:
+    """Whether the process that owns a run still lives: None when it ran on another host (cannot tell)."""
+    if tags.get(tag.HOST) != socket.gethostname() or not tags.get(tag.PID, "").isdigit():
+        return None
+    pid = int(tags[tag.PID])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # it exists, owned by someone else
+    return tags.get(tag.PID_STARTED, "") == _started(pid)
+
+
+def close_dead_runs(experiment_id: str, echo: Callable[[str], None] = print) -> list[str]:
+    """Mark FAILED every RUNNING run of this experiment whose aetrack process on this host is gone (killed, crashed),
+    with a tag saying so; returns their ids."""
+    client = mlflow.MlflowClient()
+    host = socket.gethostname().replace("'", "")
+    runs = client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and tags.`{tag.HOST}` = '{host}'",
+                              max_results=200)
+    closed = []
+    for run in runs:
+        if owner_alive(run.data.tags) is False:
+            reason = (f"process {run.data.tags[tag.PID]} on {host} ended without closing the run (killed or crashed); "
+                      f"closed by a later aetrack command at {time.strftime('%Y-%m-%d %H:%M:%S')}")
+            client.set_tag(run.info.run_id, tag.END_REASON, reason)
+            client.set_terminated(run.info.run_id, "FAILED")
+            echo(f"closed run {run.info.run_id} as FAILED: its process {run.data.tags[tag.PID]} is gone")
+            closed.append(run.info.run_id)
+    return closed
+
+
+# ----- signals ---------------------------------------------------------------------------------------------------
+
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM arrived: the run stops as KILLED."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals(echo: Callable[[str], None] = print):
+    """Inside: the first SIGINT or SIGTERM raises Interrupted; later ones, while the run is being closed, only say
+    so (a second Ctrl-C must not leave a half-closed run). Outside the main thread: nothing is installed."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    stopping = False
+
+    def handle(signum, frame):
+        nonlocal stopping
+        if stopping:
+            echo(f"{signal.Signals(signum).name} again: still closing the run, one moment")
+            return
+        stopping = True
+        raise Interrupted(signum)
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """SIGINT/SIGTERM wait until the block ends (closing a run must finish once begun)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield received
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+# ----- logging that waits out the server -------------------------------------------------------------------------
+
+class MetricBuffer:
+    """What a run logs while it trains: step metrics, gathered into one batch per epoch (or per `limit` values),
+    and pictures, sent in order by one background thread, so that training never waits for the server.
+
+    A request that fails (the server is away) is retried until it goes through; a line says that logging is
+    waiting, and another when it has caught up. A metric keeps the timestamp of its first attempt, so a retried
+    batch that had in fact arrived is an exact duplicate, which MLflow's store drops. On `--resume`, `skip` holds
+    each key's last logged step: the steps the resumed run computes again are not logged twice."""
+
+    def __init__(self, run_id: str, *, limit: int = 900, skip: dict[str, int] | None = None,
+                 echo: Callable[[str], None] = print, warn_after: float = 10.0):  # MLflow takes <= 1000 metrics a batch
+        self.run_id, self.limit, self.skip, self.echo, self.warn_after = run_id, limit, skip or {}, echo, warn_after
+        self.client = mlflow.MlflowClient()
+        self.pending: list[Metric] = []
+        self.sent = 0
+        self.items: queue.Queue = queue.Queue()
+        self.busy_since: float | None = None
+        self.current: tuple | None = None
+        self.waiting = self.recovering = False
+        self.thread = threading.Thread(target=self._work, name="aetrack-logging", daemon=True)
+        self.thread.start()
+
+    def __call__(self, metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        self.pending += [Metric(key, float(value), now, step) for key, value in metrics.items()
+                         if step > self.skip.get(key, -1)]
+        # Epoch-end metrics (val_*) close a batch, so the UI is never more than an epoch behind.
+        if len(self.pending) >= self.limit or any(key.startswith("val_") for key in metrics):
+            self.flush(wait=False)
+        self._check_waiting()
+
+    def image(self, picture, key: str, step: int) -> None:
+        self.flush(wait=False)  # keep the order: metrics logged before the picture go first
+        self.items.put((f"picture {key}", lambda: self.client.log_image(self.run_id, picture, key=key, step=step), []))
+        self._check_waiting()
+
+    def flush(self, wait: bool = True, timeout: float | None = None) -> bool:
+        """Queue what is gathered; with `wait`, block until everything queued has reached the server (or `timeout`
+        seconds passed: False)."""
+        if self.pending:
+            batch, self.pending = self.pending, []
+            self.items.put((f"{len(batch)} metrics", lambda: self.client.log_batch(self.run_id, metrics=batch), batch))
+        if not wait:
+            return True
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.items.unfinished_tasks:
+            self._check_waiting()
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
+    def unsent(self) -> list[Metric]:
+        """The metrics not yet on the server (after a flush that timed out)."""
+        left = list(self.pending)
+        with self.items.mutex:
+            queued = list(self.items.queue)
+        return [metric for _, _, batch in ([self.current] if self.current else []) + queued for metric in batch] + left
+
+    def _check_waiting(self) -> None:
+        busy = self.busy_since
+        if busy is not None and not self.waiting and time.monotonic() - busy > self.warn_after:
+            self._warn("does not answer")
+
+    def _warn(self, why: str) -> None:
+        self.waiting, self.recovering = True, False
+        self.echo(f"warning: the tracking server {mlflow.get_tracking_uri()} {why}; training goes on and logging "
+                  f"waits for it ({self.items.qsize() + 1} requests queued)")
+
+    def _work(self) -> None:
+        while True:
+            self.current = self.items.get()
+            what, call, _ = self.current
+            self.busy_since, delay = time.monotonic(), 1.0
+            while True:
+                try:
+                    call()
+                    break
+                except Exception as err:  # noqa: BLE001 - any failure is retried: the data must arrive
+                    if not self.waiting:
+                        self._warn(f"failed a request ({type(err).__name__})")
+                    time.sleep(delay)
+                    delay = min(2 * delay, 10.0)
+            self.busy_since, self.current = None, None
+            if self.waiting:
+                self.waiting, self.recovering = False, True
+                self.echo(f"the tracking server answers again: sending {self.items.qsize()} queued requests")
+            if self.recovering and self.items.qsize() == 0:
+                self.recovering = False
+                self.echo("logging caught up: everything queued reached the tracking server")
+            self.items.task_done()

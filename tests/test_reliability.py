@@ -1,0 +1,301 @@
+"""Nothing lost, nothing hung: checkpoints, resume, signals, a tracking server that is absent or goes away.
+
+The in-process tests pin the parts (a resumed fit ends with the very weights of an uninterrupted one, a checkpoint
+survives a kill while it is written, a planted pickle is refused); the rest run `aetrack train` as a real process
+against a real `mlflow server` and signal it as `timeout`, `docker stop` and Ctrl-C do."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+from click.testing import CliRunner
+
+from aetrack import checkpoints
+from aetrack import data as datasets
+from aetrack.cli.main import main
+from aetrack.config import TrainConfig
+from aetrack.tracking import tags as tag
+from aetrack.training import Diverged, fit
+from conftest import aetrack_command, free_port, start_mlflow_server, stop
+
+
+class StopAfter:
+    """A callback that interrupts training once `epoch` has finished, before its checkpoint is written."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, model, metrics):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+@pytest.mark.parametrize("model, extra", [("vae", {"lr_schedule": "plateau", "kl_warmup": 3}), ("m2", {}), ("dae", {}),
+                                          ("ae", {"lr_schedule": "cosine", "warmup_steps": 5})])
+def test_resumed_fit_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, model, extra):
+    config = TrainConfig(model=model, hidden=(32,), latent_dim=4, epochs=6, patience=4, **extra)
+    splits = datasets.load_for(config)
+    whole, whole_history = fit(config, splits, progress=False)
+    path = tmp_path / "last.pt"
+    with pytest.raises(KeyboardInterrupt):
+        fit(config, splits, progress=False, checkpoint=path, run_id="r1", callbacks=(StopAfter(4),))
+    state = checkpoints.load(path, "r1")
+    assert state["epoch"] == 3  # the interrupted epoch never reached its checkpoint
+    resumed, history = fit(config, splits, progress=False, checkpoint=path, run_id="r1", resume=state)
+    assert [e["epoch"] for e in history.epochs] == [e["epoch"] for e in whole_history.epochs]
+    timing = {"epoch_time", "samples_per_sec"}
+    assert [{k: v for k, v in e.items() if k not in timing} for e in history.epochs] == \
+        [{k: v for k, v in e.items() if k not in timing} for e in whole_history.epochs]
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_kill_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoints.save(path, {"run_id": "r", "epoch": 1, "weights": torch.ones(3)})
+    script = textwrap.dedent(f"""
+        import os, time, torch
+        from pathlib import Path
+        from aetrack import checkpoints
+        real_save = torch.save
+        def slow_save(obj, file):  # writes half, then hangs: the kill comes mid-write
+            file.write(b"PK" + b"x" * 100000); file.flush(); print("writing", flush=True); time.sleep(60)
+        torch.save = slow_save
+        checkpoints.save(Path({str(path)!r}), {{"run_id": "r", "epoch": 2, "weights": torch.zeros(3)}})
+    """)
+    process = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "writing"
+    process.kill()
+    process.wait()
+    state = checkpoints.load(path, "r")
+    assert state["epoch"] == 1 and torch.equal(state["weights"], torch.ones(3))
+
+
+class Planted:
+    def __reduce__(self):
+        return (os.system, ("touch planted-code-ran",))
+
+
+def test_a_planted_pickle_is_refused_and_never_runs(tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save({"format": checkpoints.FORMAT, "version": checkpoints.VERSION, "run_id": "r", "evil": Planted()}, path)
+    with pytest.raises(checkpoints.CheckpointError, match="refused"):
+        checkpoints.load(path, "r")
+    assert not (tmp_path / "planted-code-ran").exists()
+
+
+def test_foreign_torn_and_missing_checkpoints_are_one_line_errors(tmp_path):
+    path = tmp_path / "last.pt"
+    checkpoints.save(path, {"run_id": "other", "epoch": 1})
+    with pytest.raises(checkpoints.CheckpointError, match="belongs to run other"):
+        checkpoints.load(path, "mine")
+    torch.save({"model": torch.ones(2)}, path)
+    with pytest.raises(checkpoints.CheckpointError, match="not an aetrack checkpoint"):
+        checkpoints.load(path)
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(checkpoints.CheckpointError, match="not a readable checkpoint"):
+        checkpoints.load(path)
+    with pytest.raises(checkpoints.CheckpointError, match="no checkpoint"):
+        checkpoints.load(tmp_path / "none.pt")
+
+
+def test_a_diverging_fit_hands_back_its_best_epoch():
+    config = TrainConfig(model="ae", hidden=(32,), latent_dim=4, epochs=8, lr=1e-3)
+    splits = datasets.load_for(config)
+
+    class Explode:  # the loss turns NaN from epoch 3 on
+        def on_epoch_end(self, epoch, model, metrics):
+            if epoch == 2:
+                with torch.no_grad():
+                    next(model.parameters()).fill_(float("nan"))
+
+    with pytest.raises(Diverged) as caught:
+        fit(config, splits, progress=False, callbacks=(Explode(),))
+    assert caught.value.history.best_epoch in (1, 2)
+    assert all(torch.isfinite(p).all() for p in caught.value.model.parameters())
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--seed", "-1"], "--seed must be between 0 and"),
+    (["--seed", str(2**70)], "--seed must be between 0 and"),
+    (["--val-fraction", "0.0001"], "validation examples"),
+    (["--resume", "abc", "--epochs", "3"], "--resume goes on with the run's own settings; drop --epochs"),
+])
+def test_settings_that_cannot_work_fail_before_any_data_is_loaded(args, message):
+    result = CliRunner().invoke(main, ["train", *args])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_an_unreachable_tracking_server_is_one_line_within_30_seconds(tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"
+    started = time.monotonic()
+    done = subprocess.run([*aetrack_command(), "train", "--epochs", "1", "--tracking-uri", uri], capture_output=True,
+                          text=True, timeout=120)
+    took = time.monotonic() - started
+    assert done.returncode == 1
+    assert took < 30, took
+    lines = [line for line in done.stderr.splitlines() if line.strip() and "Warning" not in line and "warning" not in line
+             and "color_warning" not in line]
+    assert len(lines) == 1 and uri in lines[0] and "does not answer" in lines[0], done.stderr
+
+
+def train_process(uri: str, tmp_path: Path, *args: str) -> subprocess.Popen:
+    """`aetrack train` as a process; stdout is a pipe, stderr (progress bars: a pipe could fill) a file."""
+    err = open(tmp_path / f"stderr-{time.monotonic_ns()}.txt", "w+")
+    process = subprocess.Popen([*aetrack_command(), "train", "--hidden", "32", "--latent-dim", "2", "--no-register",
+                                "--tracking-uri", uri, "--experiment", "reliability", *args],
+                               stdout=subprocess.PIPE, stderr=err, text=True, cwd=tmp_path)
+    process.err_file = err
+    return process
+
+
+def finish(process: subprocess.Popen, timeout: float = 300) -> tuple[str, str]:
+    out, _ = process.communicate(timeout=timeout)
+    process.err_file.seek(0)
+    return out, process.err_file.read()
+
+
+def wait_for_epoch(process: subprocess.Popen, epoch: int) -> list[str]:
+    """Read the process's stdout until it has printed the line of `epoch`."""
+    lines = []
+    for line in process.stdout:
+        lines.append(line)
+        if line.startswith(f"epoch {epoch}:"):
+            return lines
+    process.err_file.seek(0)
+    raise AssertionError(f"the run ended before epoch {epoch}: {''.join(lines)[-2000:]}{process.err_file.read()[-2000:]}")
+
+
+def history(client, run_id: str, key: str) -> list[int]:
+    return sorted(m.step for m in client.get_metric_history(run_id, key))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_mid_run_kills_it_cleanly_and_resume_finishes_it_as_if_never_stopped(mlflow_server, tmp_path, signum):
+    epochs = ["--epochs", "30", "--patience", "0", "--seed", "3"]
+    process = train_process(mlflow_server, tmp_path, *epochs)
+    wait_for_epoch(process, 8)
+    process.send_signal(signum)
+    if signum == signal.SIGINT:  # an impatient second Ctrl-C during the clean-up
+        time.sleep(0.3)
+        process.send_signal(signum)
+    out, err = finish(process, 120)
+    assert process.returncode == 128 + signum, err
+    found = re.search(r"run (\w+) stopped by (SIG\w+) after epoch (\d+) of 30 \(KILLED\); resume it with: (.+)", err)
+    assert found, err
+    run_id, saved = found.group(1), int(found.group(3))
+    assert found.group(2) == signal.Signals(signum).name and saved >= 8
+    assert "Traceback" not in err
+
+    mlflow.set_tracking_uri(mlflow_server)
+    client = mlflow.MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "KILLED"
+    assert run.data.tags[tag.END_REASON] == f"stopped by {signal.Signals(signum).name}"
+    assert (tmp_path / "checkpoints" / run_id / "last.pt").is_file()
+    assert "checkpoint" in [a.path for a in client.list_artifacts(run_id)]
+    assert len(history(client, run_id, "val_loss")) >= saved  # every finished epoch's metrics arrived
+
+    command = found.group(4).split()
+    assert command[:4] == ["aetrack", "train", "--resume", run_id]
+    resumed = subprocess.run([*aetrack_command(), *command[1:], "--quiet"], capture_output=True, text=True, cwd=tmp_path,
+                             timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[tag.RESUMED] == str(saved)
+    val_steps = history(client, run_id, "val_loss")
+    assert len(val_steps) == 30 == len(set(val_steps))  # one point per epoch, no gap, no duplicate
+    train_steps = history(client, run_id, "train_loss")
+    assert len(train_steps) == len(set(train_steps))
+    assert not (tmp_path / "checkpoints" / run_id).exists()  # a finished run's checkpoint is removed
+    if signum != signal.SIGTERM:
+        return  # the comparison with a run never stopped: once is enough
+
+    whole = subprocess.run([*aetrack_command(), "train", "--hidden", "32", "--latent-dim", "2", "--no-register", "--quiet",
+                            "--tracking-uri", mlflow_server, "--experiment", "reliability", *epochs],
+                           capture_output=True, text=True, cwd=tmp_path, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    whole_id = re.search(r"run id:\s+(\w+)", whole.stdout).group(1)
+    assert client.get_run(whole_id).data.metrics["best_val_loss"] == run.data.metrics["best_val_loss"]
+    assert [m.value for m in client.get_metric_history(whole_id, "val_loss")] == \
+        [m.value for m in sorted(client.get_metric_history(run_id, "val_loss"), key=lambda m: m.step)]
+
+
+def test_a_run_whose_process_died_is_closed_by_the_next_command(mlflow_server, tmp_path):
+    process = train_process(mlflow_server, tmp_path, "--epochs", "30")
+    wait_for_epoch(process, 4)
+    process.kill()  # SIGKILL: nothing can close the run from inside
+    finish(process)
+    mlflow.set_tracking_uri(mlflow_server)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("reliability")
+    dead = [r for r in client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'")
+            if r.data.tags.get(tag.PID) == str(process.pid)]
+    assert len(dead) == 1
+    nxt = train_process(mlflow_server, tmp_path, "--epochs", "1", "--quiet")
+    out, err = finish(nxt)
+    assert nxt.returncode == 0, err
+    assert f"closed run {dead[0].info.run_id} as FAILED" in err
+    run = client.get_run(dead[0].info.run_id)
+    assert run.info.status == "FAILED"
+    assert f"process {process.pid}" in run.data.tags[tag.END_REASON]
+    # and the killed run still resumes from its local checkpoint
+    resumed = subprocess.run([*aetrack_command(), "train", "--resume", dead[0].info.run_id, "--tracking-uri", mlflow_server,
+                              "--quiet"], capture_output=True, text=True, cwd=tmp_path, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    assert client.get_run(dead[0].info.run_id).info.status == "FINISHED"
+
+
+def test_a_diverging_run_never_stays_running_and_keeps_a_model(mlflow_server, tmp_path):
+    process = train_process(mlflow_server, tmp_path, "--model", "vae", "--likelihood", "gaussian", "--lr", "10",
+                            "--epochs", "3", "--latent-dim", "16", "--quiet")
+    out, err = finish(process)
+    assert "Traceback" not in err
+    mlflow.set_tracking_uri(mlflow_server)
+    client = mlflow.MlflowClient()
+    experiment = client.get_experiment_by_name("reliability")
+    run = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"], max_results=1)[0]
+    assert run.info.status in ("FINISHED", "FAILED")
+    models = mlflow.search_logged_models(experiment_ids=[experiment.experiment_id], output_format="list")
+    assert any(m.source_run_id == run.info.run_id for m in models)
+
+
+def test_a_server_stopped_and_restarted_mid_run_loses_nothing(tmp_path):
+    root = tmp_path / "server"
+    root.mkdir()
+    port = free_port()
+    url, server = start_mlflow_server(root, port=port)
+    try:
+        process = train_process(url, tmp_path, "--epochs", "80", "--patience", "0", "--log-every", "5")
+        wait_for_epoch(process, 4)
+        stop(server)
+        time.sleep(8)
+        url, server = start_mlflow_server(root, port=port)
+        out, err = finish(process, 600)
+        assert process.returncode == 0, err
+        assert "training goes on and logging waits for it" in err, err
+        assert "answers again" in err and "logging caught up" in err, err
+        mlflow.set_tracking_uri(url)
+        client = mlflow.MlflowClient()
+        run_id = re.search(r"run id:\s+(\w+)", out).group(1)
+        assert client.get_run(run_id).info.status == "FINISHED"
+        val_steps = history(client, run_id, "val_loss")
+        assert len(val_steps) == 80 == len(set(val_steps))
+        per_epoch = 11  # digits: 1294 training examples, batch 128
+        expected = sorted({s for s in range(1, 80 * per_epoch + 1) if s % 5 == 0 or s % per_epoch == 0})
+        assert history(client, run_id, "train_loss") == expected
+    finally:
+        stop(server)
