@@ -299,3 +299,21 @@ def test_a_server_stopped_and_restarted_mid_run_loses_nothing(tmp_path):
         assert history(client, run_id, "train_loss") == expected
     finally:
         stop(server)
+
+
+def test_a_picture_that_fails_is_a_warning_on_a_finished_run_with_its_model(tmp_path, monkeypatch):
+    from aetrack import images
+    from aetrack.tracking.run import TrackingOptions, train_tracked
+
+    def broken(*args, **kwargs):
+        raise ValueError("the plotting library fell over")
+
+    monkeypatch.setattr(images, "latent_plots", broken)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/pictures.db")
+    config = TrainConfig(model="ae", hidden=(32,), latent_dim=4, epochs=2)
+    result = train_tracked(config, datasets.load_for(config), TrackingOptions(experiment="pictures",
+                           checkpoint_dir=str(tmp_path / "ck")), progress=False)
+    run = mlflow.MlflowClient().get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert "the plotting library fell over" in run.data.tags[tag.WARNINGS]
+    assert mlflow.pyfunc.load_model(result.logged_model_uri) is not None

@@ -143,8 +143,9 @@ def log_dataset(data: Splits, data_dir: str | None) -> None:
             time.sleep(0.5 * (attempt + 1))
 
 
-class RunStopped(UserError):
-    """A signal stopped the run; it is closed as KILLED with its checkpoint kept. `epoch` is the last saved one."""
+class RunStopped(KeyboardInterrupt):
+    """A signal stopped the run; it is closed as KILLED with its checkpoint kept. `epoch` is the last saved one.
+    A KeyboardInterrupt, so that it stops whatever loop called training (an Optuna study does not go on)."""
 
     def __init__(self, run_id: str, signum: int, epoch: int, epochs: int, status: str):
         self.run_id, self.signum, self.epoch, self.epochs, self.status = run_id, signum, epoch, epochs, status
