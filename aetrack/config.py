@@ -74,6 +74,11 @@ class TrainConfig:
     beta: float = option(1.0, "Weight of the KL term (beta-VAE).", scope="variational")
     kl_warmup: int | None = option(None, "Epochs over which the KL weight rises linearly from 0 to beta "
                                    "(auto: the first 10 % of --epochs; 0: off).", scope="variational")
+    objective: str = option("elbo", "Training bound: the ELBO, or the importance-weighted bound of Burda et al. 2015 "
+                            "with --train-samples samples (tighter; K decoder passes per example).",
+                            choices=("elbo", "iwae"), scope="importance")
+    train_samples: int = option(1, "Importance samples K per example for --objective iwae (K = 1: the ELBO).",
+                                scope="importance")
     # Semi-supervised.
     labeled: int = option(100, "Labelled training examples (the rest are unlabelled).", scope="semi_supervised")
     classifier_weight: float = option(0.1, "alpha of Kingma et al. 2014: weight of the labelled classification loss, times N.", scope="semi_supervised")
@@ -130,6 +135,8 @@ class TrainConfig:
             (self.contractive_weight >= 0, "--contractive-weight must be >= 0"),
             (self.beta >= 0 and (self.kl_warmup is None or self.kl_warmup >= 0), "--beta and --kl-warmup must be >= 0"),
             (self.prior_components >= 1, "--prior-components must be at least 1"),
+            (self.train_samples >= 1, "--train-samples must be at least 1"),
+            (self.objective == "iwae" or self.train_samples == 1, "--train-samples needs --objective iwae"),
             (self.labeled >= 1 and self.classifier_weight >= 0, "--labeled must be at least 1 and --classifier-weight >= 0"),
         ]
         _check(self, rules)

@@ -50,8 +50,9 @@ class LatentVariableModel(nn.Module):
         recon = reconstruction_nll(logits, x, self.config.likelihood)
         return recon, self.prior.kl(q, z), q, logits
 
-    def log_weights(self, x: torch.Tensor, samples: int, cond: torch.Tensor | None = None) -> torch.Tensor:
-        """log p(x, z_k) - log q(z_k|x) for k samples: the importance weights of Burda et al. 2015, shape (k, B)."""
+    def importance_terms(self, x: torch.Tensor, samples: int, cond: torch.Tensor | None = None):
+        """For k samples z_k ~ q(z|x): log p(x|z_k) and log p(z_k) - log q(z_k|x), each (k, B); the decoder's
+        logits (k * B, ...) and q."""
         q = self.posterior(x, cond)
         z = q.rsample(samples)                                   # (k, B, D)
         flat = z.reshape(-1, z.shape[-1])
@@ -59,7 +60,12 @@ class LatentVariableModel(nn.Module):
         logits = self.decoder(flat, flat_cond)
         target = x.repeat(samples, *([1] * (x.dim() - 1)))
         log_px = -reconstruction_nll(logits, target, self.config.likelihood).view(samples, -1)
-        return log_px + self.prior.log_prob(z) - q.log_prob(z)
+        return log_px, self.prior.log_prob(z) - q.log_prob(z), logits, q
+
+    def log_weights(self, x: torch.Tensor, samples: int, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(x, z_k) - log q(z_k|x) for k samples: the importance weights of Burda et al. 2015, shape (k, B)."""
+        log_px, log_ratio, _, _ = self.importance_terms(x, samples, cond)
+        return log_px + log_ratio
 
     def kl_weight(self, kl_scale: float = 1.0) -> float:
         """beta times the training loop's warm-up factor (1 outside training)."""
@@ -74,8 +80,9 @@ def one_hot(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return F.one_hot(y.long(), num_classes).float()
 
 
-@register("vae", scopes=("variational",), generative=True, description="variational autoencoder (any prior, beta, KL warm-up)")
-@register("cvae", scopes=("variational",), generative=True, conditional=True, description="conditional VAE")
+@register("vae", scopes=("variational", "importance"), generative=True,
+          description="variational autoencoder (any prior, beta, KL warm-up, ELBO or IWAE objective)")
+@register("cvae", scopes=("variational", "importance"), generative=True, conditional=True, description="conditional VAE")
 class VAE(nn.Module):
     def __init__(self, config, shape, num_classes, *, conditional: bool = False):
         super().__init__()
@@ -86,12 +93,26 @@ class VAE(nn.Module):
         return one_hot(y, self.num_classes) if self.conditional else None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_scale: float = 1.0) -> Output:
+        if self.config.objective == "iwae":
+            return self.importance_weighted(x, y, kl_scale)
         recon, kl, q, logits = self.body.terms(x, self.cond(y))
         recon_loss, kl = recon.mean(), kl.mean()
         loss = recon_loss + self.body.kl_weight(kl_scale) * kl
         # neg_elbo is the bound itself (beta = 1), whatever beta is trained with.
         parts = {"recon_loss": recon_loss, "kl": kl, "neg_elbo": recon_loss + kl}
         return Output(loss, parts, to_image(logits), q.mean)
+
+    def importance_weighted(self, x: torch.Tensor, y: torch.Tensor | None, kl_scale: float) -> Output:
+        """The IWAE loss -log (1/K) sum_k p(x|z_k) [p(z_k) / q(z_k|x)]^w, z_k ~ q(z|x) (Burda et al. 2015, eq. 8), with
+        w = beta x the KL warm-up factor (w = 1: the bound itself). K = 1 is the ELBO with a one-sample KL."""
+        samples = self.config.train_samples
+        log_px, log_ratio, logits, q = self.body.importance_terms(x, samples, self.cond(y))
+        log_k = math.log(samples)
+        loss = -(torch.logsumexp(log_px + self.body.kl_weight(kl_scale) * log_ratio, 0) - log_k).mean()
+        neg_iwae = -(torch.logsumexp(log_px + log_ratio, 0) - log_k).mean()
+        recon_loss, kl = -log_px.mean(), -log_ratio.mean()
+        parts = {"recon_loss": recon_loss, "kl": kl, "neg_elbo": recon_loss + kl, "neg_iwae": neg_iwae}
+        return Output(loss, parts, to_image(logits[:len(x)]), q.mean)
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self.body.posterior(x, self.cond(y)).mean
