@@ -85,8 +85,11 @@ class TrainConfig:
     # Optimisation.
     lr: float = option(1e-3, "Adam learning rate (the peak, with a schedule).")
     lr_schedule: str = option("constant", "Learning-rate schedule over the epoch budget: cosine decays to 1 % of --lr, "
-                              "step divides by 10 at 50 % and 75 %, plateau halves it when the validation loss stalls.",
-                              choices=("constant", "cosine", "step", "plateau"))
+                              "step divides by 10 at 50 % and 75 %, plateau halves it when the validation loss stalls, "
+                              "burda: 8 stages of 3^i epochs (of 3280, scaled to the budget) at 10^(-i/7) x --lr "
+                              "(Burda et al. 2015).",
+                              choices=("constant", "cosine", "step", "plateau", "burda"))
+    adam_eps: float = option(1e-8, "Adam's epsilon (Burda et al. 2015 used 1e-4).")
     warmup_steps: int = option(0, "Optimiser steps over which the learning rate rises linearly from 0.")
     grad_clip: float = option(0.0, "Clip the gradient's global norm to this value (0: off).")
     decoder_bias: str = option("mean", "Initial decoder output bias: the logit of the training set's mean image, or zero.",
@@ -127,6 +130,7 @@ class TrainConfig:
             (0 <= self.seed <= MAX_SEED, f"--seed must be between 0 and {MAX_SEED} (2**32 - 1)"),
             (self.patience is None or self.patience >= 0, "--patience must be auto, 0 (off) or positive"),
             (self.warmup_steps >= 0 and self.grad_clip >= 0, "--warmup-steps and --grad-clip must be >= 0"),
+            (self.adam_eps > 0, "--adam-eps must be positive"),
             (self.log_every >= 1, "--log-every must be at least 1"),
             (self.noise_level >= 0 and (self.noise == "gaussian" or self.noise_level <= 1),
              "--noise-level must be >= 0 (and at most 1 for masking and salt-pepper noise)"),

@@ -57,6 +57,9 @@ def evaluate_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batc
 
 
 MIN_LR_FRACTION = 0.01  # where cosine ends
+# Burda et al. 2015, section 5: stage i in 0..7 lasts 3^i epochs (3280 in all) at a rate of 10^(-i/7) times the first.
+BURDA_STAGES = [3 ** i for i in range(8)]
+BURDA_ENDS = [sum(BURDA_STAGES[:i + 1]) / sum(BURDA_STAGES) for i in range(8)]
 
 
 class LearningRate:
@@ -76,6 +79,9 @@ class LearningRate:
             shape = MIN_LR_FRACTION + (1 - MIN_LR_FRACTION) * 0.5 * (1 + math.cos(math.pi * progress))
         elif config.lr_schedule == "step":
             shape = 0.1 ** ((progress >= 0.5) + (progress >= 0.75))
+        elif config.lr_schedule == "burda":
+            stage = next(i for i, end in enumerate(BURDA_ENDS) if step / max(1, self.total_steps) < end or i == 7)
+            shape = 10 ** (-stage / 7)
         else:
             shape = self.plateau_scale  # 1 for constant
         return warmup * shape
@@ -129,7 +135,7 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
         if config.decoder_bias == "mean" and resume is None:
             init_output_biases(model, data.train_x)
     model = model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, eps=config.adam_eps)
     per_epoch = config.steps_per_epoch(n_train)
     total_steps = config.epochs * per_epoch
     learning_rate = LearningRate(config, total_steps)

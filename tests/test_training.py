@@ -70,6 +70,32 @@ def test_fit_ends_at_the_schedules_final_learning_rate(digits):
     assert rates == sorted(rates, reverse=True)
 
 
+def test_burda_schedule_has_eight_stages_of_three_to_the_i_epochs():
+    # The published protocol: 3280 epochs, stage i of 3^i epochs at 10^(-i/7) (Burda et al. 2015, section 5).
+    per_epoch = 3
+    rate = LearningRate(TrainConfig(lr_schedule="burda", epochs=3280), total_steps=3280 * per_epoch)
+    epoch_rates = [rate(epoch * per_epoch) for epoch in range(3280)]
+    starts = [0, 1, 4, 13, 40, 121, 364, 1093]
+    for stage, start in enumerate(starts):
+        end = starts[stage + 1] if stage + 1 < len(starts) else 3280
+        assert epoch_rates[start:end] == pytest.approx([10 ** (-stage / 7)] * (end - start))
+
+
+def test_adam_epsilon_reaches_the_optimiser(digits, monkeypatch):
+    seen = {}
+    real = torch.optim.Adam
+
+    def spy(params, **kwargs):
+        seen.update(kwargs)
+        return real(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "Adam", spy)
+    fit(TrainConfig(model="ae", hidden=(16,), latent_dim=2, epochs=1, adam_eps=1e-4), digits, progress=False)
+    assert seen["eps"] == 1e-4
+    with pytest.raises(Exception, match="--adam-eps must be positive"):
+        TrainConfig(adam_eps=0).validate()
+
+
 def test_plateau_schedule_halves_the_rate_when_validation_stalls():
     rate = LearningRate(TrainConfig(lr_schedule="plateau", patience=8), total_steps=100)
     assert rate(50) == 1.0
