@@ -1,6 +1,10 @@
 """Quality anchors: aetrack on the protocols the literature reports, with epochs and samples as parameters.
 
-    python benchmarks/anchors.py PROTOCOL [--epochs N] [--iw-samples K] [--test-images N]
+    python benchmarks/anchors.py ROW [--epochs N] [--iw-samples K] [--test-images N] [--leg-minutes M] [--resume]
+
+Long rows run as resumable legs: `--leg-minutes M` stops training after M minutes exactly as SIGTERM would (the
+MLflow run is KILLED with its checkpoint kept, benchmarks/results/anchors-progress.json remembers it), and
+`--resume` goes on with that same MLflow run from its checkpoint, leg after leg, until the row is measured.
 
 Each protocol trains through aetrack's own tracked training (one MLflow run), reloads the model from
 what the run logged, measures the protocol's figure with aetrack.evaluation, logs it to the run as a
@@ -15,6 +19,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -30,7 +35,7 @@ from aetrack import evaluation
 from aetrack.tracking import artifacts
 from aetrack.tracking import evaluate as tracked_evaluation
 from aetrack.config import TrainConfig
-from aetrack.tracking.run import TrackingOptions, git_commit, train_tracked
+from aetrack.tracking.run import RunStopped, TrackingOptions, git_commit, open_checkpoint, train_tracked
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -60,9 +65,31 @@ PROTOCOLS = {p.name: p for p in [
         TrainConfig(model="vae", dataset="mnist", binarize="dynamic", hidden=(200, 200), latent_dim=50, batch_size=20,
                     lr=1e-3, epochs=3280, patience=0, kl_warmup=0),
         "nll_iw", "VAE 86.76 nats; IWAE (k=50) 84.78 nats", "Burda et al. 2015, table 1 (one stochastic layer)",
-        "ReLU instead of tanh units, constant learning rate instead of the 3^i-epoch schedule, trained with the "
-        "ELBO only (aetrack has no IWAE objective, so the IWAE k=50 row has no aetrack figure); the test images are "
-        "one fixed binarization", iw_samples=5000),
+        "ReLU instead of tanh units, constant learning rate (the published 3^i-epoch schedule and Adam epsilon are "
+        "rows iwae-5 and iwae-50, and `--lr-schedule burda --adam-eps 1e-4`); the test images are one fixed "
+        "binarization", iw_samples=5000),
+    Protocol(
+        "iwae-5",
+        TrainConfig(model="vae", dataset="mnist", binarize="dynamic", hidden=(200, 200), latent_dim=50, batch_size=20,
+                    lr=1e-3, adam_eps=1e-4, lr_schedule="burda", epochs=3280, patience=0, kl_warmup=0,
+                    objective="iwae", train_samples=5, decoder_bias="zero"),
+        "nll_iw", "IWAE k=5 85.54 nats; VAE 86.76", "Burda et al. 2015, table 1 (IWAE, k=5, one stochastic layer)",
+        "ReLU instead of tanh units; the test images are one fixed binarization", iw_samples=5000),
+    Protocol(
+        "iwae-50",
+        TrainConfig(model="vae", dataset="mnist", binarize="dynamic", hidden=(200, 200), latent_dim=50, batch_size=20,
+                    lr=1e-3, adam_eps=1e-4, lr_schedule="burda", epochs=3280, patience=0, kl_warmup=0,
+                    objective="iwae", train_samples=50, decoder_bias="zero"),
+        "nll_iw", "IWAE k=50 84.78 nats", "Burda et al. 2015, table 1 (IWAE, k=50, one stochastic layer)",
+        "ReLU instead of tanh units; the test images are one fixed binarization", iw_samples=5000),
+    Protocol(
+        "vampprior-static",
+        TrainConfig(model="vae", dataset="mnist", binarize="static", prior="vamp", prior_components=500,
+                    hidden=(300, 300), latent_dim=40, batch_size=100, lr=5e-4, kl_warmup=100, epochs=2000, patience=50),
+        "nll_iw", "standard prior 88.56, VampPrior 85.57 nats (static MNIST)",
+        "Tomczak & Welling 2018, table 2 (VAE + VampPrior, one stochastic layer, static binarization)",
+        "ReLU MLP instead of gated dense layers; one fixed binarization of MNIST, not the Larochelle static MNIST files",
+        iw_samples=5000),
     Protocol(
         "vampprior",
         TrainConfig(model="vae", dataset="mnist", binarize="dynamic", prior="vamp", prior_components=500,
@@ -131,8 +158,25 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+PROGRESS = RESULTS / "anchors-progress.json"  # rows whose run stopped after a leg: run id, legs, seconds so far
+NOT_YET = {"m1m2-100": "aetrack has no M1+M2 stack yet (M2 on the latent means of a trained VAE)",
+           "best-one-layer": "aetrack's best one-layer recipe has not been measured yet"}
+
+
+def progress(row: str | None = None, update: dict | None = None) -> dict:
+    state = json.loads(PROGRESS.read_text()) if PROGRESS.exists() else {}
+    if row is not None:
+        if update is None:
+            state.pop(row, None)
+        else:
+            state[row] = update
+        PROGRESS.parent.mkdir(parents=True, exist_ok=True)
+        PROGRESS.write_text(json.dumps(state, indent=2) + "\n")
+    return state
+
+
 @click.command()
-@click.argument("protocol", type=click.Choice(sorted(PROTOCOLS)))
+@click.argument("protocol", type=click.Choice(sorted([*PROTOCOLS, *NOT_YET])))
 @click.option("--epochs", type=click.IntRange(1), default=None, help="Epochs to train [default: the published number].")
 @click.option("--iw-samples", type=click.IntRange(1), default=None, help="Importance samples for the NLL [default: the published 5000].")
 @click.option("--test-images", type=click.IntRange(1), default=None, help="Estimate the NLL on the first N test images [default: all 10000].")
@@ -140,30 +184,65 @@ def markdown(results: dict) -> str:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
 @click.option("--data-dir", default=None, envvar="AETRACK_DATA_DIR", show_envvar=True)
 @click.option("--tracking-uri", default=None, help="Where the runs go [default: $MLFLOW_TRACKING_URI, else MLflow's default].")
+@click.option("--leg-minutes", type=click.FloatRange(min=0.1), default=None,
+              help="Stop training after this many minutes, as SIGTERM would (KILLED, checkpoint kept); --resume goes on.")
+@click.option("--resume", is_flag=True, help="Go on with this row's stopped run (from anchors-progress.json).")
+@click.option("--checkpoint-dir", default="checkpoints", show_default=True)
 @click.option("--dry-run", is_flag=True, help="Train and measure, but do not write benchmarks/results.")
-def main(protocol, epochs, iw_samples, test_images, seed, device, data_dir, tracking_uri, dry_run):
-    """Train PROTOCOL's model and measure its published figure."""
+def main(protocol, epochs, iw_samples, test_images, seed, device, data_dir, tracking_uri, leg_minutes, resume,
+         checkpoint_dir, dry_run):
+    """Train ROW's model and measure its published figure (one MLflow run per row, in legs if need be)."""
+    if protocol in NOT_YET:
+        raise click.UsageError(f"{protocol}: {NOT_YET[protocol]}")
     spec = PROTOCOLS[protocol]
-    config = replace(spec.config, epochs=epochs or spec.config.epochs, seed=seed, device=device)
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    state, before = None, {"legs": 0, "seconds": 0.0, "cpu_seconds": 0.0}
+    if resume:
+        before = progress().get(protocol)
+        if before is None:
+            raise click.UsageError(f"{protocol}: no stopped run to resume in {PROGRESS}")
+        state = open_checkpoint(before["run_id"], checkpoint_dir)
+        config = TrainConfig.from_params(state["config"])
+    else:
+        config = replace(spec.config, epochs=epochs or spec.config.epochs, seed=seed, device=device)
     started = time.perf_counter()
     from aetrack.config import resolve_device
 
     data = datasets.load(config.dataset, data_dir=data_dir, binarize=config.binarize, val_fraction=config.val_fraction,
-                         seed=config.seed, device=resolve_device(device))
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    options = TrackingOptions(experiment="aetrack-anchors", run_name=f"anchor-{protocol}", register=False)
-    result = train_tracked(config, data, options, data_dir=data_dir, progress=sys.stderr.isatty())
+                         seed=config.seed, device=resolve_device(config.device))
+    options = TrackingOptions(experiment="aetrack-anchors", run_name=f"anchor-{protocol}", register=False,
+                              checkpoint_dir=checkpoint_dir)
+    if leg_minutes:  # the end of a leg is a SIGTERM: the run is closed exactly as `timeout` would have it
+        signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+        signal.alarm(max(1, round(leg_minutes * 60)))
+    try:
+        result = train_tracked(config, data, options, data_dir=data_dir, progress=sys.stderr.isatty(), resume=state)
+    except RunStopped as stop:
+        if stop.epoch == 0:
+            progress(protocol, None)
+            raise click.ClickException(f"{protocol}: the leg ended before its first epoch did; give --leg-minutes more time")
+        seconds = before["seconds"] + time.perf_counter() - started
+        progress(protocol, {"run_id": stop.run_id, "legs": before["legs"] + 1, "epoch": stop.epoch,
+                            "epochs": stop.epochs, "seconds": round(seconds, 1),
+                            "cpu_seconds": round(before["cpu_seconds"] + time.process_time(), 1)})
+        click.echo(f"{protocol}: leg {before['legs'] + 1} ended after epoch {stop.epoch} of {stop.epochs} "
+                   f"({seconds / 60:.1f} min so far); continue with: python benchmarks/anchors.py {protocol} --resume", err=True)
+        sys.exit(3)
+    finally:
+        signal.alarm(0)
     trained = time.perf_counter()
     k = iw_samples or spec.iw_samples
-    value, how = measure(spec, result.run_id, data, k, test_images, seed)
+    value, how = measure(spec, result.run_id, data, k, test_images, config.seed)
     record = {
         "protocol": protocol, "metric": spec.metric, "value": value, "published": spec.published, "source": spec.source,
         "epochs_run": len(result.history.epochs), "best_epoch": result.history.best_epoch,
         "epochs_published": spec.config.epochs, "iw_samples": k if spec.metric == "nll_iw" else None,
         "test_images": min(test_images or len(data.test_x), len(data.test_x)), "how": how,
-        "train_seconds": round(trained - started, 1), "wall_seconds": round(time.perf_counter() - started, 1),
-        "cpu_seconds": round(time.process_time(), 1), "torch_threads": torch.get_num_threads(),
+        "legs": before["legs"] + 1,
+        "train_seconds": round(before["seconds"] + trained - started, 1),
+        "wall_seconds": round(before["seconds"] + time.perf_counter() - started, 1),
+        "cpu_seconds": round(before["cpu_seconds"] + time.process_time(), 1), "torch_threads": torch.get_num_threads(),
         "machine": f"{os.cpu_count()} CPU cores" if data.test_x.device.type == "cpu" else torch.cuda.get_device_name(),
         "platform": platform.platform(), "torch": torch.__version__, "git_commit": git_commit(),
         "run_id": result.run_id, "tracking_uri": result.tracking_uri,
@@ -171,6 +250,7 @@ def main(protocol, epochs, iw_samples, test_images, seed, device, data_dir, trac
         "command": "python benchmarks/anchors.py " + shlex.join(sys.argv[1:]),
     }
     click.echo(json.dumps(record, indent=2))
+    progress(protocol, None)
     if not dry_run:
         update_results(record)
 
