@@ -171,7 +171,10 @@ def progress(row: str | None = None, update: dict | None = None) -> dict:
         else:
             state[row] = update
         PROGRESS.parent.mkdir(parents=True, exist_ok=True)
-        PROGRESS.write_text(json.dumps(state, indent=2) + "\n")
+        if state:
+            PROGRESS.write_text(json.dumps(state, indent=2) + "\n")
+        else:
+            PROGRESS.unlink(missing_ok=True)
     return state
 
 
