@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import tempfile
 import time
@@ -23,10 +24,13 @@ from aetrack import images, modelio, samplers
 from aetrack.config import TrackingOptions, TrainConfig  # noqa: F401 (TrackingOptions: re-exported)
 from aetrack.data import Splits
 from aetrack.images import IMAGE_ROWS
-from aetrack.models import REGISTRY
+from aetrack.models import REGISTRY, build_model
+from aetrack.tracking import describe
+from aetrack.tracking import metric_names as names
 from aetrack.tracking import tags as tag
 from aetrack.tracking.artifacts import log_generator
-from aetrack.training import History, fit
+from aetrack.tracking.registry import describe_version
+from aetrack.training import History, fit, init_output_biases
 
 IMAGE_STEPS = 50  # at most this many steps per image key: the UI's step slider stays usable, the store small
 
@@ -63,8 +67,18 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+EPOCH_IMAGES, FINAL_IMAGES = "epochs/", "final/"  # image keys: a section each in the UI's chart view
+FINAL_STEP = 0  # every run's end-of-training pictures share one step, so that an image card shows them all
+
+
+def image_key(prefix: str, name: str) -> str:
+    """`epochs/reconstructions` (step = epoch, from 0 before training) or `final/samples` (step FINAL_STEP)."""
+    return prefix + name
+
+
 class EpochImages:
-    """Per epoch, with the epoch as step: inputs beside reconstructions, and samples from fixed noise."""
+    """Per epoch, with the epoch as step: inputs beside reconstructions, and samples from fixed noise; at step 0
+    the untrained model, so that the UI's step slider, which starts at 0, never starts on an empty card."""
 
     def __init__(self, data: Splits, config: TrainConfig):
         self.variant = REGISTRY[config.model]
@@ -83,17 +97,26 @@ class EpochImages:
             return
         model.eval()
         for key, picture in self.pictures(model).items():
-            mlflow.log_image(picture, key=key, step=epoch)
+            mlflow.log_image(picture, key=image_key(EPOCH_IMAGES, key), step=epoch)
         self.logged.add(epoch)
+
+    def log_initial(self, config: TrainConfig, data: Splits) -> None:
+        """Step 0: the model as `fit` builds it before its first step (same seed, same initialisation)."""
+        torch.manual_seed(config.seed)
+        model = build_model(config, data.shape, data.num_classes)
+        if config.decoder_bias == "mean":
+            init_output_biases(model, data.train_x)
+        self.log(0, model.to(self.x.device))
 
     def pictures(self, model) -> dict:
         pictures = {}
         device = self.x.device
         if self.variant.denoising:
             noisy = model.corrupt(self.x, torch.Generator(device).manual_seed(self.seed))
-            pictures["reconstructions"] = images.rows(noisy, model.reconstruct(noisy), self.x)
+            pictures["reconstructions"] = images.rows(noisy, model.reconstruct(noisy), self.x, labels=images.DENOISING_ROWS)
         else:
-            pictures["reconstructions"] = images.rows(self.x, model.reconstruct(self.x, self.y))
+            pictures["reconstructions"] = images.rows(self.x, model.reconstruct(self.x, self.y),
+                                                      labels=images.RECONSTRUCTION_ROWS)
         if self.variant.generative:
             pictures["samples"] = images.sample_grid(model, torch.Generator(device).manual_seed(self.seed),
                                                      conditional=self.variant.conditional, num_classes=self.num_classes)
@@ -109,11 +132,12 @@ def final_pictures(model, data: Splits, history: History, seed: int, max_points:
     pairs = min(IMAGE_ROWS, len(x) // 2)
     path = images.interpolate(z[:pairs], z[pairs:2 * pairs], IMAGE_ROWS)
     path_labels = y[:pairs].repeat_interleave(IMAGE_ROWS)
-    pictures = {"interpolation": images.grid(model.decode(path, path_labels), IMAGE_ROWS)}
+    pictures = {"interpolation": images.grid(model.decode(path, path_labels), IMAGE_ROWS,
+                                             title="each row: one image's code to another's, in a straight line")}
     pictures.update(images.latent_plots(z.cpu().numpy(), y.cpu().numpy(), seed))
     if history.epochs:
         keys = ["train_epoch_loss"] + [k for k in history.epochs[0] if k.startswith("val_")]
-        pictures["loss_curves"] = images.curves(history.epochs, keys)
+        pictures["loss_curves"] = images.curves(history.epochs, keys, labels=[names.logged(k) for k in keys])
     return pictures
 
 
@@ -126,10 +150,16 @@ class MetricBuffer:
         self.client = mlflow.MlflowClient()
 
     def __call__(self, metrics: dict[str, float], step: int) -> None:
+        """The training loop's keys under their MLflow names (`metric_names.logged`); epoch-level metrics (those
+        that come with their `epoch`) take the epoch as step, batch-level ones the optimiser step."""
         now = int(time.time() * 1000)
-        self.pending += [Metric(key, float(value), now, step) for key, value in metrics.items()]
-        # Epoch-end metrics (val_*) close a batch, so the UI is never more than an epoch behind.
-        if len(self.pending) >= self.limit or any(key.startswith("val_") for key in metrics):
+        epoch_level = names.EPOCH in metrics
+        if epoch_level:
+            step = int(metrics[names.EPOCH])
+        self.pending += [Metric(names.logged(key), float(value), now, step) for key, value in metrics.items()
+                         if key != names.EPOCH]
+        # Epoch-end metrics close a batch, so the UI is never more than an epoch behind.
+        if len(self.pending) >= self.limit or epoch_level:
             self.flush()
 
     def flush(self) -> None:
@@ -156,6 +186,52 @@ def log_dataset(data: Splits, data_dir: str | None) -> None:
             time.sleep(0.5 * (attempt + 1))
 
 
+def applies(config: TrainConfig, name: str) -> bool:
+    """Whether setting `name` applies to `config.model` (an option of no group, or of one of its groups)."""
+    scope = TrainConfig.__dataclass_fields__[name].metadata["scope"]
+    return scope is None or scope in REGISTRY[config.model].scopes
+
+
+def run_params(given: TrainConfig, resolved: TrainConfig) -> dict[str, str]:
+    """The params a run logs: the settings that apply to its variant, as given, and what `auto` resolved to.
+    `TrainConfig.from_params` fills the others from their defaults, which is what the variant ignored."""
+    params = {k: v for k, v in given.to_params().items() if applies(given, k)}
+    params.update({f"resolved_{name}": str(getattr(resolved, name)) for name in ("epochs", "patience", "kl_warmup")
+                   if applies(given, name)})
+    return params
+
+
+RANDOM_NAME = re.compile(r"^[a-z]+-[a-z]+-\d{1,4}$")  # MLflow's own run names: `angry-bug-231`
+
+
+def pick_run_name(config: TrainConfig, options: TrackingOptions, experiment_id: str | None) -> str | None:
+    """--run-name, else a name that says what the run is (`vae-normal-z8-digits`, `-2` where taken)."""
+    if options.run_name or experiment_id is None:
+        return options.run_name
+    return describe.run_name(config, mlflow.MlflowClient(), experiment_id)
+
+
+def rename_random_run(run, config: TrainConfig, options: TrackingOptions) -> None:
+    """A run that `mlflow run` created keeps a name given with its --run-name; MLflow's random name is replaced."""
+    if options.run_name or not RANDOM_NAME.match(run.info.run_name or ""):
+        return
+    if "MLFLOW_RUN_ID" in os.environ and os.environ["MLFLOW_RUN_ID"] == run.info.run_id:
+        mlflow.set_tag(describe.RUN_NAME, describe.run_name(config, mlflow.MlflowClient(), run.info.experiment_id))
+
+
+def describe_run(run_id: str, config: TrainConfig, data: Splits, history: History, registered: str | None,
+                 version) -> None:
+    """The run's description, and its model version's description and tags."""
+    client = mlflow.MlflowClient()
+    text = describe.run_description(
+        config, train_images=len(data.train_x), val_images=len(data.val_x), best_val_loss=history.best_val_loss,
+        best_epoch=history.best_epoch, epochs_run=len(history.epochs), stopped_early=history.stopped_early,
+        registered=None if version is None else f"models:/{registered}/{version}")
+    client.set_tag(run_id, describe.NOTE, text)
+    if version is not None:
+        describe_version(client, registered, str(version), client.get_run(run_id), text)
+
+
 def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *, data_dir: str | None = None,
                   progress: bool = True, callbacks: tuple = (), parent_run_id: str | None = None,
                   tags: dict[str, str] | None = None) -> RunResult:
@@ -167,16 +243,17 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
     if parent_run_id:
         experiment_id = mlflow.get_run(parent_run_id).info.experiment_id
     elif "MLFLOW_RUN_ID" not in os.environ:
-        mlflow.set_experiment(options.experiment)
+        experiment_id = mlflow.set_experiment(options.experiment).experiment_id
+        describe.describe_experiment(mlflow.MlflowClient(), experiment_id)
     variant = REGISTRY[config.model]
     given, config = config, config.resolve(len(data.train_x))
-    with mlflow.start_run(run_name=options.run_name, experiment_id=experiment_id, parent_run_id=parent_run_id,
-                          tags=tags) as run:
+    with mlflow.start_run(run_name=pick_run_name(config, options, experiment_id), experiment_id=experiment_id,
+                          parent_run_id=parent_run_id, tags=tags) as run:
         run_id = run.info.run_id
+        rename_random_run(run, config, options)
         # The settings as given (`mlflow run` logs its entry point's parameters under the same names, and a
         # logged param cannot change), and what `auto` resolved to beside them.
-        mlflow.log_params({**given.to_params(), **{f"resolved_{name}": str(getattr(config, name))
-                                                   for name in ("epochs", "patience", "kl_warmup")}})
+        mlflow.log_params(run_params(given, config))
         mlflow.set_tags({
             tag.MODEL: config.model,
             tag.MODEL_FAMILY: "variational" if variant.generative else "autoencoder",
@@ -188,6 +265,7 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
 
         log = MetricBuffer(run_id)
         epoch_images = EpochImages(data, config)
+        epoch_images.log_initial(config, data)
         try:
             model, history = fit(config, data, log=log, callbacks=(epoch_images, *callbacks),
                                  checkpoint_dir=Path(options.checkpoint_dir) / run_id, progress=progress)
@@ -195,9 +273,9 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
             log.flush()
             mlflow.flush_async_logging()
         epoch_images.log(history.best_epoch, model)  # the weights kept: the best epoch's
-        for key, picture in final_pictures(model, data, history, config.seed).items():
-            mlflow.log_image(picture, key=key, step=history.best_epoch)
-        mlflow.log_metrics({"best_val_loss": history.best_val_loss, "best_epoch": history.best_epoch})
+        for key, picture in {**epoch_images.pictures(model), **final_pictures(model, data, history, config.seed)}.items():
+            mlflow.log_image(picture, key=image_key(FINAL_IMAGES, key), step=FINAL_STEP)
+        mlflow.log_metrics({names.BEST_VAL_LOSS: history.best_val_loss, names.BEST_EPOCH: history.best_epoch})
         mlflow.set_tag(tag.STOPPED_EARLY, str(history.stopped_early).lower())
 
         extra = {}
@@ -207,7 +285,7 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
             extra = sampler.state()
             grid = images.sample_grid(model, torch.Generator().manual_seed(config.seed), conditional=False,
                                       num_classes=data.num_classes, sampler=sampler)
-            mlflow.log_image(grid, key="samples", step=history.best_epoch)
+            mlflow.log_image(grid, key=image_key(FINAL_IMAGES, "samples"), step=FINAL_STEP)
         info = modelio.ModelInfo(config, data.shape, data.classes)
         name = None
         if options.register and (variant.generative or options.registered_model):
@@ -216,6 +294,7 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
             model_dir = modelio.save(model, info, Path(tmp) / "aetrack-model", extra)
             logged = log_generator(model_dir, registered_model_name=name)
         version = getattr(logged, "registered_model_version", None)  # absent when nothing was registered
+        describe_run(run_id, config, data, history, name, version)
         result = RunResult(run_id, run.info.experiment_id, mlflow.get_tracking_uri(), f"runs:/{run_id}/model",
                            name, None if version is None else str(version), history, logged.model_uri)
     return result
