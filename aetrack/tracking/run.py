@@ -36,9 +36,9 @@ IMAGE_STEPS = 50  # at most this many steps per image key: the UI's step slider 
 
 
 def image_epochs(epochs: int) -> set[int]:
-    """The epochs whose pictures are logged during training: the first and every k-th, at most IMAGE_STEPS - 1
-    (the best epoch's pictures, logged at the end, may add one)."""
-    every = max(1, math.ceil(epochs / (IMAGE_STEPS - 2)))
+    """The epochs whose pictures are logged during training: the first and every k-th, at most IMAGE_STEPS - 2
+    (step 0, before training, and the best epoch's pictures, logged at the end, add up to two)."""
+    every = max(1, math.ceil(epochs / (IMAGE_STEPS - 3)))
     return {1} | set(range(every, epochs + 1, every))
 
 
@@ -213,9 +213,7 @@ def pick_run_name(config: TrainConfig, options: TrackingOptions, experiment_id: 
 
 def rename_random_run(run, config: TrainConfig, options: TrackingOptions) -> None:
     """A run that `mlflow run` created keeps a name given with its --run-name; MLflow's random name is replaced."""
-    if options.run_name or not RANDOM_NAME.match(run.info.run_name or ""):
-        return
-    if "MLFLOW_RUN_ID" in os.environ and os.environ["MLFLOW_RUN_ID"] == run.info.run_id:
+    if not options.run_name and RANDOM_NAME.match(run.info.run_name or ""):
         mlflow.set_tag(describe.RUN_NAME, describe.run_name(config, mlflow.MlflowClient(), run.info.experiment_id))
 
 
@@ -295,6 +293,6 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
             logged = log_generator(model_dir, registered_model_name=name)
         version = getattr(logged, "registered_model_version", None)  # absent when nothing was registered
         describe_run(run_id, config, data, history, name, version)
-        result = RunResult(run_id, run.info.experiment_id, mlflow.get_tracking_uri(), f"runs:/{run_id}/model",
+        result = RunResult(run_id, run.info.experiment_id, mlflow.get_tracking_uri(), f"runs:/{run_id}/{config.model}",
                            name, None if version is None else str(version), history, logged.model_uri)
     return result
