@@ -72,6 +72,23 @@ def use_tracking_uri(uri: str | None) -> None:
         mlflow.set_tracking_uri(uri)
 
 
+def ui_hint(tracking_uri: str, page: str) -> str:
+    """How to look at `page` (`#/experiments/1/runs/ID`): a tracking server's URL opens in the browser as it is;
+    a local store (sqlite:///..., a folder) needs `mlflow ui` started on it first."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri.rstrip('/')}/{page}"
+    import shutil
+    import sys
+    from pathlib import Path
+
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    command = "mlflow"
+    if mlflow_bin.exists() and shutil.which("mlflow") != str(mlflow_bin):  # the venv is not activated
+        relative = os.path.relpath(mlflow_bin)
+        command = relative if not relative.startswith("..") else str(mlflow_bin)
+    return f"{command} ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000/{page})"
+
+
 def auto_epochs_help() -> str:
     """What `--epochs auto` resolves to on each data set, at the default batch size and validation fraction."""
     default = TrainConfig()
