@@ -6,7 +6,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
+import sys
 import typing
+import warnings
+from pathlib import Path
 
 import click
 
@@ -37,6 +41,33 @@ def friendly_errors(func):
             raise click.ClickException(f"{type(err).__name__}: {message}") from None
 
     return wrapper
+
+
+# MLflow's warnings that an aetrack user cannot act on: aetrack's models are "models from code" with a signature
+# (no type hints needed) and the reference classifier is logged without an input example on purpose.
+UNACTIONABLE_WARNINGS = (r".*Add type hints to the `predict` method", r".*An input example was not provided")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def tidy_warnings(stream=None) -> None:
+    """Drop MLflow's unactionable warnings; show the others on one line, `warning: ...`, in yellow on a terminal
+    and without MLflow's raw colour codes elsewhere (a log file, CI)."""
+    for pattern in UNACTIONABLE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        out = file or stream or sys.stderr
+        text = ANSI.sub("", str(message)).strip()
+        if any(re.match(pattern, text) for pattern in UNACTIONABLE_WARNINGS):  # MLflow may reset the filters
+            return
+        if getattr(out, "isatty", lambda: False)():
+            text = f"\x1b[33m{text}\x1b[0m"
+        try:
+            out.write(f"warning: {text} ({category.__name__}, {Path(filename).name}:{lineno})\n")
+        except OSError:
+            pass
+
+    warnings.showwarning = show
 
 
 def apply(options):
