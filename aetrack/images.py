@@ -72,11 +72,16 @@ def label(picture: Image.Image, row_height: int, row_labels: list[str], title: s
     return out
 
 
-def rows(*blocks: torch.Tensor, labels: tuple[str, ...] | None = None) -> Image.Image:
-    """Each block of n images becomes one row, named by `labels`: input over reconstruction; noisy, output and
-    clean for a dae."""
+def rows(*blocks: torch.Tensor, labels: tuple[str, ...] | None = None, per_row: int = IMAGE_ROWS) -> Image.Image:
+    """Blocks of n images, `per_row` at a time, one row per block, named by `labels`: input over reconstruction
+    (four times for 32 images: a square picture, which MLflow's thumbnails show large); noisy, output and clean
+    for a dae."""
     n = blocks[0].shape[0]
-    return grid(torch.cat(blocks), nrow=n, row_labels=list(labels) if labels else None)
+    if n % per_row:
+        per_row = n
+    chunks = [block[start:start + per_row] for start in range(0, n, per_row) for block in blocks]
+    row_labels = list(labels) * (n // per_row) if labels else None
+    return grid(torch.cat(chunks), nrow=per_row, row_labels=row_labels)
 
 
 @torch.no_grad()

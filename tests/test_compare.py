@@ -41,7 +41,7 @@ def log_run(client, experiment_id: str, name: str, *, model: str, latent_dim: in
     client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()],
                      metrics=[Metric(k, v, 0, 0) for k, v in (metrics or {}).items()])
     for step, level in training_samples:
-        client.log_image(run_id, picture(level), key="epochs/samples", step=step)
+        client.log_image(run_id, picture(level), key="progress/samples", step=step)
     if evaluation_samples is not None:
         client.log_image(run_id, picture(evaluation_samples), artifact_file="evaluation/samples.png")
     client.set_terminated(run_id, status)

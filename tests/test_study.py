@@ -94,6 +94,6 @@ def test_a_long_run_logs_each_image_key_at_most_fifty_times(tmp_path):
         parts = re.split("[%+]", artifact.path.rsplit("/", 1)[-1].replace("~", "/"))
         if artifact.path.endswith(".png") and "compressed" not in artifact.path:
             steps.setdefault(parts[0], set()).add(int(parts[2]))
-    for key in ("epochs/reconstructions", "epochs/samples"):
+    for key in ("progress/reconstructions", "progress/samples"):
         assert {0, 1, result.history.best_epoch} <= steps[key]
         assert 30 <= len(steps[key]) <= IMAGE_STEPS

@@ -67,33 +67,33 @@ def test_every_variant_trains_and_lands_in_mlflow(name, mlflow_server):
 
     # Metric histories: the batch loss every few optimiser steps; per epoch (step = epoch) the training and
     # validation losses and the validation loss's parts.
-    batch_loss = client.get_metric_history(run_id, "batch/loss")
+    step_loss = client.get_metric_history(run_id, "steps/loss")
     steps_per_epoch = -(-int(1797 * 0.8 * 0.9) // 64)
-    assert len(batch_loss) >= 2 * steps_per_epoch // 5
-    assert [m.step for m in batch_loss] == sorted(m.step for m in batch_loss)
-    assert [m.step for m in client.get_metric_history(run_id, "val/loss")] == [1, 2]
-    assert [m.step for m in client.get_metric_history(run_id, "train/loss")] == [1, 2]
-    assert len(client.get_metric_history(run_id, "batch/recon_loss")) == len(batch_loss)
+    assert len(step_loss) >= 2 * steps_per_epoch // 5
+    assert [m.step for m in step_loss] == sorted(m.step for m in step_loss)
+    assert [m.step for m in client.get_metric_history(run_id, "loss/val")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run_id, "loss/train")] == [1, 2]
+    assert len(client.get_metric_history(run_id, "steps/recon_loss")) == len(step_loss)
     for key in ("system/epoch_time", "system/samples_per_sec", "optim/lr", "val/recon_loss", "val/best_loss",
                 "val/best_epoch"):
         assert key in run.data.metrics, key
     if REGISTRY[name].generative:
-        assert "batch/kl" in run.data.metrics and "val/kl" in run.data.metrics
+        assert "steps/kl" in run.data.metrics and "val/kl" in run.data.metrics
     if name == "m2":
-        assert "batch/classifier_loss" in run.data.metrics and "val/error" in run.data.metrics
+        assert "steps/classifier_loss" in run.data.metrics and "val/error" in run.data.metrics
     if name in ("sae", "cae"):
-        assert "batch/penalty" in run.data.metrics
+        assert "steps/penalty" in run.data.metrics
 
     # Images with steps: per-epoch reconstructions (and samples) from step 0, final pictures at one step.
     keys = image_keys(client, run_id)
-    assert {"epochs/reconstructions", "final/reconstructions", "final/samples", "final/interpolation",
-            "final/latent_2d", "final/loss_curves"} <= keys, keys
-    assert REGISTRY[name].generative == ("epochs/samples" in keys)
+    assert {"progress/reconstructions", "result/reconstructions", "result/samples", "result/interpolation",
+            "result/latent_2d", "result/loss_curves"} <= keys, keys
+    assert REGISTRY[name].generative == ("progress/samples" in keys)
     steps = {image_name(a.path)[0]: set() for a in client.list_artifacts(run_id, "images")}
     for a in client.list_artifacts(run_id, "images"):
         steps[image_name(a.path)[0]].add(image_name(a.path)[2])
-    assert steps["epochs/reconstructions"] == {"0", "1", "2"}
-    assert all(steps[key] == {"0"} for key in keys if key.startswith("final/"))
+    assert steps["progress/reconstructions"] == {"0", "1", "2"}
+    assert all(steps[key] == {"0"} for key in keys if key.startswith("result/"))
 
     # The data set as an MLflow input.
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["digits"]
@@ -137,7 +137,7 @@ def test_a_run_is_reproducible_with_its_seed(tmp_path):
     first, _ = train(["--model", "vae", *TINY, "--tracking-uri", uri, "--no-register", "--seed", "3"])
     second, _ = train(["--model", "vae", *TINY, "--tracking-uri", uri, "--no-register", "--seed", "3"])
     client = MlflowClient(uri)
-    loss = [[m.value for m in client.get_metric_history(run, "val/loss")] for run in (first, second)]
+    loss = [[m.value for m in client.get_metric_history(run, "loss/val")] for run in (first, second)]
     assert loss[0] == loss[1]
 
 
@@ -162,7 +162,7 @@ def test_mlflow_run_uses_one_run_with_the_metrics(tmp_path):
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.params["prior"] == "mog" and run.data.params["latent_dim"] == "2"
-    assert len(client.get_metric_history(run.info.run_id, "val/loss")) == 2
-    assert "epochs/reconstructions" in image_keys(client, run.info.run_id)
+    assert len(client.get_metric_history(run.info.run_id, "loss/val")) == 2
+    assert "progress/reconstructions" in image_keys(client, run.info.run_id)
     assert run.info.run_name == "vae-mog-z2-digits"  # MLflow's random name, replaced
     assert client.search_model_versions("name='aetrack-digits-vae'")[0].run_id == run.info.run_id

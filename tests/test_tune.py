@@ -201,7 +201,7 @@ def test_two_worker_processes_share_one_study_tracked_in_mlflow(postgres_url, ml
         assert run.info.run_id == trial.user_attrs["mlflow_run_id"]
         assert float(run.data.params["lr"]) == pytest.approx(trial.params["lr"])
         assert len(client.get_metric_history(run.info.run_id, "val/neg_elbo")) == 2
-        assert any(a.path.startswith("images/epochs~reconstructions") for a in client.list_artifacts(run.info.run_id, "images"))
+        assert any(a.path.startswith("images/progress~reconstructions") for a in client.list_artifacts(run.info.run_id, "images"))
 
     # The champion is the best trial's registered version, and the parent says so.
     champion = client.get_model_version_by_alias(model, "champion")

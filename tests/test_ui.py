@@ -71,7 +71,10 @@ def test_params_are_the_settings_that_apply_and_rebuild_the_config(name):
     for field in dataclasses.fields(TrainConfig):
         scope = field.metadata["scope"]
         assert (field.name in params) == (scope is None or scope in REGISTRY[name].scopes), field.name
-    assert ("resolved_kl_warmup" in params) == ("variational" in REGISTRY[name].scopes)
+    assert ("resolved_kl_warmup" in params) == ("variational" in REGISTRY[name].scopes)  # kl_warmup: auto
+    assert "resolved_epochs" in params and "resolved_patience" in params
+    explicit = TrainConfig(model=name, epochs=5, patience=2)
+    assert "resolved_epochs" not in run_params(explicit, explicit.resolve(1000))  # epochs=5 says it all
     assert TrainConfig.from_params(params) == config  # the settings left out are the defaults the variant ignores
 
 
@@ -99,6 +102,8 @@ def test_grids_are_at_least_512_pixels_wide_sharp_and_labelled():
     assert mnist.width >= images.MIN_GRID_WIDTH
     labelled = images.rows(digits8[:8], digits8[8:], labels=images.RECONSTRUCTION_ROWS)
     assert labelled.width > images.grid(digits8, 8).width  # a margin for the row names
+    square = images.rows(torch.rand(32, 1, 8, 8), torch.rand(32, 1, 8, 8), labels=images.RECONSTRUCTION_ROWS)
+    assert 0.6 < square.height / square.width < 1.2  # 8 rows of 8: MLflow's thumbnails show it large
     assert labelled.convert("L").getpixel((2, labelled.height // 4)) == 255  # the margin is white, with dark text in it
     assert min(labelled.convert("L").crop((0, 0, labelled.width - picture.width, labelled.height)).getdata()) < 100
 
@@ -112,7 +117,7 @@ OLD_READ = re.compile(r"""(data\.metrics\[|data\.metrics\.get\(|get_metric_histo
 
 def test_no_code_reads_a_metric_by_a_name_spelt_out():
     """Metric names come from aetrack.tracking.metric_names: a reader that spells `val_loss` out asks MLflow for
-    a metric that no run has (train logs `val/loss`)."""
+    a metric that no run has (train logs `loss/val`)."""
     offenders = []
     for path in [*(REPO / "aetrack").rglob("*.py"), *(REPO / "benchmarks").glob("*.py")]:
         for number, line in enumerate(path.read_text().splitlines(), 1):

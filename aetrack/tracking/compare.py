@@ -35,9 +35,9 @@ from aetrack.tracking import tags
 # Settings that never describe a run's model (how it was logged or where it ran).
 IGNORED_PARAMS = {"device", "log_every"}
 COMPARISONS_SUFFIX = "-comparisons"  # comparison runs live in `<experiment>-comparisons`
-# Training's sample grids: images/<key><sep>step<sep>N<sep>timestamp<sep>T<sep>....png, the keys `final/samples` and
-# `epochs/samples` (stored as `final~samples`, `epochs~samples`), or `samples` as older runs logged them.
-_SAMPLES = re.compile(r"^(final~samples|epochs~samples|samples)[+%]step[+%](\d+)[+%]timestamp[+%](\d+)[+%][^/]*(?<!compressed)\.png$")
+# Training's sample grids: images/<key><sep>step<sep>N<sep>timestamp<sep>T<sep>....png, the keys `result/samples` and
+# `progress/samples` (stored as `result~samples`, `progress~samples`), or `samples` as older runs logged them.
+_SAMPLES = re.compile(r"^(result~samples|progress~samples|samples)[+%]step[+%](\d+)[+%]timestamp[+%](\d+)[+%][^/]*(?<!compressed)\.png$")
 
 
 @dataclass
@@ -269,14 +269,14 @@ def series(rows: list[Row], metric: str, by: str, others: list[str]) -> dict[str
 
 
 def sample_grid(client, run_id: str):
-    """The run's evaluation sample grid, else the end-of-training one (`final/samples`), else the last `samples`
+    """The run's evaluation sample grid, else the end-of-training one (`result/samples`), else the last `samples`
     image its training logged; None if it has none."""
     from PIL import Image
 
     evaluation = [a.path for a in client.list_artifacts(run_id, "evaluation")]
     path = "evaluation/samples.png" if "evaluation/samples.png" in evaluation else None
     if path is None:
-        logged = [(m[1].startswith("final"), int(m[2]), int(m[3]), a.path) for a in client.list_artifacts(run_id, "images")
+        logged = [(m[1].startswith("result"), int(m[2]), int(m[3]), a.path) for a in client.list_artifacts(run_id, "images")
                   if (m := _SAMPLES.match(Path(a.path).name))]
         path = max(logged)[3] if logged else None
     if path is None:

@@ -99,17 +99,19 @@ def with_test_figures(description: str, metrics: dict[str, float]) -> str:
 def note_evaluation(client, run_id: str) -> None:
     """After `aetrack evaluate`: the run's description and its model versions' tags gain the key test figures."""
     run = client.get_run(run_id)
-    client.set_tag(run_id, NOTE, with_test_figures(run.data.tags.get(NOTE, ""), run.data.metrics))
+    note = with_test_figures(run.data.tags.get(NOTE, ""), run.data.metrics)
+    client.set_tag(run_id, NOTE, note)
     from aetrack.tracking.registry import tag_versions_of_run
 
-    tag_versions_of_run(client, run_id, run.data.metrics)
+    tag_versions_of_run(client, run_id, run.data.metrics, description=note)
 
 
 def experiment_description(name: str) -> str:
-    return (f"aetrack training runs (`aetrack train --experiment {name}`), named variant-prior-latent-dataset. "
-            "Charts: `train/` and `val/` per epoch, `batch/` per optimiser step, `test/` after `aetrack evaluate`. "
-            f"Compare them with `aetrack compare --experiment {name}`; reports go to the experiment "
-            f"`{name}-comparisons`.")
+    return (f"Autoencoders trained by `aetrack train --experiment {name}`; compare them with "
+            f"`aetrack compare --experiment {name}` (reports go to `{name}-comparisons`).  \n"
+            "Run names: variant, its settings, latent size, data set (`vae-normal-z8-digits`). Chart sections: "
+            "`loss` (train and val per epoch), `progress` (pictures per epoch, from 0), `result` (pictures of the "
+            "kept weights), `steps` (per optimiser step), `test` (after `aetrack evaluate`), `val` (the loss's parts).")
 
 
 def describe_experiment(client, experiment_id: str) -> None:

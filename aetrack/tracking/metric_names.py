@@ -1,12 +1,16 @@
-"""Every metric name aetrack logs to MLflow, once. Names are grouped with MLflow's `/` convention, so that the
-UI's chart view makes one section per group:
+"""Every metric name aetrack logs to MLflow, once. Names are grouped with MLflow's `/` convention: the UI's chart
+view makes one section per group, in alphabetical order, so the names put the losses first:
 
-- `train/loss`, `val/<part>`: per epoch, step = epoch (the same steps as the per-epoch images), so runs with
-  different batch sizes line up; `val/best_loss` and `val/best_epoch` once at the end.
-- `batch/<part>`: the training loss and its parts averaged over the last `--log-every` batches, step = the
-  optimiser step.
-- `optim/lr`, `optim/kl_scale`, `system/epoch_time`, `system/samples_per_sec`: per epoch.
-- `test/<name>`: written by `aetrack evaluate`.
+- `loss/train`, `loss/val`: the training loss (mean over the epoch's batches) and the validation loss, per epoch
+  (step = epoch, the same steps as the per-epoch pictures), so runs with different batch sizes line up;
+- `optim/lr`, `optim/kl_scale`: per epoch;
+- `steps/<part>`: the training loss and its parts averaged over the last `--log-every` batches, step = the
+  optimiser step;
+- `test/<name>`: written by `aetrack evaluate`;
+- `val/<part>`: the validation loss's parts per epoch; `val/best_loss` and `val/best_epoch` once at the end;
+- `system/epoch_time`, `system/samples_per_sec`: per epoch, in the run page's "System metrics" tab.
+
+Pictures (`aetrack.tracking.run`) follow the same rule: `progress/*` per epoch, `result/*` at the end.
 
 The training loop knows nothing of MLflow and keeps its own flat keys (`val_loss`, `train_recon_loss`,
 `train_epoch_loss`, ...: what `aetrack tune --metric` names); `logged()` maps them here, at the boundary.
@@ -14,31 +18,33 @@ Readers (compare, tune, models, studies, benchmarks) take names from this module
 
 from __future__ import annotations
 
-# The training loop's epoch keys that are not losses: where they go.
+TRAIN_LOSS, VAL_LOSS = "loss/train", "loss/val"
+# The training loop's epoch keys that are not parts of a loss: where they go.
 EPOCH_KEYS = {
-    "train_epoch_loss": "train/loss",
+    "train_epoch_loss": TRAIN_LOSS,
+    "val_loss": VAL_LOSS,
     "lr": "optim/lr",
     "kl_scale": "optim/kl_scale",
     "epoch_time": "system/epoch_time",
     "samples_per_sec": "system/samples_per_sec",
 }
 EPOCH = "epoch"                      # the training loop's epoch number: the step of every epoch-level metric
-TRAIN_LOSS, VAL_LOSS = "train/loss", "val/loss"
 BEST_VAL_LOSS, BEST_EPOCH = "val/best_loss", "val/best_epoch"
 EPOCH_TIME = "system/epoch_time"
 TEST_PREFIX = "test/"
+GROUPS = {"train": "steps", "val": "val", "test": "test"}  # the loop's key prefix -> its MLflow group
 
 
 def logged(key: str) -> str:
-    """The MLflow name of the training loop's key `key` (`val_neg_elbo` -> `val/neg_elbo`,
-    `train_kl` -> `batch/kl`, `train_epoch_loss` -> `train/loss`); a name with a `/` is already one."""
+    """The MLflow name of the training loop's key `key` (`val_neg_elbo` -> `val/neg_elbo`, `val_loss` ->
+    `loss/val`, `train_kl` -> `steps/kl`, `train_epoch_loss` -> `loss/train`); a name with a `/` is already one."""
     if "/" in key:
         return key
     if key in EPOCH_KEYS:
         return EPOCH_KEYS[key]
     group, _, rest = key.partition("_")
-    if rest and group in ("train", "val", "test"):
-        return f"{'batch' if group == 'train' else group}/{rest}"
+    if rest and group in GROUPS:
+        return f"{GROUPS[group]}/{rest}"
     return key
 
 

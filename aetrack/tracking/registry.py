@@ -31,11 +31,14 @@ def describe_version(client, name: str, version: str, run, description: str) -> 
         client.update_registered_model(name, registered_model_description(name, TrainConfig.from_params(run.data.params)))
 
 
-def tag_versions_of_run(client, run_id: str, metrics: dict[str, float]) -> None:
-    """After evaluation: every registered version of `run_id`'s model gains the run's key test figures."""
+def tag_versions_of_run(client, run_id: str, metrics: dict[str, float], description: str | None = None) -> None:
+    """After evaluation: every registered version of `run_id`'s model gains the run's key test figures (and the
+    run's description with them)."""
     for version in client.search_model_versions(f"run_id = '{run_id}'"):
         for key, value in version_tags(metrics).items():
             client.set_model_version_tag(version.name, version.version, key, value)
+        if description:
+            client.update_model_version(version.name, version.version, description=description)
 
 
 def promote(client, name: str, version: str, alias: str) -> None:

@@ -67,12 +67,12 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
-EPOCH_IMAGES, FINAL_IMAGES = "epochs/", "final/"  # image keys: a section each in the UI's chart view
+EPOCH_IMAGES, FINAL_IMAGES = "progress/", "result/"  # image keys: a section each in the UI's chart view
 FINAL_STEP = 0  # every run's end-of-training pictures share one step, so that an image card shows them all
 
 
 def image_key(prefix: str, name: str) -> str:
-    """`epochs/reconstructions` (step = epoch, from 0 before training) or `final/samples` (step FINAL_STEP)."""
+    """`progress/reconstructions` (step = epoch, from 0 before training) or `result/samples` (step FINAL_STEP)."""
     return prefix + name
 
 
@@ -82,7 +82,8 @@ class EpochImages:
 
     def __init__(self, data: Splits, config: TrainConfig):
         self.variant = REGISTRY[config.model]
-        self.x, self.y = data.val_x[:IMAGE_ROWS], data.val_y[:IMAGE_ROWS]
+        groups = 2 if self.variant.denoising else 4  # input/output rows, repeated: a square picture
+        self.x, self.y = data.val_x[:IMAGE_ROWS * groups], data.val_y[:IMAGE_ROWS * groups]
         self.num_classes, self.seed = data.num_classes, config.seed
         self.epochs, self.logged = image_epochs(config.epochs), set()
 
@@ -193,11 +194,12 @@ def applies(config: TrainConfig, name: str) -> bool:
 
 
 def run_params(given: TrainConfig, resolved: TrainConfig) -> dict[str, str]:
-    """The params a run logs: the settings that apply to its variant, as given, and what `auto` resolved to.
-    `TrainConfig.from_params` fills the others from their defaults, which is what the variant ignored."""
+    """The params a run logs: the settings that apply to its variant, as given, and what each `auto` resolved to
+    (`resolved_epochs` beside `epochs` = `auto`). `TrainConfig.from_params` fills the others from their defaults,
+    which is what the variant ignored."""
     params = {k: v for k, v in given.to_params().items() if applies(given, k)}
     params.update({f"resolved_{name}": str(getattr(resolved, name)) for name in ("epochs", "patience", "kl_warmup")
-                   if applies(given, name)})
+                   if applies(given, name) and getattr(given, name) is None})
     return params
 
 
