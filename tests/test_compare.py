@@ -88,7 +88,7 @@ def test_report_holds_every_selected_run_and_is_logged_self_contained(mlflow_ser
     assert {"comparison/report.html", "comparison/report.md", "comparison/images"} <= logged
     html_text = Path(client.download_artifacts(report_run, "comparison/report.html", str(tmp_path / "dl"))).read_text()
     assert sorted(table_run_ids(html_text)) == sorted(ids.values())  # every run once; the failed and the old report left out
-    assert "<td class='text'>mse</td><td class='text'>lower</td>" in html_text and "<td class='text'>fcd</td>" in html_text
+    assert "<td class='text'>mse</td><td class='text'>lower is better</td>" in html_text and "<td class='text'>fcd</td>" in html_text
     assert "latent_dim" in html_text and "max-width:1100px" in html_text
     # Self-contained: every picture is inline and decodes; one figure per group of metrics (mse: reconstruction,
     # fcd: generation) against latent_dim, and a sample grid per run (these runs logged no loss curves).
@@ -187,7 +187,7 @@ def test_unevaluated_runs_are_named_bars_only_compare_several_runs_and_each_metr
     assert set(report.plots) == {"generation", "representation"}
     header, body, best = compare.metrics_table(report)
     row = {cells[0]: (cells, marks) for cells, marks in zip(body, best)}
-    assert row["fcd"][0][1] == "lower" and row["probe_accuracy"][0][1] == "higher"
+    assert row["fcd"][0][1] == "lower is better" and row["probe_accuracy"][0][1] == "higher is better"
     assert row["fraction_near_zero"][0][1] == ""
     fcd_cells, fcd_best = row["fcd"]
     assert [c for c, b in zip(fcd_cells, fcd_best) if b] == ["10"]  # the lower FCD is the better one

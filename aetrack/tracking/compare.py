@@ -32,8 +32,9 @@ from aetrack.models import REGISTRY
 from aetrack.tracking import metric_names as names
 from aetrack.tracking import tags
 
-# Settings that never describe a run's model (how it was logged or where it ran).
+# Settings that never describe a run's model (how it was logged or where it ran), and what `auto` resolved to.
 IGNORED_PARAMS = {"device", "log_every"}
+RESOLVED = "resolved_"
 COMPARISONS_SUFFIX = "-comparisons"  # comparison runs live in `<experiment>-comparisons`
 # Training's sample grids: images/<key><sep>step<sep>N<sep>timestamp<sep>T<sep>....png, the keys `result/samples` and
 # `progress/samples` (stored as `result~samples`, `progress~samples`), or `samples` as older runs logged them.
@@ -99,7 +100,8 @@ def comparison_experiment(client, experiment_id: str) -> str:
 def build_report(runs, *, by: str | None = None, metrics: tuple[str, ...] = (), client=None) -> Report:
     rows = [Row(r.info.run_id, r.info.run_name or r.info.run_id[:8], dict(r.data.params),
                 {k: v for k, v in r.data.metrics.items() if names.is_test(k)}) for r in runs]
-    keys = sorted(k for k in {k for row in rows for k in row.params} - IGNORED_PARAMS if applies(k, rows))
+    keys = sorted(k for k in {k for row in rows for k in row.params} - IGNORED_PARAMS
+                  if applies(k, rows) and not k.startswith(RESOLVED))
     varying = [k for k in keys if len({row.params.get(k) for row in rows}) > 1]
     common = {k: rows[0].params.get(k) for k in keys if k not in varying}
     if by and by not in keys:
@@ -110,7 +112,7 @@ def build_report(runs, *, by: str | None = None, metrics: tuple[str, ...] = (), 
     if missing:
         raise ConfigError(f"--metric {', '.join(missing)}: no selected run has it "
                           f"(evaluated metrics: {', '.join(present) or 'none; run aetrack evaluate first'})")
-    report = Report(rows, varying, common, wanted or present, by)
+    report = Report(rows, varying, common, wanted or sorted(present, key=group_order), by)
     others = [k for k in varying if k != by]
     for group, members in metric_groups(report.metrics).items():
         if by:
@@ -135,12 +137,20 @@ GROUPS = {
 }
 
 
+def group_of(metric: str) -> str:
+    base = names.short(metric)
+    return next((g for g, words in GROUPS.items() if any(w in base for w in words)), "other")
+
+
+def group_order(metric: str) -> tuple[int, str]:
+    return [*GROUPS, "other"].index(group_of(metric)), metric
+
+
 def metric_groups(metrics: list[str]) -> dict[str, list[str]]:
+    """The metrics by group, groups in GROUPS' order."""
     groups: dict[str, list[str]] = {}
-    for metric in metrics:
-        base = names.short(metric)
-        group = next((g for g, words in GROUPS.items() if any(w in base for w in words)), "other")
-        groups.setdefault(group, []).append(metric)
+    for metric in sorted(metrics, key=group_order):
+        groups.setdefault(group_of(metric), []).append(metric)
     return groups
 
 
@@ -210,6 +220,7 @@ def line_panel(ax, rows: list[Row], metric: str, by: str, others: list[str]) -> 
 def loss_curves(client, rows: list[Row], limit: int = 12):
     """The validation loss per epoch of (up to `limit` of) the compared runs, one line each; None without history."""
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     histories = [(row, client.get_metric_history(row.run_id, names.VAL_LOSS)) for row in rows[:limit]]
     histories = [(row, sorted((m.step, m.value) for m in h)) for row, h in histories if h]
@@ -223,6 +234,7 @@ def loss_curves(client, rows: list[Row], limit: int = 12):
     low, high = min(finals), max(finals)
     ax.set_ylim(low - 0.05 * (high - low or 1), high + 0.2 * (high - low or 1))
     ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_ylabel(f"{names.VAL_LOSS} (lower is better)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2 if len(histories) > 6 else 1)
@@ -240,7 +252,7 @@ def applies(param: str, rows: list[Row]) -> bool:
 
 
 def caption(row: Row, varying: list[str]) -> str:
-    settings = ", ".join(f"{k}={row.params.get(k)}" for k in varying)
+    settings = ", ".join(f"{k}={row.params[k]}" for k in varying if k in row.params)
     return f"{row.name}" + (f" ({settings})" if settings else "")
 
 
@@ -314,7 +326,8 @@ def metrics_table(report: Report) -> tuple[list[str], list[list[str]], list[list
         known = [v for v in values if v is not None]
         pick = {"higher": max, "lower": min}.get(names.better(metric))
         top = pick(known) if pick and len(known) > 1 else None
-        body.append([names.short(metric), names.better(metric) or "", *(_value(v) for v in values)])
+        body.append([names.short(metric), better_label(metric) if names.better(metric) else "",
+                     *(_value(v) for v in values)])
         best.append([False, False, *(v is not None and v == top for v in values)])
     return header, body, best
 
