@@ -137,8 +137,8 @@ def write_markdown(results: dict) -> None:
         t = results["timing"]
         lines += ["## `aetrack train`, no options", "",
                   f"- whole command {t['command_seconds']} s, training {t['training_seconds']} s over {t['epochs_run']} epochs",
-                  f"- test_active_units {t['test_active_units']:.0f} of 8, test_fcd {t['test_fcd']:.1f}, "
-                  f"test_nll_iw {t['test_nll_iw']:.2f} nats (run {t['run_id']})", ""]
+                  f"- test/active_units {t['test_active_units']:.0f} of 8, test/fcd {t['test_fcd']:.1f}, "
+                  f"test/nll_iw {t['test_nll_iw']:.2f} nats (run {t['run_id']})", ""]
     targets_done = results.get("targets", {})
     if "cvae" in targets_done or "m2" in targets_done:
         lines += ["## Conditional and semi-supervised defaults", ""]
@@ -171,14 +171,14 @@ def readme_block(results: dict) -> str:
         load = t.get("machine", {}).get("load_average_1m")
         lines += [f"| `aetrack train`, no options: training time | at most 90 s | {t['training_seconds']:.0f} s "
                   f"({t['epochs_run']} epochs, early stop; whole command {t['command_seconds']:.0f} s, load average {load}) |",
-                  f"| its `test_active_units` | at least 3 of 8 | {t['test_active_units']:.0f} |",
-                  f"| its `test_fcd` | at most 60 | {t['test_fcd']:.1f} |"]
+                  f"| its `test/active_units` | at least 3 of 8 | {t['test_active_units']:.0f} |",
+                  f"| its `test/fcd` | at most 60 | {t['test_fcd']:.1f} |"]
     targets_done = results.get("targets", {})
     if "cvae" in targets_done:
-        lines.append(f"| `aetrack train --model cvae`: `test_label_accuracy` | at least 0.95 | "
+        lines.append(f"| `aetrack train --model cvae`: `test/label_accuracy` | at least 0.95 | "
                      f"{targets_done['cvae']['test'][names.test('label_accuracy')]:.3f} |")
     if "m2" in targets_done:
-        lines.append(f"| `aetrack train --model m2` (100 labels): `test_error` | at most 0.20 | "
+        lines.append(f"| `aetrack train --model m2` (100 labels): `test/error` | at most 0.20 | "
                      f"{targets_done['m2']['test'][names.test('error')]:.3f} |")
     found = results.get("convergence", {})
     rows = {k: found[k] for k in VARIANTS if "longer" in found.get(k, {})}
