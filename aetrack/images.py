@@ -4,6 +4,7 @@ Every function returns a PIL image, ready for `mlflow.log_image`."""
 from __future__ import annotations
 
 import io
+import math
 
 import matplotlib
 
@@ -16,25 +17,71 @@ from torchvision.utils import make_grid  # noqa: E402
 
 from aetrack.samplers import generate  # noqa: E402
 
-MIN_TILE = 28  # 8x8 digits are upscaled to be visible
+MIN_GRID_WIDTH = 512  # MLflow's image cards and the compare report show a grid at up to this size: 8x8 digits need it
 IMAGE_ROWS = 8  # images per row in every grid of samples, reconstructions and interpolations
+PADDING = 2
+RECONSTRUCTION_ROWS = ("input", "reconstruction")
+DENOISING_ROWS = ("noisy input", "output", "clean")
 
 
-def grid(images: torch.Tensor, nrow: int = 8) -> Image.Image:
-    """(N, C, H, W) in [0, 1] -> one PIL grid, tiles upscaled to at least MIN_TILE pixels."""
+def tile_scale(width: int, nrow: int) -> int:
+    """The whole-number (nearest-neighbour) upscaling that makes a grid of `nrow` tiles at least MIN_GRID_WIDTH wide."""
+    return max(1, math.ceil(MIN_GRID_WIDTH / (nrow * width)))
+
+
+def grid(images: torch.Tensor, nrow: int = 8, *, row_labels: list[str] | None = None, title: str | None = None) -> Image.Image:
+    """(N, C, H, W) in [0, 1] -> one PIL grid, upscaled by whole pixels (nearest neighbour: no blur) to at least
+    MIN_GRID_WIDTH pixels wide; `row_labels` name the rows in a margin on the left, `title` goes above."""
     images = images.detach().float().cpu().clamp(0, 1)
-    scale = max(1, MIN_TILE // images.shape[-1])
+    scale = tile_scale(images.shape[-1], min(nrow, len(images)))
     if scale > 1:
         images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
-    tiles = make_grid(images, nrow=nrow, padding=2, pad_value=0.5)
+    tiles = make_grid(images, nrow=nrow, padding=PADDING, pad_value=0.5)
     array = (tiles.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
-    return Image.fromarray(array)
+    picture = Image.fromarray(array)
+    if row_labels or title:
+        picture = label(picture, images.shape[-2] + PADDING, row_labels or [], title)
+    return picture
 
 
-def rows(*blocks: torch.Tensor) -> Image.Image:
-    """Each block of n images becomes one row: inputs over reconstructions, noisy/output/clean for a dae."""
+def font(size: int):
+    from PIL import ImageFont
+
+    return ImageFont.load_default(size=size)
+
+
+def label(picture: Image.Image, row_height: int, row_labels: list[str], title: str | None) -> Image.Image:
+    """`picture` with a white margin: each row's label on the left, vertically centred, and a title on top."""
+    from PIL import ImageDraw
+
+    text = font(max(14, min(22, row_height // 3)))
+    measure = ImageDraw.Draw(Image.new("L", (1, 1)))
+    left = max((measure.textbbox((0, 0), t, font=text)[2] for t in row_labels), default=0)
+    left = left + 16 if row_labels else 0
+    top = text.size + 14 if title else 0
+    wide = measure.textbbox((0, 0), title, font=text)[2] + 12 if title else 0
+    out = Image.new(picture.mode, (max(picture.width + left, left + wide), picture.height + top), "white")
+    out.paste(picture, (left, top))
+    draw = ImageDraw.Draw(out)
+    ink = "black" if picture.mode == "RGB" else 0
+    for i, t in enumerate(row_labels):
+        centre = top + PADDING + i * row_height + (row_height - PADDING) // 2
+        draw.text((left - 8, centre), t, font=text, fill=ink, anchor="rm")
+    if title:
+        draw.text((left, 6), title, font=text, fill=ink)
+    return out
+
+
+def rows(*blocks: torch.Tensor, labels: tuple[str, ...] | None = None, per_row: int = IMAGE_ROWS) -> Image.Image:
+    """Blocks of n images, `per_row` at a time, one row per block, named by `labels`: input over reconstruction
+    (four times for 32 images: a square picture, which MLflow's thumbnails show large); noisy, output and clean
+    for a dae."""
     n = blocks[0].shape[0]
-    return grid(torch.cat(blocks), nrow=n)
+    if n % per_row:
+        per_row = n
+    chunks = [block[start:start + per_row] for start in range(0, n, per_row) for block in blocks]
+    row_labels = list(labels) * (n // per_row) if labels else None
+    return grid(torch.cat(chunks), nrow=per_row, row_labels=row_labels)
 
 
 @torch.no_grad()
@@ -43,7 +90,8 @@ def sample_grid(model, generator: torch.Generator, *, conditional: bool, num_cla
     device = next(model.parameters()).device
     labels = torch.arange(num_classes, device=device).repeat_interleave(IMAGE_ROWS) if conditional else None
     count = IMAGE_ROWS * IMAGE_ROWS if labels is None else len(labels)
-    return grid(generate(model, count, labels, generator, sampler=sampler), IMAGE_ROWS)
+    row_labels = [f"label {c}" for c in range(num_classes)] if conditional else None
+    return grid(generate(model, count, labels, generator, sampler=sampler), IMAGE_ROWS, row_labels=row_labels)
 
 
 def figure_to_image(fig) -> Image.Image:
@@ -90,11 +138,12 @@ def latent_plots(z: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, 
     return plots
 
 
-def curves(history: list[dict[str, float]], keys: list[str], title: str = "loss curves") -> Image.Image:
+def curves(history: list[dict[str, float]], keys: list[str], title: str = "loss curves",
+           labels: list[str] | None = None) -> Image.Image:
     fig, ax = plt.subplots(figsize=(6, 4))
     epochs = [h["epoch"] for h in history]
-    for key in keys:
-        ax.plot(epochs, [h[key] for h in history], marker="o", label=key)
+    for key, text in zip(keys, labels or keys):
+        ax.plot(epochs, [h[key] for h in history], marker="o" if len(epochs) <= 60 else None, label=text)
     ax.set_xlabel("epoch")
     ax.set_title(title)
     ax.legend()

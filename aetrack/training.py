@@ -163,7 +163,7 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
         order = torch.randperm(n_train, generator=generator, device=device)
         running: dict[str, torch.Tensor] = {}
         count, epoch_loss = 0, torch.zeros((), device=device)
-        bar = tqdm(range(per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+        bar = tqdm(range(per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=True if not progress else None, leave=False)  # None: no bar off a terminal
         for i in bar:
             x, y = draw(order[i * config.batch_size:(i + 1) * config.batch_size], generator)
             out = model(x, y, kl_scale=kl_scale(config, epoch + i / per_epoch))

@@ -22,6 +22,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from aetrack.tracking import metric_names as names
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 FILE = RESULTS / "defaults.json"
@@ -49,11 +51,11 @@ def train_and_evaluate(model: str, uri: str, *extra: str, evaluate: bool = True)
     output, seconds = aetrack("train", "--model", model, "--quiet", "--no-register", *extra, uri=uri)
     run_id = run_id_of(output)
     run = MlflowClient(uri).get_run(run_id)
-    history = MlflowClient(uri).get_metric_history(run_id, "epoch_time")
+    history = MlflowClient(uri).get_metric_history(run_id, names.EPOCH_TIME)
     record = {"run_id": run_id, "command_seconds": round(seconds, 1),
               "training_seconds": round(sum(m.value for m in history), 1), "epochs_run": len(history),
-              "epochs": int(run.data.params["resolved_epochs"]), "best_epoch": int(run.data.metrics["best_epoch"]),
-              "best_val_loss": run.data.metrics["best_val_loss"]}
+              "epochs": int(run.data.params["resolved_epochs"]), "best_epoch": int(run.data.metrics[names.BEST_EPOCH]),
+              "best_val_loss": run.data.metrics[names.BEST_VAL_LOSS]}
     if evaluate:
         output, _ = aetrack("evaluate", run_id, "--json", uri=uri)
         record["test"] = json.loads(output)["metrics"]
@@ -66,12 +68,12 @@ def timing(uri: str) -> dict:
     from mlflow import MlflowClient
 
     run_id = run_id_of(output)
-    epochs = MlflowClient(uri).get_metric_history(run_id, "epoch_time")
+    epochs = MlflowClient(uri).get_metric_history(run_id, names.EPOCH_TIME)
     evaluated, _ = aetrack("evaluate", run_id, "--json", uri=uri)
     metrics = json.loads(evaluated)["metrics"]
     return {"run_id": run_id, "command_seconds": round(seconds, 1), "training_seconds": round(sum(m.value for m in epochs), 1),
-            "epochs_run": len(epochs), "test_active_units": metrics["test_active_units"],
-            "test_fcd": metrics["test_fcd"], "test_nll_iw": metrics["test_nll_iw"]}
+            "epochs_run": len(epochs), "test_active_units": metrics[names.test("active_units")],
+            "test_fcd": metrics[names.test("fcd")], "test_nll_iw": metrics[names.test("nll_iw")]}
 
 
 def targets(uri: str) -> dict:
@@ -135,17 +137,17 @@ def write_markdown(results: dict) -> None:
         t = results["timing"]
         lines += ["## `aetrack train`, no options", "",
                   f"- whole command {t['command_seconds']} s, training {t['training_seconds']} s over {t['epochs_run']} epochs",
-                  f"- test_active_units {t['test_active_units']:.0f} of 8, test_fcd {t['test_fcd']:.1f}, "
-                  f"test_nll_iw {t['test_nll_iw']:.2f} nats (run {t['run_id']})", ""]
+                  f"- test/active_units {t['test_active_units']:.0f} of 8, test/fcd {t['test_fcd']:.1f}, "
+                  f"test/nll_iw {t['test_nll_iw']:.2f} nats (run {t['run_id']})", ""]
     targets_done = results.get("targets", {})
     if "cvae" in targets_done or "m2" in targets_done:
         lines += ["## Conditional and semi-supervised defaults", ""]
         if "cvae" in targets_done:
             c = targets_done["cvae"]
-            lines.append(f"- cvae: test_label_accuracy {c['test']['test_label_accuracy']:.3f} (run {c['run_id']})")
+            lines.append(f"- cvae: test_label_accuracy {c['test'][names.test('label_accuracy')]:.3f} (run {c['run_id']})")
         if "m2" in targets_done:
             m = targets_done["m2"]
-            lines.append(f"- m2 (100 labels): test_error {m['test']['test_error']:.3f} (run {m['run_id']})")
+            lines.append(f"- m2 (100 labels): test_error {m['test'][names.test('error')]:.3f} (run {m['run_id']})")
         lines.append("")
     if results.get("convergence"):
         lines += ["## Converged? Default budget against five times longer", "",
@@ -169,15 +171,15 @@ def readme_block(results: dict) -> str:
         load = t.get("machine", {}).get("load_average_1m")
         lines += [f"| `aetrack train`, no options: training time | at most 90 s | {t['training_seconds']:.0f} s "
                   f"({t['epochs_run']} epochs, early stop; whole command {t['command_seconds']:.0f} s, load average {load}) |",
-                  f"| its `test_active_units` | at least 3 of 8 | {t['test_active_units']:.0f} |",
-                  f"| its `test_fcd` | at most 60 | {t['test_fcd']:.1f} |"]
+                  f"| its `test/active_units` | at least 3 of 8 | {t['test_active_units']:.0f} |",
+                  f"| its `test/fcd` | at most 60 | {t['test_fcd']:.1f} |"]
     targets_done = results.get("targets", {})
     if "cvae" in targets_done:
-        lines.append(f"| `aetrack train --model cvae`: `test_label_accuracy` | at least 0.95 | "
-                     f"{targets_done['cvae']['test']['test_label_accuracy']:.3f} |")
+        lines.append(f"| `aetrack train --model cvae`: `test/label_accuracy` | at least 0.95 | "
+                     f"{targets_done['cvae']['test'][names.test('label_accuracy')]:.3f} |")
     if "m2" in targets_done:
-        lines.append(f"| `aetrack train --model m2` (100 labels): `test_error` | at most 0.20 | "
-                     f"{targets_done['m2']['test']['test_error']:.3f} |")
+        lines.append(f"| `aetrack train --model m2` (100 labels): `test/error` | at most 0.20 | "
+                     f"{targets_done['m2']['test'][names.test('error')]:.3f} |")
     found = results.get("convergence", {})
     rows = {k: found[k] for k in VARIANTS if "longer" in found.get(k, {})}
     if rows:

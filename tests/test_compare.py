@@ -41,7 +41,7 @@ def log_run(client, experiment_id: str, name: str, *, model: str, latent_dim: in
     client.log_batch(run_id, params=[Param(k, v) for k, v in params.items()],
                      metrics=[Metric(k, v, 0, 0) for k, v in (metrics or {}).items()])
     for step, level in training_samples:
-        client.log_image(run_id, picture(level), key="samples", step=step)
+        client.log_image(run_id, picture(level), key="progress/samples", step=step)
     if evaluation_samples is not None:
         client.log_image(run_id, picture(evaluation_samples), artifact_file="evaluation/samples.png")
     client.set_terminated(run_id, status)
@@ -55,7 +55,7 @@ def grid_of_runs(client, experiment: str, seeds=(0,)) -> dict[str, str]:
     for model in ("ae", "vae"):
         for latent in (2, 4, 16):
             for seed in seeds:
-                metrics = {"test_mse": 0.1 / latent + (0.01 if model == "ae" else 0.0) + 0.001 * seed, "test_fcd": 10.0 * latent}
+                metrics = {"test/mse": 0.1 / latent + (0.01 if model == "ae" else 0.0) + 0.001 * seed, "test/fcd": 10.0 * latent}
                 ids[f"{model}-{latent}-{seed}"] = log_run(client, experiment_id, f"{model}-{latent}-{seed}", model=model,
                                                           latent_dim=latent, seed=seed, metrics=metrics,
                                                           training_samples=[(1, 0), (2, 255)])
@@ -65,7 +65,7 @@ def grid_of_runs(client, experiment: str, seeds=(0,)) -> dict[str, str]:
 
 
 def table_run_ids(html_text: str) -> list[str]:
-    return re.findall(r"<tr><td>[^<]*</td><td>([0-9a-f]{32})</td>", html_text)
+    return re.findall(r"<td class='text id'>([0-9a-f]{32})</td>", html_text)
 
 
 def test_report_holds_every_selected_run_and_is_logged_self_contained(mlflow_server, tmp_path):
@@ -75,8 +75,12 @@ def test_report_holds_every_selected_run_and_is_logged_self_contained(mlflow_ser
                                        "--tracking-uri", mlflow_server, "--output", str(tmp_path / "report")])
     assert result.exit_code == 0, result.output
     experiment_id = client.get_experiment_by_name("compare-e2e").experiment_id
-    reports = client.search_runs([experiment_id], "tags.`aetrack.kind` = 'comparison' and attributes.run_name = 'comparison'")
-    assert len(reports) == 1
+    # The report goes to its own experiment: the training runs' table and charts stay free of it.
+    assert not client.search_runs([experiment_id], "attributes.run_name = 'comparison'")
+    home = client.get_experiment_by_name("compare-e2e-comparisons")
+    assert "compare-e2e" in home.tags["mlflow.note.content"]
+    reports = client.search_runs([home.experiment_id], "tags.`aetrack.kind` = 'comparison' and attributes.run_name = 'comparison'")
+    assert len(reports) == 1 and reports[0].data.tags["compared_experiment"] == experiment_id
     report_run = reports[0].info.run_id
     assert set(reports[0].data.tags["compared_runs"].split(",")) == set(ids.values())
 
@@ -84,15 +88,18 @@ def test_report_holds_every_selected_run_and_is_logged_self_contained(mlflow_ser
     assert {"comparison/report.html", "comparison/report.md", "comparison/images"} <= logged
     html_text = Path(client.download_artifacts(report_run, "comparison/report.html", str(tmp_path / "dl"))).read_text()
     assert sorted(table_run_ids(html_text)) == sorted(ids.values())  # every run once; the failed and the old report left out
-    assert "test_mse" in html_text and "test_fcd" in html_text and "latent_dim" in html_text
-    # Self-contained: every picture is inline and decodes; 2 metric plots and a sample grid per run.
+    assert "<td class='text'>mse</td><td class='text'>lower is better</td>" in html_text and "<td class='text'>fcd</td>" in html_text
+    assert "latent_dim" in html_text and "max-width:1100px" in html_text
+    # Self-contained: every picture is inline and decodes; one figure per group of metrics (mse: reconstruction,
+    # fcd: generation) against latent_dim, and a sample grid per run (these runs logged no loss curves).
     sources = re.findall(r'<img [^>]*src="([^"]+)"', html_text)
     assert len(sources) == 2 + len(ids) and all(s.startswith("data:image/png;base64,") for s in sources)
+    assert html_text.index("Reconstruction metrics against latent_dim") < html_text.index("<h2>Samples")
     for source in sources:
         Image.open(io.BytesIO(base64.b64decode(source.split(",", 1)[1]))).verify()
 
     markdown = (tmp_path / "report" / "report.md").read_text()
-    rows = [line for line in markdown.splitlines() if re.match(r"^\| \S+ \| [0-9a-f]{32} \|", line)]
+    rows = [line for line in markdown.splitlines() if re.match(r"^\| \d+ \| \S+ \| [0-9a-f]{32} \|", line)]
     assert len(rows) == len(ids)
     for link in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", markdown):
         assert (tmp_path / "report" / link).is_file()
@@ -107,17 +114,15 @@ def test_runs_and_metric_options_narrow_the_report(tmp_path):
     assert result.exit_code == 0, result.output
     html_text = (tmp_path / "report.html").read_text()
     assert table_run_ids(html_text) == chosen
-    assert "test_fcd" in html_text and "test_mse" not in html_text
-    experiment_id = client.get_experiment_by_name("narrow").experiment_id
-    reports = client.search_runs([experiment_id], "tags.`aetrack.kind` = 'comparison'")
-    assert [r.info.run_name for r in reports] == ["old-report"]  # --no-log added none
+    assert "<td class='text'>fcd</td>" in html_text and "<td class='text'>mse</td>" not in html_text
+    assert client.get_experiment_by_name("narrow-comparisons") is None  # --no-log added no report
 
 
 def test_series_has_one_line_per_other_setting_in_numeric_order_with_seeds_averaged():
     rows = [compare.Row(f"r{i}", f"r{i}", {"model": model, "latent_dim": str(latent), "seed": str(seed)},
-                        {"test_mse": latent + (100 if model == "vae" else 0) + seed})
+                        {"test/mse": latent + (100 if model == "vae" else 0) + seed})
             for i, (model, latent, seed) in enumerate((m, d, s) for m in ("ae", "vae") for d in (16, 2, 4) for s in (0, 1))]
-    lines = compare.series(rows, "test_mse", "latent_dim", ["model", "seed"])
+    lines = compare.series(rows, "test/mse", "latent_dim", ["model", "seed"])
     assert set(lines) == {"model=ae", "model=vae"}
     assert [(x, mean, n) for x, mean, _, n in lines["model=ae"]] == [("2", 2.5, 2), ("4", 4.5, 2), ("16", 16.5, 2)]
     assert [mean for _, mean, _, _ in lines["model=vae"]] == [102.5, 104.5, 116.5]
@@ -139,7 +144,7 @@ def test_bad_options_are_one_line_usage_errors(tmp_path):
     client = mlflow.MlflowClient()
     grid_of_runs(client, "bad")
     runner = CliRunner()
-    for args, message in ((["--by", "colour"], "--by colour: not a param"), (["--metric", "nope"], "--metric test_nope"),
+    for args, message in ((["--by", "colour"], "--by colour: not a param"), (["--metric", "nope"], "--metric test/nope"),
                           (["--runs", "f" * 32], "not found")):
         result = runner.invoke(main, ["compare", "--experiment", "bad", "--no-log", "--output", str(tmp_path), *args])
         assert result.exit_code in (1, 2) and "Traceback" not in result.output, result.output
@@ -167,3 +172,26 @@ def test_a_tuning_studys_parent_run_is_not_compared_as_a_training_run(tmp_path):
                                        "--output", str(tmp_path / "report")])
     assert result.exit_code == 0, result.output
     assert table_run_ids((tmp_path / "report" / "report.html").read_text()) == [trial.info.run_id]
+
+
+def test_unevaluated_runs_are_named_bars_only_compare_several_runs_and_each_metric_says_which_way_is_better(tmp_path):
+    client = mlflow.MlflowClient()
+    experiment_id = client.create_experiment("mixed")
+    evaluated = [log_run(client, experiment_id, f"vae-{i}", model="vae", latent_dim=2 + i,
+                         metrics={"test/fcd": 10.0 + i, "test/probe_accuracy": 0.5 + i / 10}) for i in range(2)]
+    log_run(client, experiment_id, "lonely", model="ae", latent_dim=2, metrics={"test/fraction_near_zero": 0.3})
+    log_run(client, experiment_id, "never-evaluated", model="ae", latent_dim=4)
+    report = compare.build_report(client.search_runs([experiment_id]), client=client)
+    assert [row.evaluated for row in report.rows].count(False) == 1
+    # fcd and probe accuracy have two runs each: bars; fraction_near_zero only one: in the table, no bar chart.
+    assert set(report.plots) == {"generation", "representation"}
+    header, body, best = compare.metrics_table(report)
+    row = {cells[0]: (cells, marks) for cells, marks in zip(body, best)}
+    assert row["fcd"][0][1] == "lower is better" and row["probe_accuracy"][0][1] == "higher is better"
+    assert row["fraction_near_zero"][0][1] == ""
+    fcd_cells, fcd_best = row["fcd"]
+    assert [c for c, b in zip(fcd_cells, fcd_best) if b] == ["10"]  # the lower FCD is the better one
+    compare.write_html(report, "mixed", tmp_path)
+    text = (tmp_path / "report.html").read_text()
+    assert "1 not evaluated" in text and "never-evaluated" in text and "<td class='missing'>not evaluated</td>" in text
+    assert len(evaluated) == 2

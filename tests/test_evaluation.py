@@ -207,8 +207,8 @@ def test_reference_classifier_is_trained_once_registered_and_reused(digits, monk
     assert first.name == second.name == name == "aetrack-digits-reference-classifier"
     assert len(client.search_model_versions(f"name = '{name}'")) == 1
     runs = client.search_runs([client.get_experiment_by_name(registered_reference.EXPERIMENT).experiment_id])
-    assert len(runs) == 1 and runs[0].data.metrics["test_accuracy"] > 0.9
-    assert second.test_accuracy == pytest.approx(runs[0].data.metrics["test_accuracy"], abs=1e-4)
+    assert len(runs) == 1 and runs[0].data.metrics["test/accuracy"] > 0.9
+    assert second.test_accuracy == pytest.approx(runs[0].data.metrics["test/accuracy"], abs=1e-4)
     # The reloaded network is the registered one: same features, same predictions.
     assert torch.allclose(first.features(digits.test_x), second.features(digits.test_x), atol=1e-5)
     assert second.features(digits.test_x).shape == (len(digits.test_x), 128)
@@ -281,7 +281,7 @@ def test_evaluate_command_end_to_end_on_a_real_mlflow_server(mlflow_server, digi
     assert done.returncode == 0, done.stderr[-2000:]
     printed = json.loads(done.stdout)
     assert printed["run_id"] == run.run_id and printed["model"] == "vae"
-    assert printed["metrics"]["test_nll_iw"] <= printed["metrics"]["test_neg_elbo"]
+    assert printed["metrics"]["test/nll_iw"] <= printed["metrics"]["test/neg_elbo"]
     assert "K=50 importance samples, 360 of 360 test images" in printed["notes"]["nll_iw"]
 
     client = mlflow.MlflowClient(mlflow_server)

@@ -92,7 +92,7 @@ def test_aetrack_train_takes_the_objective_and_logs_the_bound(tmp_path):
     mlflow.set_tracking_uri(uri)
     run = mlflow.search_runs(experiment_names=["aetrack"], output_format="list")[0]
     assert run.data.params["objective"] == "iwae" and run.data.params["train_samples"] == "5"
-    assert run.data.metrics["val_neg_iwae"] <= run.data.metrics["val_neg_elbo"] + 0.5
+    assert run.data.metrics["val/neg_iwae"] <= run.data.metrics["val/neg_elbo"] + 0.5
 
 
 @pytest.mark.parametrize("args, message", [

@@ -40,20 +40,20 @@ def listing(uri: str, *args: str) -> list[dict]:
 def test_a_plain_autoencoder_is_registered_when_a_name_is_given(store):
     [row] = listing(store)
     assert (row["name"], row["version"]) == (NAME, 1)
-    assert set(row["metrics"]) == {"best_val_loss"}
+    assert set(row["metrics"]) == {"val/best_loss"}
 
 
 def test_models_shows_aliases_and_test_metrics(store):
     run_id = listing(store)[0]["run_id"]
-    MlflowClient(store).log_metric(run_id, "test_recon_loss", 12.5)  # as `aetrack evaluate` would
+    MlflowClient(store).log_metric(run_id, "test/recon_loss", 12.5)  # as `aetrack evaluate` would
     MlflowClient(store).create_registered_model("someone-elses-model")
     assert aetrack("promote", NAME, 1, "--alias", "candidate", "--tracking-uri", store).exit_code == 0
     [row] = listing(store)
-    assert "candidate" in row["aliases"] and row["metrics"]["test_recon_loss"] == 12.5
+    assert "candidate" in row["aliases"] and row["metrics"]["test/recon_loss"] == 12.5
     table = aetrack("models", "--tracking-uri", store).output.splitlines()
     assert table[0].split() == ["NAME", "VERSION", "ALIASES", "RUN", "CREATED", "METRICS"]
     assert len(table) == 2 and table[1].split()[:2] == [NAME, "1"]
-    assert "candidate" in table[1].split()[2] and "test_recon_loss=12.5" in table[1]
+    assert "candidate" in table[1].split()[2] and "test/recon_loss=12.5" in table[1]
     assert listing(store, "--name", "someone-%") == []  # a registered model without versions lists no rows
 
 

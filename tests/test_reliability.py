@@ -24,6 +24,7 @@ from aetrack import checkpoints
 from aetrack import data as datasets
 from aetrack.cli.main import main
 from aetrack.config import TrainConfig
+from aetrack.tracking import metric_names as names
 from aetrack.tracking import tags as tag
 from aetrack.training import Diverged, fit
 from conftest import aetrack_command, free_port, start_mlflow_server, stop
@@ -206,7 +207,7 @@ def test_a_signal_mid_run_kills_it_cleanly_and_resume_finishes_it_as_if_never_st
     assert run.data.tags[tag.END_REASON] == f"stopped by {signal.Signals(signum).name}"
     assert (tmp_path / "checkpoints" / run_id / "last.pt").is_file()
     assert "checkpoint" in [a.path for a in client.list_artifacts(run_id)]
-    assert len(history(client, run_id, "val_loss")) >= saved  # every finished epoch's metrics arrived
+    assert len(history(client, run_id, names.VAL_LOSS)) >= saved  # every finished epoch's metrics arrived
 
     command = found.group(4).split()
     assert command[:4] == ["aetrack", "train", "--resume", run_id]
@@ -216,9 +217,9 @@ def test_a_signal_mid_run_kills_it_cleanly_and_resume_finishes_it_as_if_never_st
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags[tag.RESUMED] == str(saved)
-    val_steps = history(client, run_id, "val_loss")
+    val_steps = history(client, run_id, names.VAL_LOSS)
     assert len(val_steps) == 30 == len(set(val_steps))  # one point per epoch, no gap, no duplicate
-    train_steps = history(client, run_id, "train_loss")
+    train_steps = history(client, run_id, "steps/loss")
     assert len(train_steps) == len(set(train_steps))
     assert not (tmp_path / "checkpoints" / run_id).exists()  # a finished run's checkpoint is removed
     if signum != signal.SIGTERM:
@@ -229,9 +230,9 @@ def test_a_signal_mid_run_kills_it_cleanly_and_resume_finishes_it_as_if_never_st
                            capture_output=True, text=True, cwd=tmp_path, timeout=300)
     assert whole.returncode == 0, whole.stderr
     whole_id = re.search(r"run id:\s+(\w+)", whole.stdout).group(1)
-    assert client.get_run(whole_id).data.metrics["best_val_loss"] == run.data.metrics["best_val_loss"]
-    assert [m.value for m in client.get_metric_history(whole_id, "val_loss")] == \
-        [m.value for m in sorted(client.get_metric_history(run_id, "val_loss"), key=lambda m: m.step)]
+    assert client.get_run(whole_id).data.metrics[names.BEST_VAL_LOSS] == run.data.metrics[names.BEST_VAL_LOSS]
+    assert [m.value for m in client.get_metric_history(whole_id, names.VAL_LOSS)] == \
+        [m.value for m in sorted(client.get_metric_history(run_id, names.VAL_LOSS), key=lambda m: m.step)]
 
 
 def test_a_run_whose_process_died_is_closed_by_the_next_command(mlflow_server, tmp_path):
@@ -292,11 +293,11 @@ def test_a_server_stopped_and_restarted_mid_run_loses_nothing(tmp_path):
         client = mlflow.MlflowClient()
         run_id = re.search(r"run id:\s+(\w+)", out).group(1)
         assert client.get_run(run_id).info.status == "FINISHED"
-        val_steps = history(client, run_id, "val_loss")
+        val_steps = history(client, run_id, names.VAL_LOSS)
         assert len(val_steps) == 80 == len(set(val_steps))
         per_epoch = 11  # digits: 1294 training examples, batch 128
         expected = sorted({s for s in range(1, 80 * per_epoch + 1) if s % 5 == 0 or s % per_epoch == 0})
-        assert history(client, run_id, "train_loss") == expected
+        assert history(client, run_id, "steps/loss") == expected
     finally:
         stop(server)
 

@@ -683,9 +683,9 @@ def test_the_stack_on_postgresql_with_workers_on_two_hosts(stack, tmp_path):
     # per trial, the registry's versions and champion; artifacts on the server's disk, none on the clients'.
     trained = get(url, "runs/get", run_id=run_id)["run"]
     assert trained["info"]["status"] == "FINISHED"
-    assert {"best_val_loss", "test_recon_loss", "test_neg_elbo", "test_nll_iw"} <= \
+    assert {"val/best_loss", "test/recon_loss", "test/neg_elbo", "test/nll_iw"} <= \
         {m["key"] for m in trained["data"]["metrics"]}
-    assert len(get(url, "metrics/get-history", run_id=run_id, metric_key="val_neg_elbo")["metrics"]) == 2
+    assert len(get(url, "metrics/get-history", run_id=run_id, metric_key="val/neg_elbo")["metrics"]) == 2
     assert trained["info"]["artifact_uri"].startswith("mlflow-artifacts:/")
     artifacts = tmp_path / "artifacts"
     assert (artifacts / trained["info"]["experiment_id"] / run_id / "artifacts" / "evaluation").is_dir()
@@ -800,7 +800,7 @@ def test_logins_keep_strangers_out_and_readers_read_only(tmp_path):
 
         # What the writer made, read back as the writer.
         run = get(url, "runs/get", auth=("writer", writer_password), run_id=run_id)["run"]
-        assert "test_recon_loss" in {m["key"] for m in run["data"]["metrics"]}
+        assert "test/recon_loss" in {m["key"] for m in run["data"]["metrics"]}
         experiment_id = run["info"]["experiment_id"]
 
         # The reader browses everything and changes nothing.

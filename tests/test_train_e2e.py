@@ -3,6 +3,7 @@ read back with MlflowClient; and `mlflow run .` on the embedded data set."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import subprocess
@@ -19,6 +20,7 @@ from mlflow import MlflowClient
 from aetrack.cli import main
 from aetrack.config import TrainConfig
 from aetrack.models import REGISTRY
+from aetrack.tracking.artifacts import model_uri_of
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--epochs", "2", "--hidden", "32", "--latent-dim", "2", "--batch-size", "64", "--log-every", "5", "--quiet"]
@@ -31,8 +33,8 @@ def image_keys(client: MlflowClient, run_id: str) -> set[str]:
 
 
 def image_name(path: str) -> list[str]:
-    # key%step%N%timestamp%... ('%' becomes '+' once stored through the server)
-    return re.split("[%+]", Path(path).name)
+    # key%step%N%timestamp%... ('%' becomes '+' once stored through the server; a '/' in the key is '~')
+    return re.split("[%+]", Path(path).name.replace("~", "/"))
 
 
 def train(args: list[str]):
@@ -51,41 +53,54 @@ def test_every_variant_trains_and_lands_in_mlflow(name, mlflow_server):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
 
-    # Params: every setting, flat, under the CLI names; they rebuild the config.
+    # Params: the settings that apply to the variant, flat, under the CLI names; they rebuild the config.
     config = TrainConfig.from_params(run.data.params)
     assert config.model == name and config.hidden == (32,) and config.latent_dim == 2 and config.epochs == 2
+    scopes = {f.metadata["scope"] for f in dataclasses.fields(TrainConfig)} - {None}
+    for field in dataclasses.fields(TrainConfig):
+        assert (field.name in run.data.params) == (field.metadata["scope"] in REGISTRY[name].scopes | {None}), field.name
+    assert scopes >= REGISTRY[name].scopes
+    assert run.info.run_name.startswith(f"{name}-") and run.info.run_name.endswith("-z2-digits"), run.info.run_name
+    assert f"**{name}**" in run.data.tags["mlflow.note.content"]
     assert run.data.tags["model"] == name and run.data.tags["dataset"] == "digits"
     assert run.data.tags["aetrack_version"]
 
-    # Metric histories: training loss every few steps, validation loss every epoch, and their parts.
-    train_loss = client.get_metric_history(run_id, "train_loss")
+    # Metric histories: the batch loss every few optimiser steps; per epoch (step = epoch) the training and
+    # validation losses and the validation loss's parts.
+    step_loss = client.get_metric_history(run_id, "steps/loss")
     steps_per_epoch = -(-int(1797 * 0.8 * 0.9) // 64)
-    assert len(train_loss) >= 2 * steps_per_epoch // 5
-    assert [m.step for m in train_loss] == sorted(m.step for m in train_loss)
-    assert len(client.get_metric_history(run_id, "val_loss")) == 2
-    assert len(client.get_metric_history(run_id, "train_recon_loss")) == len(train_loss)
-    for key in ("epoch_time", "samples_per_sec", "val_recon_loss", "best_val_loss"):
+    assert len(step_loss) >= 2 * steps_per_epoch // 5
+    assert [m.step for m in step_loss] == sorted(m.step for m in step_loss)
+    assert [m.step for m in client.get_metric_history(run_id, "loss/val")] == [1, 2]
+    assert [m.step for m in client.get_metric_history(run_id, "loss/train")] == [1, 2]
+    assert len(client.get_metric_history(run_id, "steps/recon_loss")) == len(step_loss)
+    for key in ("system/epoch_time", "system/samples_per_sec", "optim/lr", "val/recon_loss", "val/best_loss",
+                "val/best_epoch"):
         assert key in run.data.metrics, key
     if REGISTRY[name].generative:
-        assert "train_kl" in run.data.metrics and "val_kl" in run.data.metrics
+        assert "steps/kl" in run.data.metrics and "val/kl" in run.data.metrics
     if name == "m2":
-        assert "train_classifier_loss" in run.data.metrics and "val_error" in run.data.metrics
+        assert "steps/classifier_loss" in run.data.metrics and "val/error" in run.data.metrics
     if name in ("sae", "cae"):
-        assert "train_penalty" in run.data.metrics
+        assert "steps/penalty" in run.data.metrics
 
-    # Images with steps: per-epoch reconstructions (and samples), final pictures.
+    # Images with steps: per-epoch reconstructions (and samples) from step 0, final pictures at one step.
     keys = image_keys(client, run_id)
-    assert {"reconstructions", "samples", "interpolation", "latent_2d", "loss_curves"} <= keys, keys
-    recon_steps = {image_name(a.path)[2] for a in client.list_artifacts(run_id, "images")
-                   if image_name(a.path)[0] == "reconstructions"}
-    assert recon_steps == {"1", "2"}
+    assert {"progress/reconstructions", "result/reconstructions", "result/samples", "result/interpolation",
+            "result/latent_2d", "result/loss_curves"} <= keys, keys
+    assert REGISTRY[name].generative == ("progress/samples" in keys)
+    steps = {image_name(a.path)[0]: set() for a in client.list_artifacts(run_id, "images")}
+    for a in client.list_artifacts(run_id, "images"):
+        steps[image_name(a.path)[0]].add(image_name(a.path)[2])
+    assert steps["progress/reconstructions"] == {"0", "1", "2"}
+    assert all(steps[key] == {"0"} for key in keys if key.startswith("result/"))
 
     # The data set as an MLflow input.
     assert [d.dataset.name for d in run.inputs.dataset_inputs] == ["digits"]
 
     # The logged model loads and generates.
     mlflow.set_tracking_uri(mlflow_server)
-    model = mlflow.pyfunc.load_model(f"runs:/{run_id}/model")
+    model = mlflow.pyfunc.load_model(model_uri_of(run_id))
     assert model.metadata.get_input_schema() is not None
     answer = model.predict(pd.DataFrame({"n": [3]}), params={"seed": 1, "output": "array"})
     pixels = np.stack(answer["pixels"].to_numpy())
@@ -122,7 +137,7 @@ def test_a_run_is_reproducible_with_its_seed(tmp_path):
     first, _ = train(["--model", "vae", *TINY, "--tracking-uri", uri, "--no-register", "--seed", "3"])
     second, _ = train(["--model", "vae", *TINY, "--tracking-uri", uri, "--no-register", "--seed", "3"])
     client = MlflowClient(uri)
-    loss = [[m.value for m in client.get_metric_history(run, "val_loss")] for run in (first, second)]
+    loss = [[m.value for m in client.get_metric_history(run, "loss/val")] for run in (first, second)]
     assert loss[0] == loss[1]
 
 
@@ -146,6 +161,7 @@ def test_mlflow_run_uses_one_run_with_the_metrics(tmp_path):
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert run.data.params["prior"] == "mog" and run.data.params["latent_dim"] == "2"
-    assert len(client.get_metric_history(run.info.run_id, "val_loss")) == 2
-    assert "reconstructions" in image_keys(client, run.info.run_id)
+    assert len(client.get_metric_history(run.info.run_id, "loss/val")) == 2
+    assert "progress/reconstructions" in image_keys(client, run.info.run_id)
+    assert run.info.run_name == "vae-mog-z2-digits"  # MLflow's random name, replaced
     assert client.search_model_versions("name='aetrack-digits-vae'")[0].run_id == run.info.run_id

@@ -200,8 +200,8 @@ def test_two_worker_processes_share_one_study_tracked_in_mlflow(postgres_url, ml
         assert run.data.tags["optuna_state"] == "complete" and run.info.status == "FINISHED"
         assert run.info.run_id == trial.user_attrs["mlflow_run_id"]
         assert float(run.data.params["lr"]) == pytest.approx(trial.params["lr"])
-        assert len(client.get_metric_history(run.info.run_id, "val_neg_elbo")) == 2
-        assert any(a.path.startswith("images/reconstructions") for a in client.list_artifacts(run.info.run_id, "images"))
+        assert len(client.get_metric_history(run.info.run_id, "val/neg_elbo")) == 2
+        assert any(a.path.startswith("images/progress~reconstructions") for a in client.list_artifacts(run.info.run_id, "images"))
 
     # The champion is the best trial's registered version, and the parent says so.
     champion = client.get_model_version_by_alias(model, "champion")
@@ -285,12 +285,12 @@ def test_the_champion_alias_moves_only_to_a_better_version(tmp_path):
     client.create_registered_model("champ")
 
     def version(value: float) -> str:
-        """A registered version whose run logged val_neg_elbo per epoch, best at epoch 2 (as `aetrack train` does)."""
+        """A registered version whose run logged val/neg_elbo per epoch (step = epoch), best at epoch 2 (as
+        `aetrack train` does)."""
         run_id = client.create_run(experiment_id).info.run_id
-        for step, (epoch, metric) in enumerate([(1, value + 5), (2, value), (3, value + 1)], start=1):
-            client.log_metric(run_id, "epoch", epoch, step=step * 10)
-            client.log_metric(run_id, "val_neg_elbo", metric, step=step * 10)
-        client.log_metric(run_id, "best_epoch", 2)
+        for epoch, metric in [(1, value + 5), (2, value), (3, value + 1)]:
+            client.log_metric(run_id, "val/neg_elbo", metric, step=epoch)
+        client.log_metric(run_id, "val/best_epoch", 2)
         return str(client.create_model_version("champ", f"runs:/{run_id}/model", run_id).version)
 
     first, worse, better = version(30.0), version(31.0), version(29.0)

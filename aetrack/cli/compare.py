@@ -14,24 +14,27 @@ from aetrack.cli.options import friendly_errors, tracking_uri_option, use_tracki
 @click.option("--experiment", required=True, help="MLflow experiment whose runs are compared.")
 @click.option("--runs", "run_ids", multiple=True, metavar="ID[,ID...]", help="Only these runs (repeatable) [default: every finished training run].")
 @click.option("--by", default=None, metavar="PARAM", help="Plot each metric against this param, one line per other varying setting.")
-@click.option("--metric", "metrics", multiple=True, metavar="NAME", help="Only these test metrics (repeatable; test_ prefix optional) [default: all].")
+@click.option("--metric", "metrics", multiple=True, metavar="NAME", help="Only these test metrics (repeatable; the test/ prefix is optional) [default: all].")
 @click.option("--output", type=click.Path(file_okay=False, path_type=Path), default=None, help="Also keep report.html and report.md in this folder.")
 @click.option("--run-name", default="comparison", show_default=True, help="Name of the run that holds the report.")
 @click.option("--no-log", is_flag=True, help="Write the report to --output only; log nothing.")
 @tracking_uri_option
 @friendly_errors
 def compare(experiment, run_ids, by, metrics, output, run_name, no_log, tracking_uri):
-    """One HTML + Markdown report over an experiment's runs, logged to a new "comparison" run.
+    """One HTML + Markdown report over an experiment's runs, logged to a new "comparison" run in the
+    experiment EXPERIMENT-comparisons.
 
     \b
-    Holds a table of the runs' varying params and test_* metrics, each metric plotted
-    against --by (one line per other varying setting), and the runs' sample grids side by side.
+    Holds a table of the runs (what differs, whether each was evaluated), their test/* metrics (one row
+    per metric, the better value in bold), the metrics against --by (one line per other varying setting)
+    or one bar per run, the runs' validation loss curves, and their sample grids side by side.
     """
     if no_log and output is None:
         raise click.UsageError("--no-log needs --output, or the report would go nowhere")
     import mlflow
 
-    from aetrack.tracking.compare import build_report, publish, select_runs
+    from aetrack.cli.options import ui_hint
+    from aetrack.tracking.compare import COMPARISONS_SUFFIX, build_report, publish, select_runs
 
     use_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient()
@@ -41,8 +44,9 @@ def compare(experiment, run_ids, by, metrics, output, run_name, no_log, tracking
     title = f"aetrack comparison: {experiment}" + (f", by {by}" if by else "")
     run_id, paths = publish(client, experiment_id, report, title, output=output, run_name=run_name, log=not no_log)
     if run_id:
-        click.echo(f"compared {len(report.rows)} runs; report logged to run {run_id} "
-                   f"as comparison/report.html and comparison/report.md")
-        click.echo(f"look at it: mlflow ui, then open #/experiments/{experiment_id}/runs/{run_id} (Artifacts)")
+        home = client.get_run(run_id).info.experiment_id
+        click.echo(f"compared {len(report.rows)} runs; report logged to run {run_id} in the experiment "
+                   f"{experiment}{COMPARISONS_SUFFIX}, as comparison/report.html and comparison/report.md")
+        click.echo(f"look at it: {ui_hint(mlflow.get_tracking_uri(), f'#/experiments/{home}/runs/{run_id}/artifacts')}")
     if output:
         click.echo(f"local copy: {paths[0]} and {paths[1]}")

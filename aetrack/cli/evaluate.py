@@ -48,6 +48,7 @@ def evaluate(target, iw_samples, nll_images, samples, baseline, noise_levels, re
         raise click.UsageError(f"--noise-levels expects comma-separated numbers, got {noise_levels!r}") from None
     from aetrack.config import resolve_device
     from aetrack.evaluation import Settings, format_table
+    from aetrack.tracking import metric_names as names
     from aetrack.tracking.evaluate import evaluate_run
 
     use_tracking_uri(tracking_uri)
@@ -60,7 +61,7 @@ def evaluate(target, iw_samples, nll_images, samples, baseline, noise_levels, re
     config = logged.info.config
     if as_json:
         click.echo(json.dumps({"run_id": logged.run_id, "model_uri": logged.model_uri, "model": config.model,
-                               "dataset": config.dataset, "metrics": {f"test_{k}": v for k, v in result.metrics.items()},
+                               "dataset": config.dataset, "metrics": {names.test(k): v for k, v in result.metrics.items()},
                                "notes": result.notes, "tables": result.tables}, indent=2))
         return
     click.echo(f"run {logged.run_id}: {config.model} on {config.dataset}" + ("" if no_log else " (metrics logged to the run)"))

@@ -9,6 +9,7 @@ import click
 
 from aetrack.cli.compare import compare
 from aetrack.cli.evaluate import evaluate
+from aetrack.cli.options import tidy_warnings
 from aetrack.cli.registry import generate, models, promote
 from aetrack.cli.server import serve, server
 from aetrack.cli.study import study
@@ -29,6 +30,7 @@ def main():
                         "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}.items():
         os.environ.setdefault(name, value)
     logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])
+    tidy_warnings()
 
 
 for command in (train, evaluate, compare, promote, models, generate, tune, study, server, serve):

@@ -6,7 +6,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
+import re
+import sys
 import typing
+import warnings
+from pathlib import Path
 
 import click
 
@@ -37,6 +41,33 @@ def friendly_errors(func):
             raise click.ClickException(f"{type(err).__name__}: {message}") from None
 
     return wrapper
+
+
+# MLflow's warnings that an aetrack user cannot act on: aetrack's models are "models from code" with a signature
+# (no type hints needed) and the reference classifier is logged without an input example on purpose.
+UNACTIONABLE_WARNINGS = (r".*Add type hints to the `predict` method", r".*An input example was not provided")
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def tidy_warnings(stream=None) -> None:
+    """Drop MLflow's unactionable warnings; show the others on one line, `warning: ...`, in yellow on a terminal
+    and without MLflow's raw colour codes elsewhere (a log file, CI)."""
+    for pattern in UNACTIONABLE_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern, category=UserWarning)
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        out = file or stream or sys.stderr
+        text = ANSI.sub("", str(message)).strip()
+        if any(re.match(pattern, text) for pattern in UNACTIONABLE_WARNINGS):  # MLflow may reset the filters
+            return
+        if getattr(out, "isatty", lambda: False)():
+            text = f"\x1b[33m{text}\x1b[0m"
+        try:
+            out.write(f"warning: {text} ({category.__name__}, {Path(filename).name}:{lineno})\n")
+        except OSError:
+            pass
+
+    warnings.showwarning = show
 
 
 def apply(options):
@@ -74,6 +105,23 @@ def use_tracking_uri(uri: str | None) -> None:
     if uri:
         mlflow.set_tracking_uri(uri)
     check_server(mlflow.get_tracking_uri())
+
+
+def ui_hint(tracking_uri: str, page: str) -> str:
+    """How to look at `page` (`#/experiments/1/runs/ID`): a tracking server's URL opens in the browser as it is;
+    a local store (sqlite:///..., a folder) needs `mlflow ui` started on it first."""
+    if tracking_uri.startswith(("http://", "https://")):
+        return f"open {tracking_uri.rstrip('/')}/{page}"
+    import shutil
+    import sys
+    from pathlib import Path
+
+    mlflow_bin = Path(sys.executable).with_name("mlflow")
+    command = "mlflow"
+    if mlflow_bin.exists() and shutil.which("mlflow") != str(mlflow_bin):  # the venv is not activated
+        relative = os.path.relpath(mlflow_bin)
+        command = relative if not relative.startswith("..") else str(mlflow_bin)
+    return f"{command} ui --backend-store-uri {tracking_uri}   (then open http://127.0.0.1:5000/{page})"
 
 
 def auto_epochs_help() -> str:

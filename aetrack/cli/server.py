@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from aetrack.cli.options import friendly_errors, tracking_uri_option
+from aetrack.cli.options import friendly_errors, tracking_uri_option, use_tracking_uri
 from aetrack.serving.process import Child, check_port, environment, local_url, run_until_stopped
 from aetrack.tracking.server import (AUTH_SETTINGS, WILDCARDS, allowed_hosts, check_postgres, is_loopback,
                                      server_arguments, split_password, write_auth_config)
@@ -120,14 +120,17 @@ def server(backend, artifacts, root, host, port, workers, extra_hosts, auth, aut
 @friendly_errors
 def serve(model_uri, host, port, workers, timeout, tracking_uri):
     """Serve a model over HTTP with `mlflow models serve --env-manager local`; works without activating the
-    environment. MODEL_URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/model or a run id.
+    environment. MODEL_URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/MODEL (MODEL: the variant, e.g. vae) or a run id.
 
     \b
     aetrack serve models:/aetrack-digits-vae@champion --port 5001
     curl -s localhost:5001/invocations -H 'Content-Type: application/json' -d '{"dataframe_records": [{"n": 2}]}'
     """
-    if re.fullmatch(r"[0-9a-f]{32}", model_uri):
-        model_uri = f"runs:/{model_uri}/model"
+    if re.fullmatch(r"[0-9a-f]{32}", model_uri):  # a run id: its logged model
+        from aetrack.tracking.artifacts import model_uri_of
+
+        use_tracking_uri(tracking_uri)
+        model_uri = model_uri_of(model_uri)
     check_port(host, port)
     described = describe_model(model_uri, tracking_uri)
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",

@@ -55,10 +55,12 @@ def study(name, show, dataset, seeds, experiment, settings, output, device, data
 
     if download:
         datasets.load(dataset, data_dir=data_dir, download=True)
+    from aetrack.tracking.compare import COMPARISONS_SUFFIX
+
     use_tracking_uri(tracking_uri)
     result = run_study(chosen, dataset=dataset, seeds=seeds, experiment=experiment, base=base, data_dir=data_dir,
                        device=str(resolve_device(device)), echo=lambda line: click.echo(line, err=True), report_dir=output)
     click.echo(f"{chosen.question}  ({dataset}, {seeds} seed{'s' if seeds > 1 else ''}: mean ± standard deviation)")
     click.echo(result.text())
-    click.echo(f"\nreport: run {result.report_run_id} in experiment {result.experiment!r} "
+    click.echo(f"\nreport: run {result.report_run_id} in experiment {result.experiment + COMPARISONS_SUFFIX!r} "
                f"(comparison/report.html){f'; local copy in {output}' if output else ''}")

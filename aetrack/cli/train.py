@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import shlex
-import shutil
-import sys
-from pathlib import Path
 
 import click
 
 from aetrack.cli.options import (apply, config_options, data_options, explicit_options, friendly_errors, settings_option,
-                                 tracking_options, train_config, use_tracking_uri)
+                                 tracking_options, train_config, ui_hint, use_tracking_uri)
 from aetrack.config import MIN_VAL_EXAMPLES, TrackingOptions, TrainConfig, option_name, parse_settings
 from aetrack.models import REGISTRY
 
@@ -80,13 +76,7 @@ def train(ctx, data_dir, download, tracking_uri, experiment, run_name, register,
     if result.registered_model:
         click.echo(f"registered model: models:/{result.registered_model}/{result.registered_version}")
     click.echo(f"tracking uri:     {result.tracking_uri}")
-    mlflow_bin = Path(sys.executable).with_name("mlflow")
-    mlflow_cmd = "mlflow"
-    if mlflow_bin.exists() and shutil.which("mlflow") != str(mlflow_bin):  # the venv is not activated
-        relative = os.path.relpath(mlflow_bin)
-        mlflow_cmd = relative if not relative.startswith("..") else str(mlflow_bin)
-    click.echo(f"look at it:       {mlflow_cmd} ui --backend-store-uri {result.tracking_uri}   "
-               f"(then open #/experiments/{result.experiment_id}/runs/{result.run_id})")
+    click.echo(f"look at it:       {ui_hint(result.tracking_uri, f'#/experiments/{result.experiment_id}/runs/{result.run_id}')}")
 
 
 train.help += "\n\n\b\nVariants:\n" + "\n".join(f"  {name:5} {v.description}" for name, v in sorted(REGISTRY.items()))

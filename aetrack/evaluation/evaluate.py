@@ -16,7 +16,8 @@ import torch
 from aetrack import images
 from aetrack.config import DEFAULT_NOISE_LEVELS
 from aetrack.evaluation.measures import (batches, bound_terms, denoising_table, generate_images, jacobian_norm,
-                                         kl_per_dimension, nll_iw, reconstruction_measures, traversal, slice_labels)
+                                         kl_per_dimension, nll_iw, reconstruction_measures, traversal, traversal_units,
+                                         slice_labels)
 from aetrack.evaluation.metrics import (active_units, code_statistics, frechet_distance, kernel_inception_distance,
                                         knn_accuracy, label_accuracy, probe_accuracy)
 from aetrack.images import IMAGE_ROWS
@@ -93,8 +94,11 @@ def _code_measures(result: Evaluation, model, config, data, codes, cond_y, seed:
         result.metrics.update(code_statistics(codes))
         result.notes["fraction_near_zero"] = "code entries with |h| < 0.01"
     first = slice(0, IMAGE_ROWS)
-    result.pictures["reconstructions"] = images.rows(x[first], model.reconstruct(x[first], slice_labels(cond_y, first)))
-    result.pictures["traversals"] = images.grid(traversal(model, x, cond_y, codes), IMAGE_ROWS)
+    result.pictures["reconstructions"] = images.rows(x[first], model.reconstruct(x[first], slice_labels(cond_y, first)),
+                                                     labels=images.RECONSTRUCTION_ROWS)
+    result.pictures["traversals"] = images.grid(traversal(model, x, cond_y, codes), IMAGE_ROWS,
+                                                row_labels=[f"z{u}" for u in traversal_units(codes)],
+                                                title="each unit from its 5th to its 95th test percentile")
 
 
 def _bound_measures(result: Evaluation, model, variant, data, codes, cond_y, settings: Settings) -> None:
@@ -161,7 +165,7 @@ def _denoising_measures(result: Evaluation, model, config, x, settings: Settings
     result.pictures["denoising"] = _denoising_plot(table, config.noise)
     fixed = x[:IMAGE_ROWS]
     noisy = model.corrupt(fixed, torch.Generator(x.device).manual_seed(settings.seed))
-    result.pictures["denoised"] = images.rows(noisy, model.reconstruct(noisy), fixed)
+    result.pictures["denoised"] = images.rows(noisy, model.reconstruct(noisy), fixed, labels=images.DENOISING_ROWS)
 
 
 def _bar_chart(values: np.ndarray, xlabel: str, ylabel: str, title: str):
@@ -194,7 +198,7 @@ def format_table(evaluation: Evaluation) -> str:
         if "_at_" in name:  # one per noise level: the table below shows them
             continue
         note = evaluation.notes.get(name, "")
-        lines.append(f"{'test_' + name:32} {value:12.4f}  {note}".rstrip())
+        lines.append(f"{'test/' + name:32} {value:12.4f}  {note}".rstrip())
     for title, rows in evaluation.tables.items():
         lines += ["", f"{title}: {evaluation.notes.get(title, '')}", "  ".join(f"{k:>14}" for k in rows[0])]
         lines += ["  ".join(f"{v:14.3f}" for v in row.values()) for row in rows]

@@ -127,11 +127,16 @@ def denoising_table(model, x: torch.Tensor, levels: list[float], baseline=None, 
     return table
 
 
+def traversal_units(codes: torch.Tensor, dims: int = 8) -> list[int]:
+    """The `dims` most variable latent units, most variable first: the rows of `traversal`."""
+    return codes.var(0).argsort(descending=True)[:dims].tolist()
+
+
 @torch.no_grad()
 def traversal(model, x: torch.Tensor, y: torch.Tensor | None, codes: torch.Tensor, dims: int = 8, steps: int = 8) -> torch.Tensor:
     """One row per latent unit (the `dims` most variable), each swept from its 5th to 95th test percentile
     with the other units held at the code of the first test image."""
-    order = codes.var(0).argsort(descending=True)[:dims]
+    order = traversal_units(codes, dims)
     low, high = codes.quantile(0.05, dim=0), codes.quantile(0.95, dim=0)
     t = torch.linspace(0, 1, steps, device=codes.device)
     rows = []

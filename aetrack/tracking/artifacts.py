@@ -21,19 +21,20 @@ PACKAGE = Path(aetrack.__file__).parent  # shipped with every model: loading it 
 
 
 def log_pyfunc(entry: Path, folder: Path, artifact: str, *, signature, registered_model_name: str | None = None,
-               input_example=None, metadata: dict | None = None):
-    """Log `folder` as the active run's pyfunc model `model`, loaded by the entry file `entry`."""
-    return mlflow.pyfunc.log_model(name="model", python_model=str(entry), artifacts={artifact: str(folder)},
+               input_example=None, metadata: dict | None = None, name: str = "model"):
+    """Log `folder` as the active run's pyfunc model `name` (runs:/RUN_ID/NAME), loaded by the entry file `entry`."""
+    return mlflow.pyfunc.log_model(name=name, python_model=str(entry), artifacts={artifact: str(folder)},
                                    code_paths=[str(PACKAGE)], signature=signature, input_example=input_example,
                                    registered_model_name=registered_model_name, pip_requirements=served.requirements(),
                                    metadata=metadata)
 
 
 def log_generator(model_dir: Path, registered_model_name: str | None = None):
-    """Log a saved generator folder as the run's pyfunc model (and register it when a name is given)."""
+    """Log a saved generator folder as the run's pyfunc model, named after its variant (`vae`: the Models tab and
+    runs:/RUN_ID/vae), and register it when a name is given."""
     _, info, _ = modelio.load(model_dir)
     return log_pyfunc(served.PYFUNC_FILE, model_dir, GENERATOR_ARTIFACT, signature=served.SIGNATURE,
-                      registered_model_name=registered_model_name,
+                      registered_model_name=registered_model_name, name=info.config.model,
                       input_example=(served.input_example(info), {"seed": 0}), metadata=served.metadata(info))
 
 
@@ -72,8 +73,14 @@ class NotFromARun(UserError):
 
 
 def model_uri_of(target: str) -> str:
-    """A run id, or any MLflow model URI (runs:/, models:/, m-...)."""
-    return target if ":/" in target else f"runs:/{target}/{GENERATOR_ARTIFACT}"
+    """A run id (its logged model: runs:/RUN_ID/<variant>, or runs:/RUN_ID/model as older runs named it), or any
+    MLflow model URI (runs:/, models:/, m-...)."""
+    if ":/" in target:
+        return target
+    outputs = mlflow.MlflowClient().get_run(target).outputs
+    logged = outputs.model_outputs if outputs else []
+    name = mlflow.MlflowClient().get_logged_model(logged[-1].model_id).name if logged else GENERATOR_ARTIFACT
+    return f"runs:/{target}/{name}"
 
 
 def load_logged(target: str, device="cpu") -> LoggedModel:

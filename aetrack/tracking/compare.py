@@ -1,9 +1,14 @@
 """What `aetrack compare` reports: one report over an experiment's runs, as self-contained HTML (pictures inlined
-as base64, so the MLflow UI shows it as it is) and as Markdown (pictures beside it).
+as base64, so the MLflow UI shows it as it is) and as Markdown (pictures beside it). It fits a laptop screen:
+a table of the runs (what differs, whether each was evaluated), a table of test metrics (one row per metric,
+one column per run, the better value in bold, which way is better), the metrics in a few figures (against
+`--by`, or one bar per run where several runs have a metric), the runs' validation loss curves and their sample
+grids side by side.
 
 The report is logged as the artifacts `comparison/report.html`, `comparison/report.md` and
-`comparison/images/` of a new run in the same experiment, tagged `aetrack.kind=comparison`
-(comparison, reference-classifier and tuning-study parent runs are never themselves compared).
+`comparison/images/` of a new run, tagged `aetrack.kind=comparison`, in the experiment `<experiment>-comparisons`:
+the training runs' table and charts stay free of it (comparison, reference-classifier and tuning-study parent
+runs are never themselves compared).
 """
 
 from __future__ import annotations
@@ -24,12 +29,16 @@ import numpy as np
 from aetrack import images
 from aetrack.config import ConfigError, TrainConfig
 from aetrack.models import REGISTRY
+from aetrack.tracking import metric_names as names
 from aetrack.tracking import tags
 
-# Settings that never describe a run's model (how it was logged or where it ran).
+# Settings that never describe a run's model (how it was logged or where it ran), and what `auto` resolved to.
 IGNORED_PARAMS = {"device", "log_every"}
-# Training images logged as "samples" with a step: images/samples<sep>step<sep>N<sep>timestamp<sep>T<sep>....png
-_SAMPLES = re.compile(r"^samples[+%]step[+%](\d+)[+%]timestamp[+%](\d+)[+%][^/]*(?<!compressed)\.png$")
+RESOLVED = "resolved_"
+COMPARISONS_SUFFIX = "-comparisons"  # comparison runs live in `<experiment>-comparisons`
+# Training's sample grids: images/<key><sep>step<sep>N<sep>timestamp<sep>T<sep>....png, the keys `result/samples` and
+# `progress/samples` (stored as `result~samples`, `progress~samples`), or `samples` as older runs logged them.
+_SAMPLES = re.compile(r"^(result~samples|progress~samples|samples)[+%]step[+%](\d+)[+%]timestamp[+%](\d+)[+%][^/]*(?<!compressed)\.png$")
 
 
 @dataclass
@@ -37,7 +46,11 @@ class Row:
     run_id: str
     name: str
     params: dict[str, str]
-    metrics: dict[str, float]
+    metrics: dict[str, float]          # its test/* metrics
+
+    @property
+    def evaluated(self) -> bool:
+        return bool(self.metrics)
 
 
 @dataclass
@@ -47,8 +60,9 @@ class Report:
     common: dict[str, str]              # params every run shares
     metrics: list[str]
     by: str | None
-    plots: dict[str, object] = field(default_factory=dict)          # metric -> PIL image
+    plots: dict[str, object] = field(default_factory=dict)          # group of metrics -> PIL image
     samples: list[tuple[str, object]] = field(default_factory=list)  # (caption, PIL image)
+    curves: object = None                                            # validation loss curves, PIL image
 
 
 def select_runs(client, experiment: str, run_ids: list[str] | None = None) -> tuple[str, list]:
@@ -69,26 +83,163 @@ def select_runs(client, experiment: str, run_ids: list[str] | None = None) -> tu
     return found.experiment_id, runs
 
 
+def comparison_experiment(client, experiment_id: str) -> str:
+    """The experiment that holds the comparison runs of `experiment_id`'s runs: `<name>-comparisons`, made (with a
+    description) on first use, so that reports never mix with the training runs in the runs table and charts."""
+    name = client.get_experiment(experiment_id).name + COMPARISONS_SUFFIX
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        return found.experiment_id
+    from aetrack.tracking.describe import NOTE
+
+    return client.create_experiment(name, tags={NOTE: f"`aetrack compare` reports over the runs of the experiment "
+                                                      f"`{name[:-len(COMPARISONS_SUFFIX)]}`: open a run's Artifacts "
+                                                      "tab, comparison/report.html."})
+
+
 def build_report(runs, *, by: str | None = None, metrics: tuple[str, ...] = (), client=None) -> Report:
     rows = [Row(r.info.run_id, r.info.run_name or r.info.run_id[:8], dict(r.data.params),
-                {k: v for k, v in r.data.metrics.items() if k.startswith("test_")}) for r in runs]
-    keys = sorted(k for k in {k for row in rows for k in row.params} - IGNORED_PARAMS if applies(k, rows))
+                {k: v for k, v in r.data.metrics.items() if names.is_test(k)}) for r in runs]
+    keys = sorted(k for k in {k for row in rows for k in row.params} - IGNORED_PARAMS
+                  if applies(k, rows) and not k.startswith(RESOLVED))
     varying = [k for k in keys if len({row.params.get(k) for row in rows}) > 1]
     common = {k: rows[0].params.get(k) for k in keys if k not in varying}
     if by and by not in keys:
         raise ConfigError(f"--by {by}: not a param of these runs (they have: {', '.join(keys)})")
-    wanted = [m if m.startswith("test_") else f"test_{m}" for m in metrics]
+    wanted = [names.test(m) for m in metrics]
     present = sorted({k for row in rows for k in row.metrics})
     missing = [m for m in wanted if m not in present]
     if missing:
         raise ConfigError(f"--metric {', '.join(missing)}: no selected run has it "
-                               f"(evaluated metrics: {', '.join(present) or 'none; run aetrack evaluate first'})")
-    report = Report(rows, varying, common, wanted or present, by)
-    for metric in report.metrics:
-        report.plots[metric] = metric_plot(rows, metric, by, [k for k in varying if k != by])
+                          f"(evaluated metrics: {', '.join(present) or 'none; run aetrack evaluate first'})")
+    report = Report(rows, varying, common, wanted or sorted(present, key=group_order), by)
+    others = [k for k in varying if k != by]
+    for group, members in metric_groups(report.metrics).items():
+        if by:
+            report.plots[group] = metric_figure(rows, members, lambda ax, m: line_panel(ax, rows, m, by, others))
+        else:
+            # A bar chart compares runs: only the metrics that two runs or more have get one.
+            shared = [m for m in members if sum(m in row.metrics for row in rows) >= 2]
+            if shared:
+                report.plots[group] = metric_figure(rows, shared, lambda ax, m: bar_panel(ax, rows, m))
     if client is not None:
+        report.curves = loss_curves(client, rows)
         report.samples = [(caption(row, varying), picture) for row in rows if (picture := sample_grid(client, row.run_id))]
     return report
+
+
+# Metrics grouped into a few figures, by what they measure (the first group whose words a metric's name holds).
+GROUPS = {
+    "reconstruction": ("recon", "mse", "psnr", "elbo", "nll", "kl"),
+    "generation": ("fcd", "kid", "label_accuracy", "cas"),
+    "representation": ("probe", "knn", "active_units", "error"),
+    "code": ("activation", "near_zero", "jacobian"),
+}
+
+
+def group_of(metric: str) -> str:
+    base = names.short(metric)
+    return next((g for g, words in GROUPS.items() if any(w in base for w in words)), "other")
+
+
+def group_order(metric: str) -> tuple[int, str]:
+    return [*GROUPS, "other"].index(group_of(metric)), metric
+
+
+def metric_groups(metrics: list[str]) -> dict[str, list[str]]:
+    """The metrics by group, groups in GROUPS' order."""
+    groups: dict[str, list[str]] = {}
+    for metric in sorted(metrics, key=group_order):
+        groups.setdefault(group_of(metric), []).append(metric)
+    return groups
+
+
+def better_label(metric: str) -> str:
+    direction = names.better(metric)
+    return f"{direction} is better" if direction else "no better direction"
+
+
+COLUMNS = 3
+PANEL = (3.6, 2.6)  # inches per panel: three across fill a 1100-pixel page at 100 dpi
+
+
+def metric_figure(rows: list[Row], metrics: list[str], draw):
+    """One figure of up to three panels a row, one panel per metric, each titled with the way that is better."""
+    import matplotlib.pyplot as plt
+
+    columns = min(COLUMNS, len(metrics))
+    lines = -(-len(metrics) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(PANEL[0] * columns, PANEL[1] * lines), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        draw(ax, metric)
+        ax.set_title(f"{names.short(metric)}  ({better_label(metric)})", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if len(labels) > 1:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False,
+                   bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout()
+    return images.figure_to_image(fig)
+
+
+def run_label(rows: list[Row], row: Row) -> str:
+    return f"#{rows.index(row) + 1} {row.name}"[:28]
+
+
+def bar_panel(ax, rows: list[Row], metric: str) -> None:
+    """One horizontal bar per run that has `metric`, run labels readable without rotation; the best bar darker."""
+    scored = [row for row in rows if metric in row.metrics]
+    values = [row.metrics[metric] for row in scored]
+    best = {"higher": max, "lower": min}.get(names.better(metric))
+    colours = ["#1f77b4" if best and v == best(values) else "#9ecae1" for v in values]
+    ax.barh(range(len(scored)), values, color=colours)
+    ax.set_yticks(range(len(scored)), [run_label(rows, row) for row in scored], fontsize=7)
+    ax.invert_yaxis()
+
+
+def line_panel(ax, rows: list[Row], metric: str, by: str, others: list[str]) -> None:
+    lines = series(rows, metric, by, others)
+    numeric = all(_number(v) is not None for line in lines.values() for v, *_ in line)
+    categories = list(dict.fromkeys(v for line in lines.values() for v, *_ in line))
+    for label, line in lines.items():
+        xs = [_number(v) if numeric else categories.index(v) for v, *_ in line]
+        ax.errorbar(xs, [m for _, m, _, _ in line], yerr=[s for _, _, s, _ in line], marker="o", capsize=3,
+                    label=label or names.short(metric))
+    if not numeric:
+        ax.set_xticks(range(len(categories)), categories)
+    elif len(categories) > 2 and all(_number(v) > 0 for v in categories):
+        values = sorted(_number(v) for v in categories)
+        if values[-1] / values[0] >= 8:  # latent sizes 2, 8, 32: evenly spaced on a log axis
+            ax.set_xscale("log", base=2)
+    ax.set_xlabel(by, fontsize=8)
+
+
+def loss_curves(client, rows: list[Row], limit: int = 12):
+    """The validation loss per epoch of (up to `limit` of) the compared runs, one line each; None without history."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    histories = [(row, client.get_metric_history(row.run_id, names.VAL_LOSS)) for row in rows[:limit]]
+    histories = [(row, sorted((m.step, m.value) for m in h)) for row, h in histories if h]
+    if not histories:
+        return None
+    fig, ax = plt.subplots(figsize=(PANEL[0] * COLUMNS, 3.6))
+    for row, history in histories:
+        ax.plot([s for s, _ in history], [v for _, v in history], label=run_label(rows, row), linewidth=1.2)
+    # The first epochs' losses dwarf the rest: show the range where the runs differ.
+    finals = [v for _, h in histories for _, v in h[len(h) // 10:]]
+    low, high = min(finals), max(finals)
+    ax.set_ylim(low - 0.05 * (high - low or 1), high + 0.2 * (high - low or 1))
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(f"{names.VAL_LOSS} (lower is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if len(histories) > 6 else 1)
+    fig.tight_layout()
+    return images.figure_to_image(fig)
 
 
 def applies(param: str, rows: list[Row]) -> bool:
@@ -101,7 +252,7 @@ def applies(param: str, rows: list[Row]) -> bool:
 
 
 def caption(row: Row, varying: list[str]) -> str:
-    settings = ", ".join(f"{k}={row.params.get(k)}" for k in varying)
+    settings = ", ".join(f"{k}={row.params[k]}" for k in varying if k in row.params)
     return f"{row.name}" + (f" ({settings})" if settings else "")
 
 
@@ -129,44 +280,17 @@ def series(rows: list[Row], metric: str, by: str, others: list[str]) -> dict[str
             for label, line in points.items()}
 
 
-def metric_plot(rows: list[Row], metric: str, by: str | None, others: list[str]):
-    """`metric` against `by` (see `series`), spread over seeds as error bars; without `by`, one bar per run."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    if not by:
-        scored = [row for row in rows if metric in row.metrics]
-        ax.bar(range(len(scored)), [row.metrics[metric] for row in scored])
-        ax.set_xticks(range(len(scored)), [row.name for row in scored], rotation=45, ha="right", fontsize=7)
-    else:
-        lines = series(rows, metric, by, others)
-        numeric = all(_number(v) is not None for line in lines.values() for v, *_ in line)
-        categories = list(dict.fromkeys(v for line in lines.values() for v, *_ in line))
-        for label, line in lines.items():
-            xs = [_number(v) if numeric else categories.index(v) for v, *_ in line]
-            ax.errorbar(xs, [m for _, m, _, _ in line], yerr=[s for _, _, s, _ in line], marker="o", capsize=3,
-                        label=label or metric)
-        if not numeric:
-            ax.set_xticks(range(len(categories)), categories)
-        ax.set_xlabel(by)
-        if len(lines) > 1:
-            ax.legend(fontsize=7)
-    ax.set_ylabel(metric)
-    ax.set_title(metric + (f" against {by}" if by else ""))
-    ax.grid(alpha=0.3)
-    return images.figure_to_image(fig)
-
-
 def sample_grid(client, run_id: str):
-    """The run's evaluation sample grid, else the last `samples` image its training logged; None if it has neither."""
+    """The run's evaluation sample grid, else the end-of-training one (`result/samples`), else the last `samples`
+    image its training logged; None if it has none."""
     from PIL import Image
 
-    names = [a.path for a in client.list_artifacts(run_id, "evaluation")]
-    path = "evaluation/samples.png" if "evaluation/samples.png" in names else None
+    evaluation = [a.path for a in client.list_artifacts(run_id, "evaluation")]
+    path = "evaluation/samples.png" if "evaluation/samples.png" in evaluation else None
     if path is None:
-        logged = [(int(m[1]), int(m[2]), a.path) for a in client.list_artifacts(run_id, "images")
+        logged = [(m[1].startswith("result"), int(m[2]), int(m[3]), a.path) for a in client.list_artifacts(run_id, "images")
                   if (m := _SAMPLES.match(Path(a.path).name))]
-        path = max(logged)[2] if logged else None
+        path = max(logged)[3] if logged else None
     if path is None:
         return None
     with tempfile.TemporaryDirectory() as tmp:
@@ -180,11 +304,32 @@ def _value(value: float | None) -> str:
     return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
 
 
-def _table(report: Report) -> tuple[list[str], list[list[str]]]:
-    header = ["run", "run id", *report.varying, *report.metrics]
-    body = [[row.name, row.run_id, *(row.params.get(k, "") for k in report.varying),
-             *(_value(row.metrics.get(m)) for m in report.metrics)] for row in report.rows]
+NOT_EVALUATED = "not evaluated"
+
+
+def runs_table(report: Report) -> tuple[list[str], list[list[str]]]:
+    """One row per run: its number (the metric table's column), name, id, the params that differ, and whether it was
+    evaluated (a run without test metrics is named, not left as blank cells)."""
+    header = ["#", "run", "run id", *report.varying, "test metrics"]
+    body = [[str(i), row.name, row.run_id, *(row.params.get(k, "") for k in report.varying),
+             f"{sum(m in row.metrics for m in report.metrics)}" if row.evaluated else NOT_EVALUATED]
+            for i, row in enumerate(report.rows, 1)]
     return header, body
+
+
+def metrics_table(report: Report) -> tuple[list[str], list[list[str]], list[list[bool]]]:
+    """One row per metric, one column per run (by its number), and which cells hold the better value."""
+    header = ["metric", "better", *(f"#{i}" for i in range(1, len(report.rows) + 1))]
+    body, best = [], []
+    for metric in report.metrics:
+        values = [row.metrics.get(metric) for row in report.rows]
+        known = [v for v in values if v is not None]
+        pick = {"higher": max, "lower": min}.get(names.better(metric))
+        top = pick(known) if pick and len(known) > 1 else None
+        body.append([names.short(metric), better_label(metric) if names.better(metric) else "",
+                     *(_value(v) for v in values)])
+        best.append([False, False, *(v is not None and v == top for v in values)])
+    return header, body, best
 
 
 def _png(picture) -> bytes:
@@ -197,21 +342,42 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", text).strip("-")[:60]
 
 
+def summary(report: Report) -> str:
+    unevaluated = [row for row in report.rows if not row.evaluated]
+    text = f"{len(report.rows)} runs"
+    if unevaluated:
+        text += (f"; {len(unevaluated)} not evaluated (no test metrics: run `aetrack evaluate RUN_ID`): "
+                 + ", ".join(f"#{report.rows.index(row) + 1} {row.name}" for row in unevaluated))
+    return text + "."
+
+
+def _figures(report: Report) -> list[tuple[str, str, object]]:
+    """(heading, file name, picture) of every figure, the metrics (against --by) first."""
+    against = f" against {report.by}" if report.by else " (one bar per run)"
+    figures = [(f"{group.capitalize()} metrics{against}", f"{_slug(group)}.png", picture)
+               for group, picture in report.plots.items()]
+    if report.curves is not None:
+        figures.append((f"Validation loss per epoch ({names.VAL_LOSS})", "loss-curves.png", report.curves))
+    return figures
+
+
 def write_markdown(report: Report, title: str, folder: Path) -> Path:
     """report.md with its pictures in images/ beside it."""
     (folder / "images").mkdir(parents=True, exist_ok=True)
-    header, body = _table(report)
-    lines = [f"# {title}", "", f"{len(report.rows)} runs.", ""]
+    lines = [f"# {title}", "", summary(report), ""]
+    header, body = runs_table(report)
     lines += ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |" for cells in body]
     if report.common:
         lines += ["", "Settings shared by every run: " + ", ".join(f"`{k}={v}`" for k, v in report.common.items()) + "."]
-    if report.plots:
-        lines += ["", "## Metrics" + (f" against `{report.by}`" if report.by else ""), ""]
-    for metric, picture in report.plots.items():
-        name = f"images/{_slug(metric)}.png"
-        (folder / name).write_bytes(_png(picture))
-        lines.append(f"![{metric}]({name})")
+    if report.metrics:
+        header, body, best = metrics_table(report)
+        lines += ["", "## Test metrics", "", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+        lines += ["| " + " | ".join(f"**{c}**" if b and c else c for c, b in zip(cells, marks)) + " |"
+                  for cells, marks in zip(body, best)]
+    for heading, file, picture in _figures(report):
+        (folder / "images" / file).write_bytes(_png(picture))
+        lines += ["", f"## {heading}", "", f"![{heading}](images/{file})"]
     if report.samples:
         lines += ["", "## Samples", ""]
     for i, (text, picture) in enumerate(report.samples):
@@ -228,29 +394,51 @@ def _img(picture, alt: str) -> str:
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
 
 
+PAGE_WIDTH = 1100  # pixels: a laptop screen, and MLflow's artifact viewer, show the report without scrolling sideways
+STYLE = (
+    f"body{{font-family:system-ui,sans-serif;margin:1.2em auto;max-width:{PAGE_WIDTH}px;padding:0 12px;color:#222}}"
+    "h1{font-size:1.4em}h2{font-size:1.15em;margin-top:1.6em}"
+    ".scroll{overflow-x:auto;max-width:100%}"
+    "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:3px 7px;text-align:right;"
+    "white-space:nowrap}th{background:#f3f3f3}td.text,th.text{text-align:left}td.id{font-family:monospace;"
+    "font-size:11px;color:#666}td.best{font-weight:bold;background:#eaf3fb}td.missing{color:#b00;text-align:left}"
+    "img{max-width:100%}.samples{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:14px}"
+    "figure{margin:0}figcaption{font-size:12px;margin-top:3px}.note{color:#555;font-size:13px}"
+)
+
+
 def write_html(report: Report, title: str, folder: Path) -> Path:
-    """report.html: one file, every picture inlined."""
-    header, body = _table(report)
+    """report.html: one file, every picture inlined, at most PAGE_WIDTH pixels wide."""
     esc = html.escape
-    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>",
-             "body{font-family:sans-serif;margin:1.5em}table{border-collapse:collapse;font-size:13px}"
-             "td,th{border:1px solid #ccc;padding:3px 6px;text-align:right}th{background:#f3f3f3}"
-             "td:first-child,td:nth-child(2){text-align:left;font-family:monospace}"
-             ".row{display:flex;flex-wrap:wrap;gap:14px}figure{margin:0}figcaption{font-size:12px;max-width:420px}"
-             "img{max-width:420px}</style></head><body>",
-             f"<h1>{esc(title)}</h1><p>{len(report.rows)} runs.</p><table><tr>",
-             "".join(f"<th>{esc(h)}</th>" for h in header), "</tr>"]
-    parts += ["<tr>" + "".join(f"<td>{esc(str(c))}</td>" for c in cells) + "</tr>" for cells in body]
-    parts.append("</table>")
+    parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{STYLE}</style>"
+             f"</head><body><h1>{esc(title)}</h1><p>{esc(summary(report))}</p>"]
+    header, body = runs_table(report)
+    text_columns = {1, 2, *range(3, 3 + len(report.varying))}
+    parts.append("<div class='scroll'><table id='runs'><tr>" + "".join(
+        f"<th class='{'text' if i in text_columns else ''}'>{esc(h)}</th>" for i, h in enumerate(header)) + "</tr>")
+    for cells in body:
+        classes = ["", "text", "text id", *(["text"] * len(report.varying)),
+                   "missing" if cells[-1] == NOT_EVALUATED else ""]
+        parts.append("<tr>" + "".join(f"<td class='{c}'>{esc(v)}</td>" for c, v in zip(classes, cells)) + "</tr>")
+    parts.append("</table></div>")
     if report.common:
-        parts.append("<p>Settings shared by every run: " + ", ".join(f"<code>{esc(k)}={esc(str(v))}</code>"
-                                                                    for k, v in report.common.items()) + ".</p>")
-    if report.plots:
-        parts.append(f"<h2>Metrics{' against ' + esc(report.by) if report.by else ''}</h2><div class='row'>")
-        parts += [f"<figure>{_img(p, m)}</figure>" for m, p in report.plots.items()]
-        parts.append("</div>")
+        parts.append("<p class='note'>Settings shared by every run: " + ", ".join(
+            f"<code>{esc(k)}={esc(str(v))}</code>" for k, v in report.common.items()) + ".</p>")
+    if report.metrics:
+        header, body, best = metrics_table(report)
+        parts.append("<h2>Test metrics</h2><p class='note'>One row per metric, one column per run (numbers as in the "
+                     "table above); the better value in bold.</p><div class='scroll'><table id='metrics'><tr>"
+                     + "".join(f"<th class='{'text' if i < 2 else ''}'>{esc(h)}</th>" for i, h in enumerate(header))
+                     + "</tr>")
+        for cells, marks in zip(body, best):
+            parts.append("<tr>" + "".join(
+                f"<td class='{'text' if i < 2 else 'best' if mark else ''}'>{esc(v)}</td>"
+                for i, (v, mark) in enumerate(zip(cells, marks))) + "</tr>")
+        parts.append("</table></div>")
+    for heading, _, picture in _figures(report):
+        parts.append(f"<h2>{esc(heading)}</h2><figure>{_img(picture, heading)}</figure>")
     if report.samples:
-        parts.append("<h2>Samples</h2><div class='row'>")
+        parts.append("<h2>Samples</h2><div class='samples'>")
         parts += [f"<figure>{_img(p, t)}<figcaption>{esc(t)}</figcaption></figure>" for t, p in report.samples]
         parts.append("</div>")
     parts.append("</body></html>")
@@ -261,16 +449,21 @@ def write_html(report: Report, title: str, folder: Path) -> Path:
 
 def publish(client, experiment_id: str, report: Report, title: str, *, output: Path | None = None,
             run_name: str = "comparison", log: bool = True) -> tuple[str | None, tuple[Path, Path] | None]:
-    """Write report.html and report.md (into `output` when given) and log them to a new comparison run.
-    Returns that run's id (None without `log`) and the local paths (None without `output`)."""
+    """Write report.html and report.md (into `output` when given) and log them to a new comparison run in the
+    experiment `<experiment>-comparisons`. Returns that run's id (None without `log`) and the local paths (None
+    without `output`)."""
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(output) if output else Path(tmp)
         folder.mkdir(parents=True, exist_ok=True)
         html_path, md_path = write_html(report, title, folder), write_markdown(report, title, folder)
         run_id = None
         if log:
-            with mlflow.start_run(experiment_id=experiment_id, run_name=run_name) as run:
-                mlflow.set_tags({tags.KIND: tags.KIND_COMPARISON, tags.COMPARED_RUNS: ",".join(r.run_id for r in report.rows)[:5000]})
+            from aetrack.tracking.describe import NOTE
+
+            with mlflow.start_run(experiment_id=comparison_experiment(client, experiment_id), run_name=run_name) as run:
+                mlflow.set_tags({tags.KIND: tags.KIND_COMPARISON, tags.COMPARED_EXPERIMENT: experiment_id,
+                                 tags.COMPARED_RUNS: ",".join(r.run_id for r in report.rows)[:5000],
+                                 NOTE: f"{title}. {summary(report)} Open the Artifacts tab: comparison/report.html."})
                 mlflow.log_params({"by": report.by or "", "metrics": ",".join(report.metrics)[:500], "runs": len(report.rows)})
                 mlflow.log_artifact(str(html_path), "comparison")
                 mlflow.log_artifact(str(md_path), "comparison")

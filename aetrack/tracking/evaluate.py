@@ -1,5 +1,5 @@
 """`aetrack evaluate`'s work: load a logged model and its data set, evaluate it (aetrack.evaluation), and log
-the result to its run as `test_<name>` metrics and `evaluation/*` artifacts."""
+the result to its run as `test/<name>` metrics and `evaluation/*` artifacts."""
 
 from __future__ import annotations
 
@@ -14,15 +14,19 @@ from aetrack import data as datasets
 from aetrack.config import ConfigError
 from aetrack.evaluation import Evaluation, Settings, evaluate_model
 from aetrack.models import REGISTRY
+from aetrack.tracking import metric_names as names
 from aetrack.tracking.artifacts import LoggedModel, load_logged
+from aetrack.tracking.describe import note_evaluation
 from aetrack.tracking.reference import reference_classifier
 
 
 def log_evaluation(run_id: str, evaluation: Evaluation) -> None:
-    """Metrics as test_<name>; pictures, tables and notes under evaluation/ in the run's artifacts."""
+    """Metrics as test/<name>; pictures, tables and notes under evaluation/ in the run's artifacts; the key test
+    figures join the run's description and its model versions' tags."""
     client, now = mlflow.MlflowClient(), get_current_time_millis()
-    metrics = [Metric(f"test_{k}", float(v), now, 0) for k, v in evaluation.metrics.items() if math.isfinite(v)]
+    metrics = [Metric(names.test(k), float(v), now, 0) for k, v in evaluation.metrics.items() if math.isfinite(v)]
     client.log_batch(run_id, metrics=metrics, synchronous=True)
+    note_evaluation(client, run_id)
     for name, picture in evaluation.pictures.items():
         client.log_image(run_id, picture, artifact_file=f"evaluation/{name}.png")
     client.log_dict(run_id, {"metrics": evaluation.metrics, "notes": evaluation.notes, "tables": evaluation.tables},

@@ -18,6 +18,7 @@ import mlflow
 from mlflow.entities import Metric
 
 from aetrack.config import UserError
+from aetrack.tracking import metric_names as names
 from aetrack.tracking import tags as tag
 
 # A server that does not answer at start is an error within this many seconds (MLflow alone retries for ~250 s).
@@ -168,11 +169,18 @@ class MetricBuffer:
         self.thread.start()
 
     def __call__(self, metrics: dict[str, float], step: int) -> None:
+        """The training loop's keys under their MLflow names (`metric_names.logged`); epoch-level metrics (those
+        that come with their `epoch`) take the epoch as step, batch-level ones the optimiser step."""
         now = int(time.time() * 1000)
-        self.pending += [Metric(key, float(value), now, step) for key, value in metrics.items()
-                         if step > self.skip.get(key, -1)]
-        # Epoch-end metrics (val_*) close a batch, so the UI is never more than an epoch behind.
-        if len(self.pending) >= self.limit or any(key.startswith("val_") for key in metrics):
+        epoch_level = names.EPOCH in metrics
+        if epoch_level:
+            step = int(metrics[names.EPOCH])
+        for key, value in metrics.items():
+            name = names.logged(key)
+            if key != names.EPOCH and step > self.skip.get(name, -1):
+                self.pending.append(Metric(name, float(value), now, step))
+        # Epoch-end metrics close a batch, so the UI is never more than an epoch behind.
+        if len(self.pending) >= self.limit or epoch_level:
             self.flush(wait=False)
         self._check_waiting()
 

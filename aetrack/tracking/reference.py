@@ -10,6 +10,7 @@ import mlflow
 
 from aetrack.evaluation.reference import EPOCHS, RECIPE, Classifier, load_folder, save_folder, train_classifier
 from aetrack.serving.reference import ARTIFACT
+from aetrack.tracking import metric_names as names
 from aetrack.tracking import tags
 from aetrack.tracking.artifacts import log_reference, with_model_folder
 
@@ -59,7 +60,7 @@ def register(classifier: Classifier, data, client: mlflow.MlflowClient) -> str:
         mlflow.log_params({"dataset": data.name, "recipe": RECIPE, "epochs": EPOCHS.get(data.name, 5),
                            "train_images": len(data.train_x)})
         mlflow.set_tags({tags.KIND: tags.KIND_REFERENCE, tags.DATASET: data.name})
-        mlflow.log_metric("test_accuracy", classifier.test_accuracy)
+        mlflow.log_metric(names.test("accuracy"), classifier.test_accuracy)
         folder = save_folder(classifier, data, Path(tmp) / ARTIFACT)
         logged = log_reference(folder, name)
     version = str(logged.registered_model_version)

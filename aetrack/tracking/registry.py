@@ -7,8 +7,38 @@ from datetime import datetime
 
 import mlflow
 
-KEY_METRICS = ("best_val_loss", "test_recon_loss", "test_neg_elbo", "test_nll_iw", "test_fcd",
-               "test_label_accuracy", "test_error")
+from aetrack.tracking import metric_names as names
+
+KEY_METRICS = (names.BEST_VAL_LOSS, *(names.test(m) for m in ("recon_loss", "neg_elbo", "nll_iw", "fcd",
+                                                               "label_accuracy", "error")))
+
+
+def version_tags(metrics: dict[str, float]) -> dict[str, str]:
+    """A model version's tags: its run's key figures (`val/best_loss`, `test/fcd`, ...), as the registry shows them."""
+    return {key: f"{metrics[key]:.4g}" for key in KEY_METRICS if key in metrics}
+
+
+def describe_version(client, name: str, version: str, run, description: str) -> None:
+    """Tag a new model version with its run's key metrics, describe it, and describe the registered model
+    where nobody has."""
+    for key, value in version_tags(run.data.metrics).items():
+        client.set_model_version_tag(name, version, key, value)
+    client.update_model_version(name, version, description=description)
+    if not client.get_registered_model(name).description:
+        from aetrack.config import TrainConfig
+        from aetrack.tracking.describe import registered_model_description
+
+        client.update_registered_model(name, registered_model_description(name, TrainConfig.from_params(run.data.params)))
+
+
+def tag_versions_of_run(client, run_id: str, metrics: dict[str, float], description: str | None = None) -> None:
+    """After evaluation: every registered version of `run_id`'s model gains the run's key test figures (and the
+    run's description with them)."""
+    for version in client.search_model_versions(f"run_id = '{run_id}'"):
+        for key, value in version_tags(metrics).items():
+            client.set_model_version_tag(version.name, version.version, key, value)
+        if description:
+            client.update_model_version(version.name, version.version, description=description)
 
 
 def promote(client, name: str, version: str, alias: str) -> None:

@@ -9,6 +9,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -29,20 +30,22 @@ from aetrack import checkpoints, images, modelio, samplers
 from aetrack.config import TrackingOptions, TrainConfig, UserError  # noqa: F401 (TrackingOptions: re-exported)
 from aetrack.data import Splits
 from aetrack.images import IMAGE_ROWS
-from aetrack.models import REGISTRY
+from aetrack.models import REGISTRY, build_model
+from aetrack.tracking import describe, lifecycle
+from aetrack.tracking import metric_names as names
 from aetrack.tracking import tags as tag
-from aetrack.tracking import lifecycle
 from aetrack.tracking.artifacts import log_generator
 from aetrack.tracking.lifecycle import Interrupted, MetricBuffer  # noqa: F401 (MetricBuffer: re-exported)
-from aetrack.training import Diverged, History, fit
+from aetrack.tracking.registry import describe_version
+from aetrack.training import Diverged, History, fit, init_output_biases
 
 IMAGE_STEPS = 50  # at most this many steps per image key: the UI's step slider stays usable, the store small
 
 
 def image_epochs(epochs: int) -> set[int]:
-    """The epochs whose pictures are logged during training: the first and every k-th, at most IMAGE_STEPS - 1
-    (the best epoch's pictures, logged at the end, may add one)."""
-    every = max(1, math.ceil(epochs / (IMAGE_STEPS - 2)))
+    """The epochs whose pictures are logged during training: the first and every k-th, at most IMAGE_STEPS - 2
+    (step 0, before training, and the best epoch's pictures, logged at the end, add up to two)."""
+    every = max(1, math.ceil(epochs / (IMAGE_STEPS - 3)))
     return {1} | set(range(every, epochs + 1, every))
 
 
@@ -71,12 +74,23 @@ def git_commit() -> str | None:
     return out.stdout.strip() or None if out.returncode == 0 else None
 
 
+EPOCH_IMAGES, FINAL_IMAGES = "progress/", "result/"  # image keys: a section each in the UI's chart view
+FINAL_STEP = 0  # every run's end-of-training pictures share one step, so that an image card shows them all
+
+
+def image_key(prefix: str, name: str) -> str:
+    """`progress/reconstructions` (step = epoch, from 0 before training) or `result/samples` (step FINAL_STEP)."""
+    return prefix + name
+
+
 class EpochImages:
-    """Per epoch, with the epoch as step: inputs beside reconstructions, and samples from fixed noise."""
+    """Per epoch, with the epoch as step: inputs beside reconstructions, and samples from fixed noise; at step 0
+    the untrained model, so that the UI's step slider, which starts at 0, never starts on an empty card."""
 
     def __init__(self, data: Splits, config: TrainConfig, log: MetricBuffer):
         self.variant, self.send = REGISTRY[config.model], log
-        self.x, self.y = data.val_x[:IMAGE_ROWS], data.val_y[:IMAGE_ROWS]
+        groups = 2 if self.variant.denoising else 4  # input/output rows, repeated: a square picture
+        self.x, self.y = data.val_x[:IMAGE_ROWS * groups], data.val_y[:IMAGE_ROWS * groups]
         self.num_classes, self.seed = data.num_classes, config.seed
         self.epochs, self.logged = image_epochs(config.epochs), set()
 
@@ -91,17 +105,26 @@ class EpochImages:
             return
         model.eval()
         for key, picture in self.pictures(model).items():
-            self.send.image(picture, key=key, step=epoch)
+            self.send.image(picture, key=image_key(EPOCH_IMAGES, key), step=epoch)
         self.logged.add(epoch)
+
+    def log_initial(self, config: TrainConfig, data: Splits) -> None:
+        """Step 0: the model as `fit` builds it before its first step (same seed, same initialisation)."""
+        torch.manual_seed(config.seed)
+        model = build_model(config, data.shape, data.num_classes)
+        if config.decoder_bias == "mean":
+            init_output_biases(model, data.train_x)
+        self.log(0, model.to(self.x.device))
 
     def pictures(self, model) -> dict:
         pictures = {}
         device = self.x.device
         if self.variant.denoising:
             noisy = model.corrupt(self.x, torch.Generator(device).manual_seed(self.seed))
-            pictures["reconstructions"] = images.rows(noisy, model.reconstruct(noisy), self.x)
+            pictures["reconstructions"] = images.rows(noisy, model.reconstruct(noisy), self.x, labels=images.DENOISING_ROWS)
         else:
-            pictures["reconstructions"] = images.rows(self.x, model.reconstruct(self.x, self.y))
+            pictures["reconstructions"] = images.rows(self.x, model.reconstruct(self.x, self.y),
+                                                      labels=images.RECONSTRUCTION_ROWS)
         if self.variant.generative:
             pictures["samples"] = images.sample_grid(model, torch.Generator(device).manual_seed(self.seed),
                                                      conditional=self.variant.conditional, num_classes=self.num_classes)
@@ -117,11 +140,12 @@ def final_pictures(model, data: Splits, history: History, seed: int, max_points:
     pairs = min(IMAGE_ROWS, len(x) // 2)
     path = images.interpolate(z[:pairs], z[pairs:2 * pairs], IMAGE_ROWS)
     path_labels = y[:pairs].repeat_interleave(IMAGE_ROWS)
-    pictures = {"interpolation": images.grid(model.decode(path, path_labels), IMAGE_ROWS)}
+    pictures = {"interpolation": images.grid(model.decode(path, path_labels), IMAGE_ROWS,
+                                             title="each row: one image's code to another's, in a straight line")}
     pictures.update(images.latent_plots(z.cpu().numpy(), y.cpu().numpy(), seed))
     if history.epochs:
         keys = ["train_epoch_loss"] + [k for k in history.epochs[0] if k.startswith("val_")]
-        pictures["loss_curves"] = images.curves(history.epochs, keys)
+        pictures["loss_curves"] = images.curves(history.epochs, keys, labels=[names.logged(k) for k in keys])
     return pictures
 
 
@@ -141,6 +165,51 @@ def log_dataset(data: Splits, data_dir: str | None) -> None:
             if attempt == 2:
                 raise
             time.sleep(0.5 * (attempt + 1))
+
+
+def applies(config: TrainConfig, name: str) -> bool:
+    """Whether setting `name` applies to `config.model` (an option of no group, or of one of its groups)."""
+    scope = TrainConfig.__dataclass_fields__[name].metadata["scope"]
+    return scope is None or scope in REGISTRY[config.model].scopes
+
+
+def run_params(given: TrainConfig, resolved: TrainConfig) -> dict[str, str]:
+    """The params a run logs: the settings that apply to its variant, as given, and what each `auto` resolved to
+    (`resolved_epochs` beside `epochs` = `auto`). `TrainConfig.from_params` fills the others from their defaults,
+    which is what the variant ignored."""
+    params = {k: v for k, v in given.to_params().items() if applies(given, k)}
+    params.update({f"resolved_{name}": str(getattr(resolved, name)) for name in ("epochs", "patience", "kl_warmup")
+                   if applies(given, name) and getattr(given, name) is None})
+    return params
+
+
+RANDOM_NAME = re.compile(r"^[a-z]+-[a-z]+-\d{1,4}$")  # MLflow's own run names: `angry-bug-231`
+
+
+def pick_run_name(config: TrainConfig, options: TrackingOptions, experiment_id: str | None) -> str | None:
+    """--run-name, else a name that says what the run is (`vae-normal-z8-digits`, `-2` where taken)."""
+    if options.run_name or experiment_id is None:
+        return options.run_name
+    return describe.run_name(config, mlflow.MlflowClient(), experiment_id)
+
+
+def rename_random_run(run, config: TrainConfig, options: TrackingOptions) -> None:
+    """A run that `mlflow run` created keeps a name given with its --run-name; MLflow's random name is replaced."""
+    if not options.run_name and RANDOM_NAME.match(run.info.run_name or ""):
+        mlflow.set_tag(describe.RUN_NAME, describe.run_name(config, mlflow.MlflowClient(), run.info.experiment_id))
+
+
+def describe_run(run_id: str, config: TrainConfig, data: Splits, history: History, registered: str | None,
+                 version) -> None:
+    """The run's description, and its model version's description and tags."""
+    client = mlflow.MlflowClient()
+    text = describe.run_description(
+        config, train_images=len(data.train_x), val_images=len(data.val_x), best_val_loss=history.best_val_loss,
+        best_epoch=history.best_epoch, epochs_run=len(history.epochs), stopped_early=history.stopped_early,
+        registered=None if version is None else f"models:/{registered}/{version}")
+    client.set_tag(run_id, describe.NOTE, text)
+    if version is not None:
+        describe_version(client, registered, str(version), client.get_run(run_id), text)
 
 
 class RunStopped(KeyboardInterrupt):
@@ -255,9 +324,10 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
                 experiment_id = mlflow.get_run(parent_run_id).info.experiment_id
             elif "MLFLOW_RUN_ID" not in os.environ:
                 experiment_id = mlflow.set_experiment(options.experiment).experiment_id
+                describe.describe_experiment(mlflow.MlflowClient(), experiment_id)
                 lifecycle.close_dead_runs(experiment_id, say)
-            run = mlflow.start_run(run_name=options.run_name, experiment_id=experiment_id, parent_run_id=parent_run_id,
-                                   tags=tags)
+            run = mlflow.start_run(run_name=pick_run_name(config, options, experiment_id), experiment_id=experiment_id,
+                                   parent_run_id=parent_run_id, tags=tags)
         run_id = run.info.run_id
         folder = Path(options.checkpoint_dir) / run_id
         log = None
@@ -270,10 +340,10 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
                     mlflow.MlflowClient().delete_tag(run_id, tag.END_REASON)  # it ended before; it has not ended now
                 say(f"resuming run {run_id} after epoch {resume['epoch']} of {config.epochs}")
             else:
+                rename_random_run(run, config, options)
                 # The settings as given (`mlflow run` logs its entry point's parameters under the same names, and a
                 # logged param cannot change), and what `auto` resolved to beside them.
-                mlflow.log_params({**given.to_params(), **{f"resolved_{name}": str(getattr(config, name))
-                                                           for name in ("epochs", "patience", "kl_warmup")}})
+                mlflow.log_params(run_params(given, config))
                 mlflow.set_tags({
                     tag.MODEL: config.model,
                     tag.MODEL_FAMILY: "variational" if variant.generative else "autoencoder",
@@ -285,6 +355,8 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
                 log_dataset(data, data_dir)
             log = MetricBuffer(run_id, skip=_last_steps(run_id) if resume else None, echo=say)
             epoch_images = EpochImages(data, config, log)
+            if not resume:
+                epoch_images.log_initial(config, data)
             diverged = None
             try:
                 model, history = fit(config, data, log=log, callbacks=(epoch_images, *callbacks),
@@ -386,20 +458,22 @@ def _finish(run, model, history: History, config: TrainConfig, data: Splits, opt
 
     def pictures():
         epoch_images.log(history.best_epoch, model)  # the weights kept: the best epoch's
-        for key, picture in final_pictures(model, data, history, config.seed).items():
-            log.image(picture, key=key, step=history.best_epoch)
+        for key, picture in {**epoch_images.pictures(model), **final_pictures(model, data, history, config.seed)}.items():
+            log.image(picture, key=image_key(FINAL_IMAGES, key), step=FINAL_STEP)
 
     attempt("the end-of-training pictures", pictures)
     if sampler is not None:
         attempt("the sample grid", lambda: log.image(
             images.sample_grid(model, torch.Generator().manual_seed(config.seed), conditional=False,
-                               num_classes=data.num_classes, sampler=sampler), key="samples", step=history.best_epoch))
-    log({"best_val_loss": history.best_val_loss, "best_epoch": history.best_epoch}, history.best_epoch)
+                               num_classes=data.num_classes, sampler=sampler),
+            key=image_key(FINAL_IMAGES, "samples"), step=FINAL_STEP))
+    log({names.BEST_VAL_LOSS: history.best_val_loss, names.BEST_EPOCH: history.best_epoch}, FINAL_STEP)
     log.flush()
     end_tags = {tag.STOPPED_EARLY: str(history.stopped_early).lower()}
     if warnings_seen:
         end_tags[tag.WARNINGS] = " | ".join(warnings_seen)[:5000]
     persist(lambda: mlflow.set_tags(end_tags), "the run's tags")
     version = getattr(logged, "registered_model_version", None)  # absent when nothing was registered
-    return RunResult(run_id, run.info.experiment_id, mlflow.get_tracking_uri(), f"runs:/{run_id}/model",
+    attempt("the run's description", lambda: describe_run(run_id, config, data, history, name, version))
+    return RunResult(run_id, run.info.experiment_id, mlflow.get_tracking_uri(), f"runs:/{run_id}/{config.model}",
                      name, None if version is None else str(version), history, logged.model_uri)

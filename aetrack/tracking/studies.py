@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from aetrack.config import TrainConfig
+from aetrack.tracking import metric_names as names
 from aetrack.tracking import tags
 
 
@@ -98,7 +99,7 @@ class StudyResult:
 
     def table(self) -> tuple[list[str], list[list[str]]]:
         keys = list(dict.fromkeys(k for cell in self.cells for k in cell.setting))
-        header = [*keys, *(f"test_{m}" for m in self.study.metrics), "seeds"]
+        header = [*keys, *(names.test(m) for m in self.study.metrics), "seeds"]
         rows = []
         for cell in self.cells:
             row = [show(cell.setting.get(k, "")) for k in keys]
@@ -165,7 +166,7 @@ def run_study(study: Study, *, dataset: str = "digits", seeds: int = 3, experime
             options = TrackingOptions(experiment, f"{study.name} {key} seed {seed}", register=False)
             run_id = train_tracked(config, loaded[seed], options, data_dir=data_dir, progress=False, tags=marks).run_id
         metrics = client.get_run(run_id).data.metrics
-        if "test_recon_loss" not in metrics:
+        if names.test("recon_loss") not in metrics:
             echo(f"[{study.name}] evaluating {key} seed {seed} ({run_id})")
             baseline = baseline_runs.get(seed) if study.baseline and cell.setting != study.baseline else None
             evaluate_run(run_id, Settings(seed=seed), use_reference=study.reference, baseline=baseline,
@@ -175,7 +176,7 @@ def run_study(study: Study, *, dataset: str = "digits", seeds: int = 3, experime
         if study.baseline and cell.setting == study.baseline:
             baseline_runs[seed] = run_id
         cell.run_ids.append(run_id)
-        cell.metrics.append({k[len("test_"):]: v for k, v in metrics.items() if k.startswith("test_")})
+        cell.metrics.append({names.short(k): v for k, v in metrics.items() if names.is_test(k)})
     result = StudyResult(study, dataset, experiment, cells)
     runs = [client.get_run(run_id) for cell in cells for run_id in cell.run_ids]
     present = {m for cell in cells for row in cell.metrics for m in row}

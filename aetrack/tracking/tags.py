@@ -25,8 +25,8 @@ END_REASON, RESUMED, WARNINGS = "aetrack.end_reason", "aetrack.resumed_at_epochs
 # `aetrack study`: which study and setting a run belongs to, and whether it was evaluated.
 STUDY, SETTING, EVALUATED = "aetrack.study", "aetrack.setting", "aetrack.evaluated"
 
-# A comparison run.
-COMPARED_RUNS = "compared_runs"
+# A comparison run (in the experiment `<experiment>-comparisons`).
+COMPARED_RUNS, COMPARED_EXPERIMENT = "compared_runs", "compared_experiment"
 
 # Tuning: the parent run, and each trial's child run.
 OPTUNA_STUDY, OPTUNA_STORAGE, OPTUNA_METRIC = "optuna_study", "optuna_storage", "optuna_metric"

@@ -13,6 +13,7 @@ import mlflow
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from aetrack.tracking import metric_names as names
 from aetrack.tracking import tags
 from aetrack.tuning.space import SearchSpace
 
@@ -99,10 +100,9 @@ def run_score(client, run_id: str, metric: str) -> float | None:
     run = client.get_run(run_id)
     if run.data.tags.get(tags.OPTUNA_METRIC) == metric and "objective" in run.data.metrics:
         return run.data.metrics["objective"]
-    best_epoch = run.data.metrics.get("best_epoch")
-    epochs = {m.step: m.value for m in client.get_metric_history(run_id, "epoch")}
-    for m in client.get_metric_history(run_id, metric):
-        if epochs.get(m.step) == best_epoch:
+    best_epoch = run.data.metrics.get(names.BEST_EPOCH)
+    for m in client.get_metric_history(run_id, names.logged(metric)):  # epoch metrics: step = epoch
+        if m.step == best_epoch:
             return m.value
     return None
 
