@@ -10,6 +10,7 @@ import subprocess
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import mlflow
 import optuna
@@ -275,6 +276,7 @@ def test_the_median_pruner_stops_hopeless_trials_early(tmp_path):
     for trial in pruned:
         run = client.get_run(trial.user_attrs["mlflow_run_id"])
         assert run.data.tags["optuna_state"] == "pruned" and run.info.status == "KILLED"
+    assert not any(Path("checkpoints").glob("*/last.pt"))  # no trial leaves its checkpoint behind
 
 
 # ---------------------------------------------------------------------------------------------- the champion

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import shutil
 import socket
 from dataclasses import dataclass
 from typing import Any
@@ -14,6 +15,7 @@ import mlflow
 import optuna
 from optuna.trial import TrialState
 
+from aetrack import checkpoints
 from aetrack.config import TrainConfig
 from aetrack.tracking import tags
 from aetrack.tracking.run import train_tracked
@@ -100,6 +102,8 @@ class Objective:
         trial.set_user_attr("mlflow_run_id", run.info.run_id)
         client.set_tag(run.info.run_id, tags.OPTUNA_STATE, state)
         client.set_terminated(run.info.run_id, "KILLED" if state == "pruned" else "FAILED")
+        # A trial is never resumed (the study retries it as a new trial): its checkpoint is of no use.
+        shutil.rmtree(checkpoints.path_for(self.tracking.checkpoint_dir, run.info.run_id).parent, ignore_errors=True)
 
 
 def at_least_as_good(study: optuna.Study, value: float) -> bool:
