@@ -77,8 +77,9 @@ def test_generate_draws_a_grid_offline_through_the_pyfunc_model(store, tmp_path)
                          "--tracking-uri", store)
         assert result.exit_code == 0, result.output
     grid = Image.open(paths[0])
-    # 16 digits of 8x8, drawn 3x larger, 8 to a row with 2-pixel gaps: 8 * 24 + 9 * 2 by 2 * 24 + 3 * 2.
-    assert grid.size == (210, 54)
+    # 16 digits of 8x8, drawn 8x larger (a grid at least 512 pixels wide), 8 to a row with 2-pixel gaps:
+    # 8 * 64 + 9 * 2 by 2 * 64 + 3 * 2.
+    assert grid.size == (530, 134)
     assert paths[0].read_bytes() == paths[1].read_bytes()
     assert paths[0].read_bytes() != paths[2].read_bytes()
 

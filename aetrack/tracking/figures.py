@@ -1,0 +1,153 @@
+"""The compare report's figures: metrics grouped by what they measure, one panel per metric titled with the way
+that is better (against `--by`, or one bar per run), and the compared runs' validation loss curves."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from aetrack import images
+from aetrack.tracking import metric_names as names
+
+if TYPE_CHECKING:
+    from aetrack.tracking.compare import Row
+
+
+# Metrics grouped into a few figures, by what they measure (the first group whose words a metric's name holds).
+GROUPS = {
+    "reconstruction": ("recon", "mse", "psnr", "elbo", "nll", "kl"),
+    "generation": ("fcd", "kid", "label_accuracy", "cas"),
+    "representation": ("probe", "knn", "active_units", "error"),
+    "code": ("activation", "near_zero", "jacobian"),
+}
+
+
+def group_of(metric: str) -> str:
+    base = names.short(metric)
+    return next((g for g, words in GROUPS.items() if any(w in base for w in words)), "other")
+
+
+def group_order(metric: str) -> tuple[int, str]:
+    return [*GROUPS, "other"].index(group_of(metric)), metric
+
+
+def metric_groups(metrics: list[str]) -> dict[str, list[str]]:
+    """The metrics by group, groups in GROUPS' order."""
+    groups: dict[str, list[str]] = {}
+    for metric in sorted(metrics, key=group_order):
+        groups.setdefault(group_of(metric), []).append(metric)
+    return groups
+
+
+def better_label(metric: str) -> str:
+    direction = names.better(metric)
+    return f"{direction} is better" if direction else "no better direction"
+
+
+COLUMNS = 3
+PANEL = (3.6, 2.6)  # inches per panel: three across fill a 1100-pixel page at 100 dpi
+
+
+def metric_figure(rows: list[Row], metrics: list[str], draw):
+    """One figure of up to three panels a row, one panel per metric, each titled with the way that is better."""
+    import matplotlib.pyplot as plt
+
+    columns = min(COLUMNS, len(metrics))
+    lines = -(-len(metrics) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(PANEL[0] * columns, PANEL[1] * lines), squeeze=False)
+    for ax, metric in zip(axes.flat, metrics):
+        draw(ax, metric)
+        ax.set_title(f"{names.short(metric)}  ({better_label(metric)})", fontsize=10)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=8)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    if len(labels) > 1:
+        fig.legend(handles, labels, loc="lower center", ncol=min(4, len(labels)), fontsize=8, frameon=False,
+                   bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout()
+    return images.figure_to_image(fig)
+
+
+def run_label(rows: list[Row], row: Row) -> str:
+    return f"#{rows.index(row) + 1} {row.name}"[:28]
+
+
+def bar_panel(ax, rows: list[Row], metric: str) -> None:
+    """One horizontal bar per run that has `metric`, run labels readable without rotation; the best bar darker."""
+    scored = [row for row in rows if metric in row.metrics]
+    values = [row.metrics[metric] for row in scored]
+    best = {"higher": max, "lower": min}.get(names.better(metric))
+    colours = ["#1f77b4" if best and v == best(values) else "#9ecae1" for v in values]
+    ax.barh(range(len(scored)), values, color=colours)
+    ax.set_yticks(range(len(scored)), [run_label(rows, row) for row in scored], fontsize=7)
+    ax.invert_yaxis()
+
+
+def line_panel(ax, rows: list[Row], metric: str, by: str, others: list[str]) -> None:
+    lines = series(rows, metric, by, others)
+    numeric = all(_number(v) is not None for line in lines.values() for v, *_ in line)
+    categories = list(dict.fromkeys(v for line in lines.values() for v, *_ in line))
+    for label, line in lines.items():
+        xs = [_number(v) if numeric else categories.index(v) for v, *_ in line]
+        ax.errorbar(xs, [m for _, m, _, _ in line], yerr=[s for _, _, s, _ in line], marker="o", capsize=3,
+                    label=label or names.short(metric))
+    if not numeric:
+        ax.set_xticks(range(len(categories)), categories)
+    elif len(categories) > 2 and all(_number(v) > 0 for v in categories):
+        values = sorted(_number(v) for v in categories)
+        if values[-1] / values[0] >= 8:  # latent sizes 2, 8, 32: evenly spaced on a log axis
+            ax.set_xscale("log", base=2)
+    ax.set_xlabel(by, fontsize=8)
+
+
+def loss_curves(client, rows: list[Row], limit: int = 12):
+    """The validation loss per epoch of (up to `limit` of) the compared runs, one line each; None without history."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    histories = [(row, client.get_metric_history(row.run_id, names.VAL_LOSS)) for row in rows[:limit]]
+    histories = [(row, sorted((m.step, m.value) for m in h)) for row, h in histories if h]
+    if not histories:
+        return None
+    fig, ax = plt.subplots(figsize=(PANEL[0] * COLUMNS, 3.6))
+    for row, history in histories:
+        ax.plot([s for s, _ in history], [v for _, v in history], label=run_label(rows, row), linewidth=1.2)
+    # The first epochs' losses dwarf the rest: show the range where the runs differ.
+    finals = [v for _, h in histories for _, v in h[len(h) // 10:]]
+    low, high = min(finals), max(finals)
+    ax.set_ylim(low - 0.05 * (high - low or 1), high + 0.2 * (high - low or 1))
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(f"{names.VAL_LOSS} (lower is better)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2 if len(histories) > 6 else 1)
+    fig.tight_layout()
+    return images.figure_to_image(fig)
+
+
+def _number(text: str | None) -> float | None:
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return None
+
+
+def series(rows: list[Row], metric: str, by: str, others: list[str]) -> dict[str, list[tuple[str, float, float, int]]]:
+    """Points of `metric` against `by`: one line per combination of the other varying params, each point
+    (by value, mean, std, runs) in `by` order (numeric when every value is a number). Runs that differ only
+    by seed fall on the same point."""
+    grouping = [k for k in others if k != "seed"]
+    points: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        if metric in row.metrics:
+            label = ", ".join(f"{k}={row.params.get(k)}" for k in grouping)
+            points[label][row.params.get(by)].append(row.metrics[metric])
+    values = {v for line in points.values() for v in line}
+    numeric = all(_number(v) is not None for v in values)
+    key = _number if numeric else (lambda v: str(v))
+    return {label: [(v, float(np.mean(line[v])), float(np.std(line[v])), len(line[v])) for v in sorted(line, key=key)]
+            for label, line in points.items()}
