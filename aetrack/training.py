@@ -101,15 +101,19 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
     """Train `config.model` on `data`; returns the model at its best validation loss and the history.
     `auto` settings are resolved first (`TrainConfig.resolve`); callbacks see the resolved config through `history.config`."""
     torch.manual_seed(config.seed)
-    device = data.train_x.device
-    n_train = len(data.train_x)
+    device = data.train_images.device
+    n_train = len(data.train_y)
     config = config.resolve(n_train)
     if model is None:
         model = build_model(config, data.shape, data.num_classes)
         if config.decoder_bias == "mean":
-            init_output_biases(model, data.train_x)
+            init_output_biases(model, data.mean_image()[None])  # no float copy of the whole training set
     model = model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    # fused: one kernel for the whole update instead of a dozen per parameter (about a fifth of a CPU step).
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, fused=True)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    forward = torch.compile(model) if config.compile else model  # `model` keeps its own parameter names
     per_epoch = config.steps_per_epoch(n_train)
     total_steps = config.epochs * per_epoch
     learning_rate = LearningRate(config, total_steps)
@@ -127,12 +131,15 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
         bar = tqdm(range(per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
         for i in bar:
             x, y = draw(order[i * config.batch_size:(i + 1) * config.batch_size], generator)
-            out = model(x, y, kl_scale=kl_scale(config, epoch + i / per_epoch))
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                out = forward(x, y, kl_scale=kl_scale(config, epoch + i / per_epoch))
             optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            scaler.scale(out.loss).backward()
             if config.grad_clip:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             schedule.step()
             step += 1
             epoch_loss += out.loss.detach()
