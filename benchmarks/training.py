@@ -57,6 +57,13 @@ MLP = dict(hidden=(400,), latent_dim=20, batch_size=128, lr=1e-3, patience=0, kl
 median = statistics.median
 
 
+def paired(numerators: list[float], denominators: list[float]) -> dict:
+    """The median of per-repeat ratios (each pair measured back to back, so a change of load between repeats
+    cancels), and each ratio."""
+    ratios = [a / b for a, b in zip(numerators, denominators)]
+    return {"median": round(median(ratios), 3), "each": [round(r, 3) for r in ratios]}
+
+
 # ----- the canonical loop: pytorch/examples vae/main.py, and a conv loop in its style -----------------------
 
 class ExampleVAE(nn.Module):
@@ -195,16 +202,16 @@ def part_mlp(splits, data_dir, epochs, repeats) -> dict:
     for repeat in range(repeats):
         torch.manual_seed(repeat)
         reference = ExampleVAE()
-        runs["reference"] += reference_epochs(reference, reference_train, epochs)
+        runs["reference"].append(median(reference_epochs(reference, reference_train, epochs)))
         losses["reference"].append(reference_test_loss(reference, reference_test))
         rates, model = aetrack_epochs(replace(config, seed=repeat), splits)
-        runs["aetrack"] += rates
+        runs["aetrack"].append(median(rates))
         losses["aetrack"].append(evaluate_loss(model, splits.test_x, splits.test_y, 512)["neg_elbo"])
         runs["matmul_limit"].append(matmul_limit(steps))
         print(f"mlp repeat {repeat}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in runs.items()), flush=True)
     result = {name: round(median(rates)) for name, rates in runs.items()}
-    result.update(speedup=round(result["aetrack"] / result["reference"], 2),
-                  fraction_of_matmul_limit=round(result["aetrack"] / result["matmul_limit"], 3),
+    result.update(speedup=paired(runs["aetrack"], runs["reference"]),
+                  fraction_of_matmul_limit=paired(runs["aetrack"], runs["matmul_limit"]),
                   test_loss_reference=round(median(losses["reference"]), 2),
                   test_loss_aetrack=round(median(losses["aetrack"]), 2), epochs=epochs, repeats=repeats,
                   targets="speedup >= 3, fraction >= 0.7, test loss <= reference + 1")
@@ -239,11 +246,11 @@ def part_conv(splits, data_dir, epochs, repeats, train_images) -> dict:
         runs = {"reference": [], "aetrack": []}
         for repeat in range(repeats):
             torch.manual_seed(repeat)
-            runs["reference"] += reference_epochs(ConvVAE(channels, size), theirs, epochs)
-            runs["aetrack"] += aetrack_epochs(replace(config, seed=repeat), ours)[0]
+            runs["reference"].append(median(reference_epochs(ConvVAE(channels, size), theirs, epochs)))
+            runs["aetrack"].append(median(aetrack_epochs(replace(config, seed=repeat), ours)[0]))
             print(f"conv {name} repeat {repeat}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in runs.items()), flush=True)
         row = {k: round(median(v)) for k, v in runs.items()}
-        row.update(speedup=round(row["aetrack"] / row["reference"], 2), train_images=train_images, target="speedup >= 2")
+        row.update(speedup=paired(runs["aetrack"], runs["reference"]), train_images=train_images, target="speedup >= 2")
         results[name] = row
     return results
 
@@ -283,13 +290,13 @@ def part_variants(splits, epochs, repeats, train_images) -> dict:
             if name == "m2 before":
                 torch.manual_seed(config.seed)
                 model = M2Before(config, data.shape, data.num_classes)
-            runs[name] += aetrack_epochs(config, data, model)[0]
+            runs[name].append(median(aetrack_epochs(config, data, model)[0]))
         print(f"variants repeat {repeat}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in runs.items()), flush=True)
     rates = {name: round(median(values)) for name, values in runs.items()}
     return {"samples_per_sec": rates, "train_images": train_images,
-            "cae_exact_over_ae": round(rates["cae exact"] / rates["ae"], 3),
-            "cae_hutchinson_over_ae": round(rates["cae hutchinson"] / rates["ae"], 3),
-            "m2_over_before": round(rates["m2"] / rates["m2 before"], 2),
+            "cae_exact_over_ae": paired(runs["cae exact"], runs["ae"]),
+            "cae_hutchinson_over_ae": paired(runs["cae hutchinson"], runs["ae"]),
+            "m2_over_before": paired(runs["m2"], runs["m2 before"]),
             "targets": "cae >= 0.5 of ae; m2 >= 3x before"}
 
 
@@ -329,11 +336,11 @@ def part_precision(splits, epochs, repeats, train_images) -> dict:
     for repeat in range(repeats):
         for name, config in setups.items():
             rates, model = aetrack_epochs(replace(config, seed=repeat), data)
-            runs[name] += rates[1:] if "compile" in name and len(rates) > 1 else rates  # compiling is in epoch 1
+            runs[name].append(median(rates[1:] if "compile" in name and len(rates) > 1 else rates))  # compiling: epoch 1
             losses[name].append(evaluate_loss(model, data.test_x, data.test_y, 512)["neg_elbo"])
         print(f"precision repeat {repeat}: " + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in runs.items()), flush=True)
     return {name: {"samples_per_sec": round(median(runs[name])),
-                   "over_fp32": round(median(runs[name]) / median(runs["fp32"]), 3),
+                   "over_fp32": paired(runs[name], runs["fp32"]),
                    "test_neg_elbo": round(median(losses[name]), 2)} for name in setups} | {"train_images": train_images}
 
 
