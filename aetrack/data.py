@@ -88,12 +88,14 @@ class Splits:
             x = torch.bernoulli(x, generator=generator)
         return x, self.train_y[index]
 
-    def mean_image(self, chunk: int = 4096) -> torch.Tensor:
-        """The training images' mean, float32 (C, H, W), converted a chunk at a time."""
-        total = torch.zeros(self.shape, dtype=torch.float64, device=self.train_images.device)
-        for start in range(0, len(self.train_images), chunk):
-            total += self.as_float(self.train_images[start:start + chunk]).sum(0, dtype=torch.float64)
-        return (total / len(self.train_images)).float()
+    def mean_image(self, chunk: int = 1024) -> torch.Tensor:
+        """The training images' mean, float32 (C, H, W), summed a chunk at a time (no float copy of the set)."""
+        stored = self.train_images
+        total = torch.zeros(self.shape, dtype=torch.float64, device=stored.device)
+        for start in range(0, len(stored), chunk):
+            total += stored[start:start + chunk].sum(0, dtype=torch.float64)
+        scale = 1.0 if stored.is_floating_point() else self.levels
+        return (total / (len(stored) * scale)).float()
 
     def to(self, device: str | torch.device) -> Splits:
         moved = {f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
