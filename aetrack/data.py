@@ -92,8 +92,8 @@ class Splits:
         """The training images' mean, float32 (C, H, W), summed a chunk at a time (no float copy of the set)."""
         stored = self.train_images
         total = torch.zeros(self.shape, dtype=torch.float64, device=stored.device)
-        for start in range(0, len(stored), chunk):
-            total += stored[start:start + chunk].sum(0, dtype=torch.float64)
+        for start in range(0, len(stored), chunk):  # float32 sums of a chunk of 8-bit levels are exact (< 2^24)
+            total += stored[start:start + chunk].to(torch.float32).sum(0)
         scale = 1.0 if stored.is_floating_point() else self.levels
         return (total / (len(stored) * scale)).float()
 
