@@ -447,8 +447,10 @@ def markdown(record: dict, dataset: str) -> str:
     for part, result in record.items():
         if part == "machine":
             continue
-        lines += [f"## {part}", "", f"`{result.get('command', '')}` (load average {result.get('load_average_before')} "
-                  f"before, {result.get('load_average_after')} after, {result.get('seconds')} s)", "", "```json",
+        how = (f"`{result['command']}` (load average {result['load_average_before']} before, "
+               f"{result['load_average_after']} after, {result['seconds']} s)" if "command" in result
+               else "from an earlier run of this benchmark, before load averages were recorded")
+        lines += [f"## {part}", "", how, "", "```json",
                   json.dumps({k: v for k, v in result.items() if k not in ("command", "when", "seconds",
                               "load_average_before", "load_average_after")}, indent=2), "```", ""]
     return "\n".join(lines)
