@@ -20,6 +20,8 @@ POOL_SIZES = {"digits": 1437, "mnist": 60000, "fashion-mnist": 60000, "cifar10":
 DEVICES = ("auto", "cpu", "cuda")
 SAMPLERS = ("tpe", "random", "cmaes", "grid")
 PRUNERS = ("median", "hyperband", "none")
+PRECISIONS = ("fp32", "bf16", "fp16")
+CONTRACTIVE_ESTIMATORS = ("exact", "hutchinson")
 
 # `--epochs auto`: a budget of optimiser steps, turned into epochs for the data set at hand. Small data sets need
 # many passes (digits: 11 steps an epoch) and large ones few (MNIST: 422), so no fixed epoch count suits both.
@@ -68,6 +70,10 @@ class TrainConfig:
     sparsity_target: float = option(0.05, "Target mean activation (KL form).", scope="sparsity")
     # Contractive.
     contractive_weight: float = option(1e-2, "Weight of the encoder-Jacobian penalty.", scope="contractive")
+    contractive_estimator: str = option("exact", "How the penalty's squared Jacobian norm is computed: exact, or "
+                                        "hutchinson, an unbiased one-probe estimate (E ||J^T u||^2, u ~ N(0, I)) "
+                                        "at the cost of one extra backward pass.", choices=CONTRACTIVE_ESTIMATORS,
+                                        scope="contractive")
     # Variational.
     prior: str = option("normal", "Prior p(z).", choices=("normal", "mog", "uniform", "vamp"), scope="variational")
     prior_components: int = option(10, "Components of the mixture or VampPrior.", scope="variational")
@@ -102,6 +108,10 @@ class TrainConfig:
     seed: int = option(0, "Random seed: the same seed gives the same run.")
     device: str = option("auto", "Where to train.", choices=DEVICES)
     log_every: int = option(20, "Log training metrics every N steps.")
+    # Speed.
+    precision: str = option("fp32", "Arithmetic of the forward pass: fp32, or bf16 / fp16 autocast (fp16 with a "
+                            "gradient scaler); losses are summed in fp32.", choices=PRECISIONS)
+    compile: bool = option(False, "Compile the model with torch.compile (the first steps pay for compiling).")
 
     def steps_per_epoch(self, n_train: int) -> int:
         return math.ceil(n_train / self.batch_size)

@@ -39,30 +39,63 @@ class DataError(UserError):
 
 @dataclass(frozen=True, eq=False)  # eq=False: comparing tensors field by field has no single truth value
 class Splits:
+    """Images are held as the source stores them: uint8 grey levels 0..`levels` (a quarter of float32's memory;
+    a binarized image holds 0 or `levels`). `train_x`, `val_x` and `test_x` are float32 in [0, 1], converted on each
+    access: the hot paths use `train_batch`, which converts only the rows it draws, and `len(train_y)`."""
+
     name: str
-    train_x: torch.Tensor  # float32 in [0, 1], (N, C, H, W)
-    train_y: torch.Tensor  # int64, (N,)
-    val_x: torch.Tensor
+    train_images: torch.Tensor  # uint8 grey levels (or float32 in [0, 1]), (N, C, H, W)
+    train_y: torch.Tensor       # int64, (N,)
+    val_images: torch.Tensor
     val_y: torch.Tensor
-    test_x: torch.Tensor
+    test_images: torch.Tensor
     test_y: torch.Tensor
     classes: tuple[str, ...]
     binarize: str = "none"
+    levels: int = 255           # the stored value of white
+
+    def as_float(self, images: torch.Tensor) -> torch.Tensor:
+        """Stored images as float32 in [0, 1], on their device."""
+        if images.is_floating_point():
+            return images
+        return images.to(torch.float32).div_(self.levels)
+
+    @property
+    def train_x(self) -> torch.Tensor:
+        return self.as_float(self.train_images)
+
+    @property
+    def val_x(self) -> torch.Tensor:
+        return self.as_float(self.val_images)
+
+    @property
+    def test_x(self) -> torch.Tensor:
+        return self.as_float(self.test_images)
 
     @property
     def shape(self) -> tuple[int, int, int]:
-        return tuple(self.train_x.shape[1:])
+        return tuple(self.train_images.shape[1:])
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     def train_batch(self, index: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, y for these training indices; with binarize == "dynamic" x is a fresh Bernoulli draw of the grey levels each call (generator on the same device as the data), else the stored tensor rows."""
-        x = self.train_x[index]
+        """x, y for these training indices, x as float32 in [0, 1]; with binarize == "dynamic" x is a fresh Bernoulli
+        draw of the grey levels each call (generator on the same device as the data), else the stored rows."""
+        x = self.as_float(self.train_images[index])
         if self.binarize == "dynamic":
             x = torch.bernoulli(x, generator=generator)
         return x, self.train_y[index]
+
+    def mean_image(self, chunk: int = 1024) -> torch.Tensor:
+        """The training images' mean, float32 (C, H, W), summed a chunk at a time (no float copy of the set)."""
+        stored = self.train_images
+        total = torch.zeros(self.shape, dtype=torch.float64, device=stored.device)
+        for start in range(0, len(stored), chunk):  # float32 sums of a chunk of 8-bit levels are exact (< 2^24)
+            total += stored[start:start + chunk].to(torch.float32).sum(0)
+        scale = 1.0 if stored.is_floating_point() else self.levels
+        return (total / (len(stored) * scale)).float()
 
     def to(self, device: str | torch.device) -> Splits:
         moved = {f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), torch.Tensor)}
@@ -70,7 +103,7 @@ class Splits:
 
     def __repr__(self) -> str:
         return (f"Splits({self.name!r}, train={len(self.train_y)}, val={len(self.val_y)}, test={len(self.test_y)}, "
-                f"shape={self.shape}, binarize={self.binarize!r}, device={self.train_x.device})")
+                f"shape={self.shape}, binarize={self.binarize!r}, device={self.train_images.device})")
 
 
 def resolve_data_dir(data_dir: str | None) -> Path:
@@ -93,14 +126,15 @@ def load(name: str, *, data_dir: str | None = None, download: bool = False, bina
     if not 0 < val_fraction < 1:
         raise DataError(f"val_fraction must lie strictly between 0 and 1, got {val_fraction}")
 
-    pool_x, pool_y, test_x, test_y, classes = _read(name, resolve_data_dir(data_dir), download)
+    pool_x, pool_y, test_x, test_y, classes, levels = _read(name, resolve_data_dir(data_dir), download)
 
     fixed_pool = pool_x
     if binarize != "none":
-        # Drawn over the whole pool before the split, so an image's binary version does not depend on `seed`.
+        # Drawn over the whole pool before the split, so an image's binary version does not depend on `seed`;
+        # stored as 0 or `levels`, like the grey levels.
         fixed = torch.Generator().manual_seed(BINARIZE_SEED)
-        fixed_pool = torch.bernoulli(pool_x, generator=fixed)
-        test_x = torch.bernoulli(test_x, generator=fixed)
+        fixed_pool = torch.bernoulli(pool_x.float() / levels, generator=fixed).to(torch.uint8) * levels
+        test_x = torch.bernoulli(test_x.float() / levels, generator=fixed).to(torch.uint8) * levels
 
     order = torch.randperm(len(pool_y), generator=torch.Generator().manual_seed(seed))
     n_val = min(max(round(val_fraction * len(order)), 1), len(order) - 1)
@@ -108,7 +142,7 @@ def load(name: str, *, data_dir: str | None = None, download: bool = False, bina
     # "dynamic" keeps grey levels for training and draws at each batch (Burda et al. 2015);
     # "static" trains on one fixed draw (Larochelle & Murray 2011).
     train_x = pool_x[train] if binarize == "dynamic" else fixed_pool[train]
-    splits = Splits(name, train_x, pool_y[train], fixed_pool[val], pool_y[val], test_x, test_y, classes, binarize)
+    splits = Splits(name, train_x, pool_y[train], fixed_pool[val], pool_y[val], test_x, test_y, classes, binarize, levels)
     return splits.to(device)
 
 
@@ -136,12 +170,14 @@ def labeled_indices(y: torch.Tensor, count: int, num_classes: int, seed: int) ->
 
 
 class _Pool(NamedTuple):
-    """A data set as read: the training pool (not yet split into train / val) and the test set."""
+    """A data set as read: the training pool (not yet split into train / val) and the test set, as uint8 grey
+    levels 0..`levels`."""
     pool_x: torch.Tensor
     pool_y: torch.Tensor
     test_x: torch.Tensor
     test_y: torch.Tensor
     classes: tuple[str, ...]
+    levels: int
 
 
 def _read(name: str, root: Path, download: bool) -> _Pool:
@@ -160,21 +196,42 @@ def _read(name: str, root: Path, download: bool) -> _Pool:
 
 
 def _read_digits(name: str, source: None, root: Path) -> _Pool:
+    """scikit-learn's digits and their fixed test split, read through scikit-learn once (importing it takes over a
+    second) and from a copy in cache_dir() after that."""
+    cached = cache_dir() / "digits.npz"
+    try:
+        with np.load(cached) as saved:
+            images, target, pool, test = (saved[key] for key in ("images", "target", "pool", "test"))
+    except (OSError, KeyError, ValueError):  # not there yet, or unreadable: read it again
+        images, target, pool, test = _split_digits()
+        try:
+            cached.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(dir=cached.parent, suffix=".npz", delete=False) as tmp:
+                np.savez(tmp, images=images, target=target, pool=pool, test=test)
+            os.chmod(tmp.name, 0o644)
+            os.replace(tmp.name, cached)  # whole or not at all, also with two runs starting at once
+        except OSError:
+            pass  # a read-only cache: read through scikit-learn each time
+    x = torch.from_numpy(images).unsqueeze(1)  # grey levels are 0..16
+    y = torch.from_numpy(target).long()
+    return _Pool(x[pool], y[pool], x[test], y[test], tuple(str(c) for c in range(10)), 16)
+
+
+def _split_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
     digits = load_digits()
-    x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16  # grey levels are 0..16
-    y = torch.tensor(digits.target, dtype=torch.int64)
-    pool, test = train_test_split(np.arange(len(y)), test_size=0.2, stratify=digits.target, random_state=DIGITS_TEST_SEED)
-    return _Pool(x[pool], y[pool], x[test], y[test], tuple(str(c) for c in digits.target_names))
+    pool, test = train_test_split(np.arange(len(digits.target)), test_size=0.2, stratify=digits.target,
+                                  random_state=DIGITS_TEST_SEED)
+    return digits.images.astype(np.uint8), digits.target.astype(np.int64), pool, test
 
 
 def _read_mnist(name: str, source: type[MNIST], root: Path) -> _Pool:
     unpacked = _unpacked_root(name, source, root)
     train, test = source(str(unpacked), train=True), source(str(unpacked), train=False)
-    return _Pool(train.data.unsqueeze(1).float() / 255, train.targets.long(),
-                 test.data.unsqueeze(1).float() / 255, test.targets.long(), tuple(train.classes))
+    return _Pool(train.data.unsqueeze(1), train.targets.long(), test.data.unsqueeze(1), test.targets.long(),
+                 tuple(train.classes), 255)
 
 
 def _unpacked_root(name: str, cls: type[MNIST], root: Path) -> Path:
@@ -251,11 +308,11 @@ def _read_cifar(name: str, source: type[CIFAR10], root: Path) -> _Pool:
     except RuntimeError:  # torchvision says only "not found or corrupted"; find out which file
         raise _cifar_problem(name, source, root) from None
 
-    def images(data: np.ndarray) -> torch.Tensor:  # NHWC uint8 -> NCHW float
-        return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous().float() / 255
+    def images(data: np.ndarray) -> torch.Tensor:  # NHWC -> NCHW, uint8 kept
+        return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
 
     return _Pool(images(train.data), torch.tensor(train.targets, dtype=torch.int64),
-                 images(test.data), torch.tensor(test.targets, dtype=torch.int64), tuple(train.classes))
+                 images(test.data), torch.tensor(test.targets, dtype=torch.int64), tuple(train.classes), 255)
 
 
 def _cifar_problem(name: str, cls: type[CIFAR10], root: Path) -> DataError:

@@ -13,7 +13,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-from torchvision.utils import make_grid  # noqa: E402
 
 from aetrack.samplers import generate  # noqa: E402
 
@@ -36,6 +35,8 @@ def grid(images: torch.Tensor, nrow: int = 8, *, row_labels: list[str] | None = 
     scale = tile_scale(images.shape[-1], min(nrow, len(images)))
     if scale > 1:
         images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+    from torchvision.utils import make_grid  # here, not at import: torchvision costs seconds of every start-up
+
     tiles = make_grid(images, nrow=nrow, padding=PADDING, pad_value=0.5)
     array = (tiles.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     picture = Image.fromarray(array)

@@ -48,10 +48,13 @@ class Encoder(nn.Module):
             self.head = nn.Linear(hidden[-1] + cond_dim, out_dim)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.features(x)
+        return self.read_out(self.features(x), cond)
+
+    def read_out(self, features: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
+        """The output from `self.features(x)`: what a conditional model shares across the conditions it tries."""
         if cond is not None:
-            h = torch.cat([h, cond], dim=-1)
-        return self.head(h)
+            features = torch.cat([features, cond], dim=-1)
+        return self.head(features)
 
 
 class Decoder(nn.Module):

@@ -127,15 +127,19 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
     the next epoch starts from); `resume` is such a checkpoint (`checkpoints.load`): training goes on from its epoch
     and, with the same data, ends with the same weights as a run that was never stopped."""
     torch.manual_seed(config.seed)
-    device = data.train_x.device
-    n_train = len(data.train_x)
+    device = data.train_images.device
+    n_train = len(data.train_y)
     config = config.resolve(n_train)
     if model is None:
         model = build_model(config, data.shape, data.num_classes)
         if config.decoder_bias == "mean" and resume is None:
-            init_output_biases(model, data.train_x)
+            init_output_biases(model, data.mean_image()[None])  # no float copy of the whole training set
     model = model.to(device)
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, eps=config.adam_eps)
+    # fused: one kernel for the whole update instead of a dozen per parameter (about a fifth of a CPU step).
+    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, eps=config.adam_eps, fused=True)
+    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
+    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    forward = torch.compile(model) if config.compile else model  # `model` keeps its own parameter names
     per_epoch = config.steps_per_epoch(n_train)
     total_steps = config.epochs * per_epoch
     learning_rate = LearningRate(config, total_steps)
@@ -148,6 +152,8 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
         optimizer.load_state_dict(resume["optimizer"])
         schedule.last_epoch = resume["step"]  # LambdaLR's next step() sets the rate of the step after it
         learning_rate.load_state_dict(resume["learning_rate"])
+        if resume.get("scaler"):
+            scaler.load_state_dict(resume["scaler"])
         history.epochs, history.best_val_loss, history.best_epoch = list(resume["history"]), resume["best_val_loss"], resume["best_epoch"]
         best_state, stale, step, start = resume["best_model"], resume["stale"], resume["step"], resume["epoch"]
         generator.set_state(resume["rng"]["generator"])
@@ -166,12 +172,15 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
         bar = tqdm(range(per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=True if not progress else None, leave=False)  # None: no bar off a terminal
         for i in bar:
             x, y = draw(order[i * config.batch_size:(i + 1) * config.batch_size], generator)
-            out = model(x, y, kl_scale=kl_scale(config, epoch + i / per_epoch))
+            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                out = forward(x, y, kl_scale=kl_scale(config, epoch + i / per_epoch))
             optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
+            scaler.scale(out.loss).backward()
             if config.grad_clip:
+                scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
+            scaler.step(optimizer)
+            scaler.update()
             schedule.step()
             step += 1
             epoch_loss += out.loss.detach()
@@ -219,7 +228,7 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
                 "run_id": run_id, "config": config.to_params(), "epoch": epoch + 1, "step": step, "stale": stale,
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(), "best_model": best_state,
                 "best_val_loss": history.best_val_loss, "best_epoch": history.best_epoch, "history": history.epochs,
-                "learning_rate": learning_rate.state_dict(), "rng": rng})
+                "learning_rate": learning_rate.state_dict(), "scaler": scaler.state_dict(), "rng": rng})
         # About 50 lines for a whole run, however many epochs the budget has (546 on digits).
         stopping = bool(config.patience) and stale >= config.patience
         if progress and (epoch == 0 or (epoch + 1) % max(1, config.epochs // 50) == 0 or stopping):

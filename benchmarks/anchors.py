@@ -108,7 +108,7 @@ PROTOCOLS = {p.name: p for p in [
 
 def measure(protocol: Protocol, run_id: str, data, iw_samples: int, test_images: int | None, seed: int) -> tuple[float, str]:
     """Reload the logged model and measure the protocol's figure; log it to the run as test_<metric>."""
-    logged = artifacts.load_logged(run_id, data.test_x.device)
+    logged = artifacts.load_logged(run_id, data.test_y.device)
     model, x, y = logged.model, data.test_x, data.test_y
     n = min(test_images or len(x), len(x))
     result = evaluation.Evaluation()
@@ -241,12 +241,12 @@ def main(protocol, epochs, iw_samples, test_images, seed, device, data_dir, trac
         "protocol": protocol, "metric": spec.metric, "value": value, "published": spec.published, "source": spec.source,
         "epochs_run": len(result.history.epochs), "best_epoch": result.history.best_epoch,
         "epochs_published": spec.config.epochs, "iw_samples": k if spec.metric == "nll_iw" else None,
-        "test_images": min(test_images or len(data.test_x), len(data.test_x)), "how": how,
+        "test_images": min(test_images or len(data.test_y), len(data.test_y)), "how": how,
         "legs": before["legs"] + 1,
         "train_seconds": round(before["seconds"] + trained - started, 1),
         "wall_seconds": round(before["seconds"] + time.perf_counter() - started, 1),
         "cpu_seconds": round(before["cpu_seconds"] + time.process_time(), 1), "torch_threads": torch.get_num_threads(),
-        "machine": f"{os.cpu_count()} CPU cores" if data.test_x.device.type == "cpu" else torch.cuda.get_device_name(),
+        "machine": f"{os.cpu_count()} CPU cores" if data.test_y.device.type == "cpu" else torch.cuda.get_device_name(),
         "platform": platform.platform(), "torch": torch.__version__, "git_commit": git_commit(),
         "run_id": result.run_id, "tracking_uri": result.tracking_uri,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),

@@ -150,6 +150,10 @@ def config_options(cls):
                 kind = hint
             extra = auto_epochs_help() if cls is TrainConfig and f.name == "epochs" else ""
             scope = f" [{meta['scope'].replace('_', '-')}]" if meta["scope"] else ""
+            if hint is bool:  # an on/off setting is a flag pair: --compile / --no-compile
+                func = click.option(f"{option_name(f.name)}/--no-{option_name(f.name)[2:]}", f.name, default=f.default,
+                                    show_default=True, help=meta["help"] + scope)(func)
+                continue
             func = click.option(option_name(f.name), f.name, type=kind, default=format_value(f.default) if kind is str else f.default,
                                 metavar="auto|N" if optional_type(hint) else None, show_default=f.default != "",
                                 envvar=meta["envvar"], show_envvar=bool(meta["envvar"]),

@@ -51,10 +51,10 @@ def train(ctx, data_dir, download, tracking_uri, experiment, run_name, register,
         resume = open_checkpoint(resume_run, checkpoint_dir)
         config = TrainConfig.from_params(resume["config"])
     splits = datasets.load_for(config, data_dir=data_dir, download=download)
-    if REGISTRY[config.model].semi_supervised and config.labeled > len(splits.train_x):
-        raise click.UsageError(f"--labeled {config.labeled} is larger than the training set ({len(splits.train_x)} examples)")
-    if len(splits.val_x) < MIN_VAL_EXAMPLES:
-        raise click.UsageError(f"--val-fraction {config.val_fraction} leaves {len(splits.val_x)} validation examples; "
+    if REGISTRY[config.model].semi_supervised and config.labeled > len(splits.train_y):
+        raise click.UsageError(f"--labeled {config.labeled} is larger than the training set ({len(splits.train_y)} examples)")
+    if len(splits.val_y) < MIN_VAL_EXAMPLES:
+        raise click.UsageError(f"--val-fraction {config.val_fraction} leaves {len(splits.val_y)} validation examples; "
                                f"at least {MIN_VAL_EXAMPLES} are needed")
     if not resume_run:
         use_tracking_uri(tracking_uri)

@@ -83,7 +83,7 @@ def _code_measures(result: Evaluation, model, config, data, codes, cond_y, seed:
     x, y = data.test_x, data.test_y
     result.metrics.update(reconstruction_measures(model, x, cond_y, config.likelihood))
     # Training codes for the probes; with dynamic binarization, from one fixed draw of the training images.
-    train_x, train_y = data.train_batch(torch.arange(len(data.train_x), device=x.device), torch.Generator(x.device).manual_seed(seed))
+    train_x, train_y = data.train_batch(torch.arange(len(data.train_y), device=x.device), torch.Generator(x.device).manual_seed(seed))
     train_codes = encode_all(model, train_x, train_y if variant.conditional else None)
     arrays = [t.cpu().numpy() for t in (train_codes, train_y, codes, y)]
     result.metrics["probe_accuracy"] = probe_accuracy(*arrays, seed=seed)

@@ -57,6 +57,8 @@ class Autoencoder(nn.Module):
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_scale: float = 1.0) -> Output:
         # A denoising autoencoder sees the corrupted input and is scored against the clean one.
         source = self.corrupt(x) if self.denoising else x
+        if self.penalty is not None and self.penalty.needs_input_grad and torch.is_grad_enabled():
+            source = source.detach().requires_grad_(True)  # the penalty differentiates this forward pass's code
         code = self.encode(source)
         logits = self.decoder(code)
         recon_loss = reconstruction_nll(logits, x, self.config.likelihood).mean()
@@ -65,5 +67,5 @@ class Autoencoder(nn.Module):
         if self.penalty is not None:
             parts["penalty"] = self.penalty(source, self.encode, code)
             loss = loss + parts["penalty"]
-        extras = {"noisy": source} if self.denoising else {}
+        extras = {"noisy": source.detach()} if self.denoising else {}
         return Output(loss, parts, to_image(logits), code, extras)

@@ -39,12 +39,14 @@ class LatentVariableModel(nn.Module):
             return None
         return torch.full((x.shape[0], self.cond_dim), 1.0 / self.cond_dim, device=x.device)
 
-    def posterior(self, x: torch.Tensor, cond: torch.Tensor | None = None):
-        return self.prior.posterior.from_params(self.encoder(x, cond))
+    def posterior(self, x: torch.Tensor, cond: torch.Tensor | None = None, features: torch.Tensor | None = None):
+        """q(z|x, c); `features` (the encoder's `features(x)`, computed once) spares the pass through the body."""
+        params = self.encoder(x, cond) if features is None else self.encoder.read_out(features, cond)
+        return self.prior.posterior.from_params(params)
 
-    def terms(self, x: torch.Tensor, cond: torch.Tensor | None = None):
+    def terms(self, x: torch.Tensor, cond: torch.Tensor | None = None, features: torch.Tensor | None = None):
         """Per-example reconstruction NLL and KL, from one reparameterised sample."""
-        q = self.posterior(x, cond)
+        q = self.posterior(x, cond, features)
         z = q.rsample()
         logits = self.decoder(z, cond)
         recon = reconstruction_nll(logits, x, self.config.likelihood)
@@ -157,9 +159,9 @@ class M2(nn.Module):
     def cond(self, y: torch.Tensor | None) -> torch.Tensor | None:
         return one_hot(y, self.num_classes)
 
-    def _bound(self, x: torch.Tensor, y: torch.Tensor, kl_weight: float):
-        recon, kl, q, logits = self.body.terms(x, self.cond(y))
-        return recon + kl_weight * kl + math.log(self.num_classes), recon, kl, logits
+    def _bound(self, x: torch.Tensor, y: torch.Tensor, kl_weight: float, features: torch.Tensor):
+        recon, kl, q, logits = self.body.terms(x, self.cond(y), features)
+        return recon + kl_weight * kl + math.log(self.num_classes), recon, kl, q, logits
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_scale: float = 1.0) -> Output:
         if y is None:
@@ -167,38 +169,46 @@ class M2(nn.Module):
         kl_weight = self.body.kl_weight(kl_scale)
         labeled = y >= 0
         class_logits = self.classifier(x)
+        # The encoder's body sees x alone; only its read-out sees the label, so x goes through the body once,
+        # not once per label tried.
+        features = self.body.encoder.features(x)
         zero = x.new_zeros(())
         parts: dict[str, torch.Tensor] = {}
         loss = zero
-        recon_image = torch.empty_like(x)
+        # Per example, for the logged parts: the bound's terms at the true label where known, else at the
+        # predicted one, from the passes the loss makes (no pass of its own).
+        recon_image, recon_nll, kl_term = torch.empty_like(x), x.new_empty(len(x)), x.new_empty(len(x))
+        code = x.new_empty(len(x), self.config.latent_dim)
 
         if labeled.any():
-            bound, recon, kl, logits = self._bound(x[labeled], y[labeled], kl_weight)
+            bound, recon, kl, q, logits = self._bound(x[labeled], y[labeled], kl_weight, features[labeled])
             ce = F.cross_entropy(class_logits[labeled], y[labeled])
             alpha = self.config.classifier_weight * self.config.labeled
             loss = loss + bound.mean() + alpha * ce
             parts.update(labeled_bound=bound.mean(), classifier_loss=ce)
-            recon_image[labeled] = to_image(logits)
+            recon_image[labeled], code[labeled] = to_image(logits).to(x.dtype), q.mean.to(x.dtype)
+            recon_nll[labeled], kl_term[labeled] = recon.to(x.dtype), kl.to(x.dtype)
         if (~labeled).any():
             xu = x[~labeled]
             probs = torch.softmax(class_logits[~labeled], -1)
             n, k = xu.shape[0], self.num_classes
             # Sum the label out: evaluate the bound for every label of every example in one batch.
             ys = torch.arange(k, device=x.device).repeat_interleave(n)
-            bound, recon, kl, logits = self._bound(xu.repeat(k, *([1] * (x.dim() - 1))), ys, kl_weight)
+            bound, recon, kl, q, logits = self._bound(xu.repeat(k, *([1] * (x.dim() - 1))), ys, kl_weight,
+                                                      features[~labeled].repeat(k, 1))
             bound = bound.view(k, n).T
             entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
             unlabeled_bound = (probs * bound).sum(-1) - entropy
             loss = loss + unlabeled_bound.mean()
             parts["unlabeled_bound"] = unlabeled_bound.mean()
-            best = probs.argmax(-1)
-            recon_image[~labeled] = to_image(logits.view(k, n, *x.shape[1:])[best, torch.arange(n)])
-        # On the batch as a whole, the VAE bound with the true label where known, else the predicted one.
-        y_used = torch.where(labeled, y, class_logits.argmax(-1))
-        recon, kl, q, _ = self.body.terms(x, self.cond(y_used))
-        parts.update(recon_loss=recon.mean().detach(), kl=kl.mean().detach(), neg_elbo=(recon + kl).mean().detach())
+            at_best = (probs.argmax(-1), torch.arange(n, device=x.device))  # the predicted label's pass
+            recon_image[~labeled] = to_image(logits.view(k, n, *x.shape[1:])[at_best]).to(x.dtype)
+            recon_nll[~labeled], kl_term[~labeled] = recon.view(k, n)[at_best].to(x.dtype), kl.view(k, n)[at_best].to(x.dtype)
+            code[~labeled] = q.mean.view(k, n, -1)[at_best].to(x.dtype)
+        recon_nll, kl_term = recon_nll.detach(), kl_term.detach()
+        parts.update(recon_loss=recon_nll.mean(), kl=kl_term.mean(), neg_elbo=(recon_nll + kl_term).mean())
         parts["error"] = (class_logits.argmax(-1) != y)[labeled].float().mean() if labeled.any() else zero
-        return Output(loss, parts, recon_image, q.mean)
+        return Output(loss, parts, recon_image, code)
 
     def training_batches(self, data, seed: int):
         """Each drawn batch is unlabelled; a labelled batch of the same size, drawn from `config.labeled`

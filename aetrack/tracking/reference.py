@@ -58,7 +58,7 @@ def register(classifier: Classifier, data, client: mlflow.MlflowClient) -> str:
     nested = mlflow.active_run() is not None
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=nested), tempfile.TemporaryDirectory() as tmp:
         mlflow.log_params({"dataset": data.name, "recipe": RECIPE, "epochs": EPOCHS.get(data.name, 5),
-                           "train_images": len(data.train_x)})
+                           "train_images": len(data.train_y)})
         mlflow.set_tags({tags.KIND: tags.KIND_REFERENCE, tags.DATASET: data.name})
         mlflow.log_metric(names.test("accuracy"), classifier.test_accuracy)
         folder = save_folder(classifier, data, Path(tmp) / ARTIFACT)

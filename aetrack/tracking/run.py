@@ -147,7 +147,7 @@ def final_pictures(model, data: Splits, history: History, seed: int, max_points:
 
 
 def log_dataset(data: Splits, data_dir: str | None) -> None:
-    features = data.train_x.flatten(1).cpu().numpy()
+    features = data.train_images.flatten(1).cpu().numpy()  # as stored (uint8 grey levels): no float copy
     with warnings.catch_warnings():  # a plain name is "ambiguous" to MLflow's source registry; it is only a label
         warnings.simplefilter("ignore", UserWarning)
         dataset = mlflow.data.from_numpy(features, targets=data.train_y.cpu().numpy(), name=data.name,
@@ -201,7 +201,7 @@ def describe_run(run_id: str, config: TrainConfig, data: Splits, history: Histor
     """The run's description, and its model version's description and tags."""
     client = mlflow.MlflowClient()
     text = describe.run_description(
-        config, train_images=len(data.train_x), val_images=len(data.val_x), best_val_loss=history.best_val_loss,
+        config, train_images=len(data.train_y), val_images=len(data.val_y), best_val_loss=history.best_val_loss,
         best_epoch=history.best_epoch, epochs_run=len(history.epochs), stopped_early=history.stopped_early,
         registered=None if version is None else f"models:/{registered}/{version}")
     client.set_tag(run_id, describe.NOTE, text)
@@ -222,7 +222,7 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
     SIGINT/SIGTERM: KILLED, metrics flushed, checkpoint kept, RunStopped raised; a diverging loss: FAILED with the
     best model so far logged, RunDiverged raised; anything else: FAILED, re-raised."""
     variant = REGISTRY[config.model]
-    given, config = config, config.resolve(len(data.train_x))
+    given, config = config, config.resolve(len(data.train_y))
     with lifecycle.stop_on_signals(say):
         if resume:
             run = mlflow.start_run(run_id=resume["run_id"])

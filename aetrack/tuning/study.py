@@ -52,9 +52,9 @@ def tune_study(base: TrainConfig, space: SearchSpace, tune: TuneConfig, *, data_
     if tune.sampler == "grid":
         n_trials = min(n_trials, space.size())  # a grid has no more distinct trials
     data = datasets.load_for(base, data_dir=data_dir, download=download)
-    if variant.semi_supervised and base.labeled > len(data.train_x):
-        raise TuningError(f"--labeled {base.labeled} is larger than the training set ({len(data.train_x)} examples)")
-    base = base.resolve(len(data.train_x))  # every trial gets the same epoch budget, also for the pruner
+    if variant.semi_supervised and base.labeled > len(data.train_y):
+        raise TuningError(f"--labeled {base.labeled} is larger than the training set ({len(data.train_y)} examples)")
+    base = base.resolve(len(data.train_y))  # every trial gets the same epoch budget, also for the pruner
     if metric not in (known := available_metrics(base, data)):
         raise TuningError(f"--metric {metric}: --model {base.model} reports {', '.join(known)}")
 
