@@ -227,9 +227,20 @@ def _split_digits() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return digits.images.astype(np.uint8), digits.target.astype(np.int64), pool, test
 
 
+def _check_labels(name: str, labels: torch.Tensor, classes: int, where: Path) -> None:
+    """Labels outside 0..classes-1 are a corrupt file: said here, naming it, not as an indexing error mid-training."""
+    bad = labels[(labels < 0) | (labels >= classes)]
+    if len(bad):
+        raise DataError(f"{name}: {where} holds {len(bad)} labels outside 0..{classes - 1} (the first: {int(bad[0])}); "
+                        "the file is corrupt: copy it again")
+
+
 def _read_mnist(name: str, source: type[MNIST], root: Path) -> _Pool:
     unpacked = _unpacked_root(name, source, root)
     train, test = source(str(unpacked), train=True), source(str(unpacked), train=False)
+    raw = unpacked / source.__name__ / "raw"
+    _check_labels(name, train.targets, len(train.classes), raw / "train-labels-idx1-ubyte")
+    _check_labels(name, test.targets, len(test.classes), raw / "t10k-labels-idx1-ubyte")
     return _Pool(train.data.unsqueeze(1), train.targets.long(), test.data.unsqueeze(1), test.targets.long(),
                  tuple(train.classes), 255)
 
@@ -311,8 +322,11 @@ def _read_cifar(name: str, source: type[CIFAR10], root: Path) -> _Pool:
     def images(data: np.ndarray) -> torch.Tensor:  # NHWC -> NCHW, uint8 kept
         return torch.from_numpy(data).permute(0, 3, 1, 2).contiguous()
 
-    return _Pool(images(train.data), torch.tensor(train.targets, dtype=torch.int64),
-                 images(test.data), torch.tensor(test.targets, dtype=torch.int64), tuple(train.classes), 255)
+    folder = root / source.base_folder
+    train_y, test_y = torch.tensor(train.targets, dtype=torch.int64), torch.tensor(test.targets, dtype=torch.int64)
+    _check_labels(name, train_y, len(train.classes), folder / "data_batch_*")
+    _check_labels(name, test_y, len(test.classes), folder / "test_batch")
+    return _Pool(images(train.data), train_y, images(test.data), test_y, tuple(train.classes), 255)
 
 
 def _cifar_problem(name: str, cls: type[CIFAR10], root: Path) -> DataError:

@@ -266,6 +266,19 @@ def test_unreadable_archive_names_the_file(fake_mnist, monkeypatch):
     assert_one_line(err, bad, "cannot unpack", "re-download")
 
 
+def test_labels_out_of_range_name_the_label_file(fake_mnist, monkeypatch):
+    # A label file whose checksum matches the files listed but whose labels cannot be classes (issue: "Class values
+    # must be smaller than num_classes" in the middle of training, naming nothing).
+    raw = fake_mnist / "MNIST" / "raw"
+    labels = np.arange(30, dtype=np.uint8) % 10
+    labels[3] = 200
+    write_idx(raw / "train-labels-idx1-ubyte.gz", labels)
+    monkeypatch.setattr(torchvision.datasets.MNIST, "resources", [(f.name, md5(f)) for f in sorted(raw.iterdir())])
+    with pytest.raises(DataError) as err:
+        load("mnist", data_dir=str(fake_mnist))
+    assert_one_line(err, "train-labels-idx1-ubyte", "outside 0..9", "200")
+
+
 def test_truncated_unpacked_file_names_the_file(fake_mnist):
     load("mnist", data_dir=str(fake_mnist))
     bad = fake_mnist / "MNIST" / "raw" / "train-images-idx3-ubyte"
