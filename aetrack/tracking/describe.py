@@ -122,6 +122,7 @@ def describe_experiment(client, experiment_id: str) -> None:
 
 
 def registered_model_description(name: str, config: TrainConfig) -> str:
-    return (f"{REGISTRY[config.model].description} trained by aetrack on {config.dataset}. "
+    what = REGISTRY[config.model].description
+    return (f"`{config.model}`: {what}, trained by aetrack on {config.dataset}. "
             f"Serve a version with `aetrack serve models:/{name}@champion`; `aetrack promote {name} VERSION` "
             "moves the alias. Each version is tagged with its run's validation and test figures.")
