@@ -162,3 +162,13 @@ def test_every_metric_a_reader_asks_for_is_one_the_trainer_or_evaluate_writes(tm
     # And the run's description carries the key test figures after evaluate; its versions' tags would too.
     note = client.get_run(runs["vae"]).data.tags[describe.NOTE]
     assert "Best validation loss" in note and "Test set (aetrack evaluate):" in note and "nll_iw" in note
+
+
+@pytest.mark.parametrize("shape, nrow", [((16, 1, 8, 8), 8), ((10, 3, 5, 7), 4), ((3, 1, 4, 4), 8)])
+def test_tiles_are_torchvisions_grid_without_importing_torchvision(shape, nrow):
+    from torchvision.utils import make_grid
+
+    from aetrack.images import tile
+
+    x = torch.rand(shape)
+    assert torch.equal(tile(x, nrow, 2, 0.5), make_grid(x, nrow=nrow, padding=2, pad_value=0.5))
