@@ -35,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_serving import log_and_register, new_store, serve_model, stop_server, tracking  # noqa: E402
 
 from aetrack import data as datasets  # noqa: E402
-from aetrack import modelio, serving  # noqa: E402
+from aetrack import modelio  # noqa: E402
+from aetrack.serving import generator as serving  # noqa: E402
 from aetrack.config import TrainConfig  # noqa: E402
 from aetrack.training import fit  # noqa: E402
 
