@@ -12,6 +12,7 @@ from typing import Any
 
 import mlflow
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from aetrack.config import TrainConfig
@@ -20,7 +21,8 @@ from aetrack.tracking.run import train_tracked
 from aetrack.tuning.space import SearchSpace
 from aetrack.tuning.storage import retry_of
 
-WORKER = f"{socket.gethostname()}:{os.getpid()}"
+HOST = socket.gethostname()
+WORKER = f"{HOST}:{os.getpid()}"
 
 
 class ReportEpochs:
@@ -47,11 +49,13 @@ class Objective:
     parent_run_id: str
     registered_model: str | None   # None: register nothing
     data_dir: str | None = None
+    threads: int = 0               # torch threads per trial; 0: shared_threads(), decided anew for each trial
 
     def __call__(self, trial: optuna.Trial) -> float:
         config = self.space.sample(trial, self.base)
         retried = retry_of(trial)
         trial.set_user_attr("worker", WORKER)
+        torch.set_num_threads(self.threads or shared_threads(trial.study))
         marks = {tags.OPTUNA_STUDY: trial.study.study_name, tags.OPTUNA_TRIAL: str(trial.number),
                  tags.OPTUNA_STATE: "running", tags.OPTUNA_METRIC: self.metric, tags.WORKER: WORKER}
         if retried is not None:
@@ -100,6 +104,16 @@ class Objective:
         trial.set_user_attr("mlflow_run_id", run.info.run_id)
         client.set_tag(run.info.run_id, tags.OPTUNA_STATE, state)
         client.set_terminated(run.info.run_id, "KILLED" if state == "pruned" else "FAILED")
+
+
+def shared_threads(study: optuna.Study) -> int:
+    """This machine's cores shared among this study's workers on it that are running a trial, this one included.
+
+    Torch takes every core by default, and workers that each do so wait on each other's threads; on a busy
+    two-core machine even a lone worker with small trials runs faster on one thread (README, "Benchmarks")."""
+    running = {t.user_attrs.get("worker") for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    here = {worker for worker in running if worker and worker.rsplit(":", 1)[0] == HOST} | {WORKER}
+    return max(1, len(os.sched_getaffinity(0)) // len(here))
 
 
 def at_least_as_good(study: optuna.Study, value: float) -> bool:
