@@ -109,8 +109,7 @@ class Objective:
 def shared_threads(study: optuna.Study) -> int:
     """This machine's cores shared among this study's workers on it that are running a trial, this one included.
 
-    Torch takes every core by default, and workers that each do so wait on each other's threads; on a busy
-    two-core machine even a lone worker with small trials runs faster on one thread (README, "Benchmarks")."""
+    Torch takes every core by default, and workers that each do so wait on each other's threads."""
     running = {t.user_attrs.get("worker") for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
     here = {worker for worker in running if worker and worker.rsplit(":", 1)[0] == HOST} | {WORKER}
     return max(1, len(os.sched_getaffinity(0)) // len(here))
