@@ -9,7 +9,8 @@ parts of (estimate / reference); the totals are the sums. The formula it replace
 the whole of `evaluate_model` (every measure of `aetrack evaluate`, without MLflow and the reference
 classifier) is timed once.
 
-    python benchmarks/evaluation.py --data-dir ../shared/data             # about 15 minutes on 2 idle cores
+    python benchmarks/evaluation.py --data-dir ../shared/data             # over an hour on 2 busy cores
+    python benchmarks/evaluation.py --data-dir ../shared/data --minutes 25  # the parts done in 25 minutes
     python benchmarks/evaluation.py --data-dir ../shared/data --images 2000 --no-whole   # a quicker look
 """
 

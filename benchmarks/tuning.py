@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/tuning.py                 # both: 10-15 minutes on a busy 2-core machine
     .venv/bin/python benchmarks/tuning.py pruning --trials 20 --epochs 10
-    .venv/bin/python benchmarks/tuning.py workers --trials 8 --epochs 4
+    .venv/bin/python benchmarks/tuning.py workers --trials 8 --epochs 4 --setups 1x1,2x1 --rounds 3
 
 Every trial goes through the real path (`tune_study` / the `aetrack tune` console script, a child run in
 MLflow, the model logged), so the figures include the per-trial tracking overhead. Results are merged into
