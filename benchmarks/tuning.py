@@ -78,12 +78,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def mlflow_server(root: Path) -> tuple[str, subprocess.Popen]:
+def mlflow_server(root: Path, workers: int = 2) -> tuple[str, subprocess.Popen]:
     port = free_port()
-    # Two worker processes, as `aetrack server` starts it by default.
+    # By default two worker processes, as `aetrack server` starts it.
     process = subprocess.Popen([str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root}/server.db",
                                 "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(port),
-                                "--workers", "2", "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"],
+                                "--workers", str(workers), "--allowed-hosts", f"127.0.0.1:{port},localhost:{port}"],
                                stdout=open(root / "server.log", "w"), stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     import requests
@@ -149,12 +149,12 @@ def run_setup(count: int, threads: int, trials: int, epochs: int, url: str, serv
 
 
 def workers(trials: int, epochs: int, setups: list[tuple[int, int]], storage: str | None, workdir: Path,
-            rounds: int = 1) -> dict:
+            rounds: int = 1, server_workers: int = 2) -> dict:
     """Each setup is (worker processes, torch threads per worker); the setups run in turn, `rounds` times, in
     alternating order (forwards, then backwards), so that a change in the machine's load hits them alike. Each
     setup's figures are the medians over rounds; the ratio is the median of the rounds' ratios to the first setup."""
     cores = os.cpu_count() or 1
-    url, server = mlflow_server(workdir)
+    url, server = mlflow_server(workdir, server_workers)
     storage_url = storage or f"sqlite:///{workdir}/workers.db"
     runs: dict[str, list[dict]] = {f"{c}x{t}": [] for c, t in setups}
     try:
@@ -172,14 +172,16 @@ def workers(trials: int, epochs: int, setups: list[tuple[int, int]], storage: st
     first = f"{setups[0][0]}x{setups[0][1]}"
     rows = {}
     for (count, threads), (key, measured) in zip(setups, runs.items()):
-        median = {name: statistics.median(row[name] for row in measured) for name in measured[0]}
+        median = {name: round(statistics.median(row[name] for row in measured), 2) for name in measured[0]}
         ratios = [row["trials_per_min"] / base["trials_per_min"] for row, base in zip(measured, runs[first])]
         rows[key] = {"workers": count, "threads_per_worker": threads, **median,
                      "ratio_to_" + first: round(statistics.median(ratios), 2), "rounds": measured}
     command = (f".venv/bin/python benchmarks/tuning.py workers --trials {trials} --epochs {epochs} "
-               f"--setups {','.join(f'{c}x{t}' for c, t in setups)} --rounds {rounds}")
+               f"--setups {','.join(f'{c}x{t}' for c, t in setups)} --rounds {rounds}"
+               + ("" if server_workers == 2 else f" --server-workers {server_workers}"))
     return {"settings": {"trials": trials, "epochs": epochs, "cores": cores, "storage": "sqlite" if storage is None else "given",
-                         "tracking": "mlflow server on loopback", "rounds": rounds, "reference": first},
+                         "tracking": f"mlflow server on loopback ({server_workers} processes)", "rounds": rounds,
+                         "reference": first},
             "results": rows, "command": command}
 
 
@@ -232,6 +234,7 @@ def main() -> None:
     parser.add_argument("--pruners", default="none,median,hyperband")
     parser.add_argument("--setups", default="1x1,2x1", help="workers x threads each, comma separated; ratios are to the first")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of the workers benchmark (medians)")
+    parser.add_argument("--server-workers", type=int, default=2, help="mlflow server processes (aetrack server: 2)")
     parser.add_argument("--storage", default=None, help="SQLAlchemy URL for the workers benchmark (default: an SQLite file)")
     args = parser.parse_args()
     results = json.loads((RESULTS / "tuning.json").read_text()) if (RESULTS / "tuning.json").exists() else {}
@@ -244,7 +247,8 @@ def main() -> None:
             write(results)
         if "workers" in args.which:
             setups = [tuple(int(n) for n in setup.split("x")) for setup in args.setups.split(",")]
-            results["workers"] = {**workers(args.trials or 8, args.epochs or 4, setups, args.storage, workdir, args.rounds),
+            results["workers"] = {**workers(args.trials or 8, args.epochs or 4, setups, args.storage, workdir, args.rounds,
+                                          args.server_workers),
                                   "machine": machine()}
             write(results)
     finally:
