@@ -188,7 +188,7 @@ class TuneConfig:
     heartbeat: int = option(10, "Seconds between a running trial's heartbeats.")
     grace_period: int | None = option(None, "Seconds without heartbeat before a trial counts as dead (auto: 2 x heartbeat).")
     max_retry: int = option(3, "Retries of a dead worker's trial.")
-    threads: int = option(0, "Torch CPU threads of this worker (0: torch's default); cores / workers on one machine.")
+    threads: int = option(0, "Torch CPU threads of this worker (0: this machine's cores shared among its workers that are running a trial, set anew for each trial).")
 
     def validate(self) -> TuneConfig:
         _check(self, [

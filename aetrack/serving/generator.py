@@ -27,6 +27,8 @@ import binascii
 import io
 import logging
 import math
+import struct
+import zlib
 from pathlib import Path
 
 import mlflow
@@ -93,13 +95,38 @@ class ServingError(MlflowException):
         self.__dict__.setdefault("_message", value)
 
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+PNG_LEVEL = 6  # zlib's default, as PIL's: on 8x8 and 28x28 images level 1 saves no time worth the bytes
+
+
+def png_chunk(kind: bytes, data: bytes) -> bytes:
+    return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+
+PNG_END = png_chunk(b"IEND", b"")
+
+
+def encode_pngs(images: torch.Tensor) -> list[str]:
+    """(N, C, H, W) in [0, 1] -> one base64 PNG per image: 8-bit grey for one channel, RGB for three.
+
+    Written directly (signature, IHDR, one IDAT of filter-0 scanlines, IEND; PNG spec, sections 5 and 11) from
+    one uint8 array for the whole batch: PIL's per-image set-up cost four times the compression itself.
+    """
+    count, channels, height, width = images.shape
+    # Rounded and cast by numpy (half to even, as torch.round): torch's round and uint8 cast of a small tensor cost
+    # 0.1-0.8 ms each on a busy two-core machine (thread-pool hand-offs), numpy's a few microseconds.
+    scaled = (images.detach().clamp(0, 1) * 255).permute(0, 2, 3, 1).cpu().numpy()
+    pixels = np.rint(scaled).astype(np.uint8)
+    scanlines = np.zeros((count, height, 1 + width * channels), dtype=np.uint8)  # a 0 byte starts each line: no filter
+    scanlines[:, :, 1:] = pixels.reshape(count, height, width * channels)
+    head = PNG_SIGNATURE + png_chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0 if channels == 1 else 2, 0, 0, 0))
+    return [base64.b64encode(head + png_chunk(b"IDAT", zlib.compress(lines.tobytes(), PNG_LEVEL)) + PNG_END).decode("ascii")
+            for lines in scanlines]
+
+
 def encode_png(image: torch.Tensor) -> str:
     """(C, H, W) in [0, 1] -> base64 PNG ('L' for one channel, 'RGB' for three)."""
-    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    pil = Image.fromarray(array[0], "L") if array.shape[0] == 1 else Image.fromarray(array.transpose(1, 2, 0), "RGB")
-    buffer = io.BytesIO()
-    pil.save(buffer, format="PNG")
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
+    return encode_pngs(image.unsqueeze(0))[0]
 
 
 def decode_png(text: str) -> np.ndarray:
@@ -188,7 +215,7 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
             with torch.inference_mode():
                 for i, request in enumerate(rows):
                     images, labels = self.images(request, generator, temperature)
-                    values = [encode_png(image) for image in images] if output == "png" else images.flatten(1).tolist()
+                    values = encode_pngs(images) if output == "png" else images.flatten(1).tolist()
                     if labels is None:
                         records += [(i, value) for value in values]
                     else:

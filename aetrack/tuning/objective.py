@@ -13,6 +13,7 @@ from typing import Any
 
 import mlflow
 import optuna
+import torch
 from optuna.trial import TrialState
 
 from aetrack import checkpoints
@@ -22,7 +23,8 @@ from aetrack.tracking.run import train_tracked
 from aetrack.tuning.space import SearchSpace
 from aetrack.tuning.storage import retry_of
 
-WORKER = f"{socket.gethostname()}:{os.getpid()}"
+HOST = socket.gethostname()
+WORKER = f"{HOST}:{os.getpid()}"
 
 
 class ReportEpochs:
@@ -49,11 +51,13 @@ class Objective:
     parent_run_id: str
     registered_model: str | None   # None: register nothing
     data_dir: str | None = None
+    threads: int = 0               # torch threads per trial; 0: shared_threads(), decided anew for each trial
 
     def __call__(self, trial: optuna.Trial) -> float:
         config = self.space.sample(trial, self.base)
         retried = retry_of(trial)
         trial.set_user_attr("worker", WORKER)
+        torch.set_num_threads(self.threads or shared_threads(trial.study))
         marks = {tags.OPTUNA_STUDY: trial.study.study_name, tags.OPTUNA_TRIAL: str(trial.number),
                  tags.OPTUNA_STATE: "running", tags.OPTUNA_METRIC: self.metric, tags.WORKER: WORKER}
         if retried is not None:
@@ -104,6 +108,15 @@ class Objective:
         client.set_terminated(run.info.run_id, "KILLED" if state == "pruned" else "FAILED")
         # A trial is never resumed (the study retries it as a new trial): its checkpoint is of no use.
         shutil.rmtree(checkpoints.path_for(self.tracking.checkpoint_dir, run.info.run_id).parent, ignore_errors=True)
+
+
+def shared_threads(study: optuna.Study) -> int:
+    """This machine's cores shared among this study's workers on it that are running a trial, this one included.
+
+    Torch takes every core by default, and workers that each do so wait on each other's threads."""
+    running = {t.user_attrs.get("worker") for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))}
+    here = {worker for worker in running if worker and worker.rsplit(":", 1)[0] == HOST} | {WORKER}
+    return max(1, len(os.sched_getaffinity(0)) // len(here))
 
 
 def at_least_as_good(study: optuna.Study, value: float) -> bool:

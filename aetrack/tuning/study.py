@@ -38,14 +38,10 @@ def tune_study(base: TrainConfig, space: SearchSpace, tune: TuneConfig, *, data_
                echo: Callable[[str], None] = print, summary: Callable[[str], None] = print) -> optuna.Study:
     """One worker of the study `tune.study_for(base)`: the whole of `aetrack tune` after option parsing.
     MLflow's tracking URI is the caller's to set."""
-    import torch
-
     import aetrack
     from aetrack import data as datasets
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial comes from TrialLines instead
-    if tune.threads:
-        torch.set_num_threads(tune.threads)
     variant = REGISTRY[base.model]
     metric, study_name = tune.metric or default_metric(variant), tune.study_for(base)
     n_trials = tune.n_trials or (space.size() if tune.sampler == "grid" else 20)
@@ -99,7 +95,7 @@ def tune_study(base: TrainConfig, space: SearchSpace, tune: TuneConfig, *, data_
     echo(f"parent run {parent_run_id} ({'created' if created else 'shared'}) in experiment {parent.experiment_id} "
          f"at {mlflow.get_tracking_uri()}")
     children = dataclasses.replace(tracking, run_name=None, register=False, registered_model=None)
-    objective = Objective(base, space, data, metric, children, parent_run_id, registered_model, data_dir)
+    objective = Objective(base, space, data, metric, children, parent_run_id, registered_model, data_dir, tune.threads)
     lines = TrialLines(metric, base.epochs, parent_run_id, echo)
     try:
         run_worker(study, objective, lines, timeout=tune.timeout or None, poll=min(tune.heartbeat, 2), echo=echo)
