@@ -39,10 +39,12 @@ class _BernoulliNLL(torch.autograd.Function):
 
 def reconstruction_nll(logits: torch.Tensor, x: torch.Tensor, likelihood: str) -> torch.Tensor:
     """-log p(x|z) per example, summed over pixels."""
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # summed in fp32 also under autocast; fp64 stays fp64
+    logits, x = logits.to(dtype), x.to(dtype)
     if likelihood == "bernoulli":
-        return _BernoulliNLL.apply(logits.float(), x.float())  # summed in fp32 also under autocast
+        return _BernoulliNLL.apply(logits, x)
     # Gaussian with fixed variance 1/2: -log N(x; mu, 1/2) = (x - mu)^2 + log(pi) / 2, i.e. MSE plus a constant.
-    squared = (torch.sigmoid(logits.float()) - x.float()) ** 2
+    squared = (torch.sigmoid(logits) - x) ** 2
     return squared.flatten(1).sum(-1) + 0.5 * math.log(math.pi) * x[0].numel()
 
 
