@@ -256,6 +256,35 @@ def test_a_killed_workers_trial_is_failed_and_retried(postgres_url, mlflow_serve
     assert len(dead) == 1 and dead[0].info.status == "FAILED" and dead[0].data.tags["optuna_state"] == "failed"
 
 
+def test_sigterm_stops_a_worker_with_its_trial_run_killed_and_one_line(mlflow_server, tmp_path):
+    storage = f"sqlite:///{tmp_path}/sigterm.db"
+    experiment = f"sigterm-{uuid.uuid4().hex[:8]}"
+    doomed = worker([*TINY, "--n-trials", "2", "--epochs", "500", "--study-name", "sigterm", "--storage", storage,
+                     "--pruner", "none", "--tracking-uri", mlflow_server, "--experiment", experiment, "--no-register"],
+                    tmp_path / "sigterm.log")
+    optuna_storage = optuna.storages.RDBStorage(storage)
+    try:
+        def running():
+            try:
+                study = optuna.load_study(study_name="sigterm", storage=optuna_storage)
+            except KeyError:
+                return None
+            return [t for t in study.get_trials(states=(TrialState.RUNNING,)) if t.intermediate_values]
+
+        wait_until(running, 120, "the first trial's first epoch", [doomed])
+        doomed.send_signal(signal.SIGTERM)
+        doomed.wait(60)
+    finally:
+        stop(doomed)
+    log = (tmp_path / "sigterm.log").read_text()
+    assert doomed.returncode == 128 + signal.SIGTERM, log[-3000:]
+    assert "this worker stopped" in log and "Traceback" not in log and "Aborted" not in log, log[-3000:]
+    client = MlflowClient(mlflow_server)
+    children = [r for r in client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
+                if r.data.tags.get("optuna_trial") is not None]
+    assert [r.info.status for r in children] == ["KILLED"]
+
+
 def test_the_median_pruner_stops_hopeless_trials_early(tmp_path):
     # Two learning rates a thousand times apart: once a fast one has finished, slow ones are pruned at epoch 1.
     tracking = f"sqlite:///{tmp_path}/mlflow.db"

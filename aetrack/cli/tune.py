@@ -48,11 +48,15 @@ def tune(ctx, data_dir, download, tracking_uri, experiment, run_name, register, 
         return
     if not space.params:
         raise click.UsageError("nothing to search: every parameter is fixed (see --show-space)")
-    from aetrack.tracking.run import registered_name
+    from aetrack.tracking.run import RunStopped, registered_name
     from aetrack.tuning.study import tune_study
 
     use_tracking_uri(tracking_uri)
     registered_model = (registered_model or registered_name(base)) if register else None
     tracking = TrackingOptions(experiment, run_name or None, checkpoint_dir=checkpoint_dir)
-    tune_study(base, space, search, data_dir=data_dir or None, download=download, tracking=tracking,
-               registered_model=registered_model, echo=(lambda line: None) if quiet else click.echo, summary=click.echo)
+    try:
+        tune_study(base, space, search, data_dir=data_dir or None, download=download, tracking=tracking,
+                   registered_model=registered_model, echo=(lambda line: None) if quiet else click.echo, summary=click.echo)
+    except RunStopped as stop:  # the trial's run is KILLED; the study retries it, as a new trial, when a worker starts
+        click.echo(f"\nthis worker stopped: trial {stop}; start the command again to go on with the study", err=True)
+        ctx.exit(128 + stop.signum)

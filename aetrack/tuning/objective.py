@@ -71,6 +71,8 @@ class Objective:
             if not math.isfinite(value):
                 raise FloatingPointError(f"{self.metric} is {value}")
             self._record(trial, result, value)
+        except KeyboardInterrupt:  # a signal: train_tracked has closed the trial's run as KILLED, checkpoint kept
+            raise
         except BaseException as err:
             pruned = isinstance(err, optuna.TrialPruned)
             if not pruned:

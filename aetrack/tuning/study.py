@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import time
 from typing import Callable
@@ -33,6 +34,11 @@ PARENT_RUN_KEY = "mlflow_parent_run_id"  # study user attribute: the MLflow run 
 OBJECTIVE_KEY = "aetrack_objective"      # study user attribute: what the study optimises, to catch mismatched workers
 
 
+def no_interrupt_traceback(record: logging.LogRecord) -> bool:
+    """Optuna logs a stopped trial with its traceback; a signal is not a failure worth one."""
+    return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+
+
 def tune_study(base: TrainConfig, space: SearchSpace, tune: TuneConfig, *, data_dir: str | None = None,
                download: bool = False, tracking: TrackingOptions = TrackingOptions(), registered_model: str | None = None,
                echo: Callable[[str], None] = print, summary: Callable[[str], None] = print) -> optuna.Study:
@@ -42,6 +48,8 @@ def tune_study(base: TrainConfig, space: SearchSpace, tune: TuneConfig, *, data_
     from aetrack import data as datasets
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)  # one line per trial comes from TrialLines instead
+    for handler in logging.getLogger("optuna").handlers:  # a signal is said in one line by the CLI, not a traceback
+        handler.addFilter(no_interrupt_traceback)
     variant = REGISTRY[base.model]
     metric, study_name = tune.metric or default_metric(variant), tune.study_for(base)
     n_trials = tune.n_trials or (space.size() if tune.sampler == "grid" else 20)
