@@ -283,6 +283,11 @@ def test_sigterm_stops_a_worker_with_its_trial_run_killed_and_one_line(mlflow_se
     children = [r for r in client.search_runs([client.get_experiment_by_name(experiment).experiment_id])
                 if r.data.tags.get("optuna_trial") is not None]
     assert [r.info.status for r in children] == ["KILLED"]
+    study = optuna.load_study(study_name="sigterm", storage=storage)
+    stopped, retry = study.trials  # the stopped trial is failed, and queued again with the same parameters
+    assert stopped.state == TrialState.FAIL and retry.state == TrialState.WAITING
+    assert retry.system_attrs["failed_trial"] == stopped.number and retry.params == stopped.params
+    assert used_trials(study.trials) == 1
 
 
 def test_the_median_pruner_stops_hopeless_trials_early(tmp_path):

@@ -21,7 +21,7 @@ from aetrack.config import TrainConfig
 from aetrack.tracking import tags
 from aetrack.tracking.run import train_tracked
 from aetrack.tuning.space import SearchSpace
-from aetrack.tuning.storage import retry_of
+from aetrack.tuning.storage import retry_later, retry_of
 
 HOST = socket.gethostname()
 WORKER = f"{HOST}:{os.getpid()}"
@@ -71,7 +71,8 @@ class Objective:
             if not math.isfinite(value):
                 raise FloatingPointError(f"{self.metric} is {value}")
             self._record(trial, result, value)
-        except KeyboardInterrupt:  # a signal: train_tracked has closed the trial's run as KILLED, checkpoint kept
+        except KeyboardInterrupt:  # a signal: train_tracked has closed the trial's run as KILLED
+            retry_later(trial)
             raise
         except BaseException as err:
             pruned = isinstance(err, optuna.TrialPruned)

@@ -97,3 +97,11 @@ def redact(url: str) -> str:
 def retry_of(trial: optuna.Trial) -> int | None:
     """The number of the dead trial that `trial` retries, if it is a retry."""
     return trial.storage.get_trial_system_attrs(trial._trial_id).get("failed_trial")
+
+
+def retry_later(trial: optuna.Trial) -> None:
+    """Queue a retry of `trial`, as for a dead worker's (same params, `failed_trial` set, --max-retry honoured): a
+    trial that a signal stopped runs again when a worker next takes one, and does not use up the budget."""
+    callback = trial.storage.get_heartbeat_stale_trial_callback()
+    if callback is not None:
+        callback(trial.study, trial.storage.get_trial(trial._trial_id))
