@@ -103,6 +103,17 @@ class LearningRate:
             self.plateau_scale, self.bad_epochs = self.plateau_scale * 0.5, 0
 
 
+def pack(epochs: list[dict[str, float]]) -> dict:
+    """The history as one tensor for a checkpoint: pickling hundreds of small dicts every epoch costs milliseconds."""
+    keys = list(epochs[0]) if epochs else []
+    return {"keys": keys, "values": torch.tensor([[e[k] for k in keys] for e in epochs], dtype=torch.float64)}
+
+
+def unpack(packed: dict) -> list[dict[str, float]]:
+    keys = packed["keys"]
+    return [{k: int(v) if k == "epoch" else v for k, v in zip(keys, row)} for row in packed["values"].tolist()]
+
+
 def kl_scale(config: TrainConfig, epoch: float) -> float:
     """The KL warm-up factor in [0, 1] at a (fractional) epoch: linear over --kl-warmup epochs (Bowman et al. 2016)."""
     return min(1.0, epoch / config.kl_warmup) if config.kl_warmup else 1.0
@@ -154,8 +165,10 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
         learning_rate.load_state_dict(resume["learning_rate"])
         if resume.get("scaler"):
             scaler.load_state_dict(resume["scaler"])
-        history.epochs, history.best_val_loss, history.best_epoch = list(resume["history"]), resume["best_val_loss"], resume["best_epoch"]
+        history.epochs, history.best_val_loss, history.best_epoch = unpack(resume["history"]), resume["best_val_loss"], resume["best_epoch"]
         best_state, stale, step, start = resume["best_model"], resume["stale"], resume["step"], resume["epoch"]
+        if best_state is None and history.best_epoch == start:  # saved as "the model itself"
+            best_state = copy.deepcopy(model.state_dict())
         generator.set_state(resume["rng"]["generator"])
         torch.set_rng_state(resume["rng"]["torch"])
         if "cuda" in resume["rng"]:
@@ -226,8 +239,9 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
                 rng["cuda"] = torch.cuda.get_rng_state_all()
             checkpoints.save(checkpoint, {
                 "run_id": run_id, "config": config.to_params(), "epoch": epoch + 1, "step": step, "stale": stale,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(), "best_model": best_state,
-                "best_val_loss": history.best_val_loss, "best_epoch": history.best_epoch, "history": history.epochs,
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "best_model": None if history.best_epoch == epoch + 1 else best_state,  # else the same weights twice
+                "best_val_loss": history.best_val_loss, "best_epoch": history.best_epoch, "history": pack(history.epochs),
                 "learning_rate": learning_rate.state_dict(), "scaler": scaler.state_dict(), "rng": rng})
         # About 50 lines for a whole run, however many epochs the budget has (546 on digits).
         stopping = bool(config.patience) and stale >= config.patience
