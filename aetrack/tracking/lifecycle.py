@@ -146,6 +146,22 @@ def signals_deferred():
 
 # ----- logging that waits out the server -------------------------------------------------------------------------
 
+def until_done(call: Callable, *, on_failure: Callable[[Exception], object],
+               retry: Callable[[Exception], bool] = lambda err: True):
+    """`call()` until it goes through, 1, 2, 4 ... at most 10 s apart, telling `on_failure` of each failed try; an
+    error that `retry` refuses is raised. A signal (KeyboardInterrupt) is never caught."""
+    delay = 1.0
+    while True:
+        try:
+            return call()
+        except Exception as err:  # noqa: BLE001 - what to retry is `retry`'s to say
+            if not retry(err):
+                raise
+            on_failure(err)
+            time.sleep(delay)
+            delay = min(2 * delay, 10.0)
+
+
 class MetricBuffer:
     """What a run logs while it trains: step metrics, gathered into one batch per epoch (or per `limit` values),
     and pictures, sent in order by one background thread, so that training never waits for the server.
@@ -226,16 +242,9 @@ class MetricBuffer:
         while True:
             self.current = self.items.get()
             what, call, _ = self.current
-            self.busy_since, delay = time.monotonic(), 1.0
-            while True:
-                try:
-                    call()
-                    break
-                except Exception as err:  # noqa: BLE001 - any failure is retried: the data must arrive
-                    if not self.waiting:
-                        self._warn(f"failed a request ({type(err).__name__})")
-                    time.sleep(delay)
-                    delay = min(2 * delay, 10.0)
+            self.busy_since = time.monotonic()
+            # Any failure is retried: the data must arrive.
+            until_done(call, on_failure=lambda err: self.waiting or self._warn(f"failed a request ({type(err).__name__})"))
             self.busy_since, self.current = None, None
             if self.waiting:
                 self.waiting, self.recovering = False, True

@@ -8,7 +8,6 @@ import json
 import signal
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import mlflow
@@ -70,22 +69,18 @@ UNSENT = "unsent-metrics.json"  # beside the local checkpoint: metrics a stopped
 
 
 def persist(call, what: str):
-    """`call()` until it goes through: the server may be away for a while, and this must arrive."""
-    delay, warned = 1.0, False
-    while True:
-        try:
-            return call()
-        except Interrupted:
-            raise
-        except Exception as err:  # noqa: BLE001
-            if isinstance(err, mlflow.exceptions.MlflowException) and not _unavailable(err):
-                raise
-            if not warned:
-                say(f"warning: the tracking server {mlflow.get_tracking_uri()} does not answer ({type(err).__name__}); "
-                    f"waiting to send {what}")
-                warned = True
-            time.sleep(delay)
-            delay = min(2 * delay, 10.0)
+    """`call()` until it goes through: the server may be away for a while, and this must arrive. An MLflow error that
+    is not the server's absence (a refused request) is raised at once."""
+    warned = []
+
+    def warn(err: Exception) -> None:
+        if not warned:
+            say(f"warning: the tracking server {mlflow.get_tracking_uri()} does not answer ({type(err).__name__}); "
+                f"waiting to send {what}")
+            warned.append(err)
+
+    return lifecycle.until_done(call, on_failure=warn, retry=lambda err: not isinstance(
+        err, mlflow.exceptions.MlflowException) or _unavailable(err))
 
 
 def _unavailable(err: Exception) -> bool:
