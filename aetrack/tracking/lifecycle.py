@@ -105,22 +105,11 @@ class Interrupted(KeyboardInterrupt):
 
 
 @contextlib.contextmanager
-def stop_on_signals(echo: Callable[[str], None] = print):
-    """Inside: the first SIGINT or SIGTERM raises Interrupted; later ones, while the run is being closed, only say
-    so (a second Ctrl-C must not leave a half-closed run). Outside the main thread: nothing is installed."""
+def _handling(handle):
+    """SIGINT and SIGTERM go to `handle` inside the block; outside the main thread nothing is installed."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    stopping = False
-
-    def handle(signum, frame):
-        nonlocal stopping
-        if stopping:
-            echo(f"{signal.Signals(signum).name} again: still closing the run, one moment")
-            return
-        stopping = True
-        raise Interrupted(signum)
-
     previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield
@@ -129,19 +118,33 @@ def stop_on_signals(echo: Callable[[str], None] = print):
             signal.signal(sig, handler)
 
 
+def _still_closing(echo: Callable[[str], None]):
+    return lambda signum, frame: echo(f"{signal.Signals(signum).name} again: still closing the run, one moment")
+
+
 @contextlib.contextmanager
-def signals_deferred():
-    """SIGINT/SIGTERM wait until the block ends (closing a run must finish once begun)."""
-    if threading.current_thread() is not threading.main_thread():
+def stop_on_signals(echo: Callable[[str], None] = print):
+    """Inside: the first SIGINT or SIGTERM raises Interrupted; later ones, while the run is being closed, only say
+    so (a second Ctrl-C must not leave a half-closed run)."""
+    again = _still_closing(echo)
+    stopping = False
+
+    def handle(signum, frame):
+        nonlocal stopping
+        if stopping:
+            return again(signum, frame)
+        stopping = True
+        raise Interrupted(signum)
+
+    with _handling(handle):
         yield
-        return
-    received: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum)) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield received
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def closing(echo: Callable[[str], None] = print):
+    """Inside: SIGINT and SIGTERM only say that the run is being closed (closing must finish once begun)."""
+    with _handling(_still_closing(echo)):
+        yield
 
 
 # ----- logging that waits out the server -------------------------------------------------------------------------

@@ -279,12 +279,12 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
                                   f"({history.best_epoch}) logged")
             persist(lambda: mlflow.end_run("FINISHED"), "the run's end")
         except Interrupted as stop:
-            with lifecycle.signals_deferred():
+            with lifecycle.closing(say):
                 recovery.close_stopped(run_id, folder, log, stop)
                 saved = recovery.saved_epoch(folder, run_id)
             raise RunStopped(run_id, stop.signum, saved, config.epochs, "KILLED") from None
         except BaseException as err:
-            with lifecycle.signals_deferred():
+            with lifecycle.closing(say):
                 recovery.close_failed(run_id, log, err)
             raise
         shutil.rmtree(folder, ignore_errors=True)  # a finished run has no use for its checkpoint
