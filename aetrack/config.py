@@ -88,6 +88,9 @@ class TrainConfig:
     # Semi-supervised.
     labeled: int = option(100, "Labelled training examples (the rest are unlabelled).", scope="semi_supervised")
     classifier_weight: float = option(0.1, "alpha of Kingma et al. 2014: weight of the labelled classification loss, times N.", scope="semi_supervised")
+    features: str = option("", "M1+M2 (Kingma et al. 2014): a trained VAE of this data set (run id or model URI) whose "
+                           "latent means, on its active units, M2 models instead of the pixels; its decoder turns them "
+                           "back into images. Empty: M2 on the pixels.", scope="semi_supervised")
     # Optimisation.
     lr: float = option(1e-3, "Adam learning rate (the peak, with a schedule).")
     lr_schedule: str = option("constant", "Learning-rate schedule over the epoch budget: cosine decays to 1 % of --lr, "
@@ -152,6 +155,7 @@ class TrainConfig:
             (self.train_samples >= 1, "--train-samples must be at least 1"),
             (self.objective == "iwae" or self.train_samples == 1, "--train-samples needs --objective iwae"),
             (self.labeled >= 1 and self.classifier_weight >= 0, "--labeled must be at least 1 and --classifier-weight >= 0"),
+            (not self.features or self.arch == "mlp", "--features: M2 on a VAE's codes is an MLP; drop --arch conv"),
         ]
         _check(self, rules)
         if self.device == "cuda":

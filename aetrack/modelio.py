@@ -54,12 +54,14 @@ class ModelInfo:
 def save(model: torch.nn.Module, info: ModelInfo, directory: Path, extra: dict[str, torch.Tensor] | None = None) -> Path:
     """A generator's folder; `extra` tensors (say a fitted latent sampler) ride along in the weights file."""
     meta = {"params": info.config.to_params(), "shape": list(info.shape), "classes": list(info.classes)}
+    if hasattr(model, "m1_meta"):  # M1+M2: what rebuilds the frozen VAE inside (its weights are in the state dict)
+        meta["features"] = model.m1_meta
     return write_folder(directory, meta, {"model": cpu_state(model), "extra": extra or {}})
 
 
 def load(directory: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelInfo, dict[str, torch.Tensor]]:
     meta, state = read_folder(directory, device)
     info = ModelInfo(TrainConfig.from_params(meta["params"]), tuple(meta["shape"]), tuple(meta["classes"]))
-    model = build_model(info.config, info.shape, info.num_classes)
+    model = build_model(info.config, info.shape, info.num_classes, saved_features=meta.get("features"))
     model.load_state_dict(state["model"])
     return model.to(device).eval(), info, state.get("extra", {})

@@ -123,7 +123,8 @@ def kl_scale(config: TrainConfig, epoch: float) -> float:
 def init_output_biases(model: torch.nn.Module, train_x: torch.Tensor) -> None:
     mean_image = train_x.float().mean(0)
     for module in model.modules():
-        if isinstance(module, Decoder):
+        # Pixel decoders that train: not M1+M2's frozen VAE, nor its M2, whose decoder gives codes.
+        if isinstance(module, Decoder) and module.shape == tuple(mean_image.shape) and module.stem[0].weight.requires_grad:
             module.init_output_bias(mean_image)
 
 
@@ -142,7 +143,7 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
     n_train = len(data.train_y)
     config = config.resolve(n_train)
     if model is None:
-        model = build_model(config, data.shape, data.num_classes)
+        model = build_model(config, data.shape, data.num_classes, data=data)
         if config.decoder_bias == "mean" and resume is None:
             init_output_biases(model, data.mean_image()[None])  # no float copy of the whole training set
     model = model.to(device)

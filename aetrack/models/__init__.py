@@ -99,8 +99,16 @@ def _declared() -> dict[str, Variant]:
 REGISTRY: dict[str, Variant] = _declared()
 
 
-def build_model(config: TrainConfig, shape: tuple[int, int, int], num_classes: int):
-    """The variant's network for this config; the capability flags its constructor names are passed to it."""
+def build_model(config: TrainConfig, shape: tuple[int, int, int], num_classes: int, *, data=None,
+                saved_features: dict | None = None):
+    """The variant's network for this config; the capability flags its constructor names are passed to it.
+
+    With `config.features` (M1+M2) the network is the stack of aetrack.models.stacked: built around the logged VAE,
+    whose active units are measured on `data`, or, loading a model folder, from its `saved_features` meta."""
+    if config.features:
+        from aetrack.models import stacked
+
+        return stacked.build(config, shape, num_classes, data=data, saved=saved_features)
     variant = REGISTRY[config.model]
     accepted = inspect.signature(variant.cls).parameters
     flags = {name: getattr(variant, name) for name in CAPABILITIES if name in accepted}

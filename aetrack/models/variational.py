@@ -8,6 +8,7 @@ and sums the label out for unlabelled examples.
 from __future__ import annotations
 
 import math
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +24,13 @@ from aetrack.priors import build_prior
 class LatentVariableModel(nn.Module):
     """p(z) p(x|z, c) with q(z|x, c): the part that VAE, CVAE and M2 share (c: optional condition)."""
 
-    def __init__(self, config, shape, cond_dim: int):
+    def __init__(self, config, shape, cond_dim: int, likelihood: nn.Module | None = None):
         super().__init__()
         self.config = config
         self.cond_dim = cond_dim
+        # -log p(x|z) per example from the decoder's output: the pixel likelihood the config names, or a model's own
+        # (M1+M2's density over a VAE's codes, whose parameters then train with the rest).
+        self.likelihood = likelihood or partial(reconstruction_nll, likelihood=config.likelihood)
         self.prior = build_prior(config.prior, config.latent_dim, config.prior_components, shape)
         self.encoder = Encoder(shape, config.hidden, 2 * config.latent_dim, config.arch, cond_dim)
         self.decoder = Decoder(shape, config.hidden, config.latent_dim, config.arch, cond_dim)
@@ -49,8 +53,7 @@ class LatentVariableModel(nn.Module):
         q = self.posterior(x, cond, features)
         z = q.rsample()
         logits = self.decoder(z, cond)
-        recon = reconstruction_nll(logits, x, self.config.likelihood)
-        return recon, self.prior.kl(q, z), q, logits
+        return self.likelihood(logits, x), self.prior.kl(q, z), q, logits
 
     def importance_terms(self, x: torch.Tensor, samples: int, cond: torch.Tensor | None = None):
         """For k samples z_k ~ q(z|x): log p(x|z_k) and log p(z_k) - log q(z_k|x), each (k, B); the decoder's
@@ -61,7 +64,7 @@ class LatentVariableModel(nn.Module):
         flat_cond = None if cond is None else cond.repeat(samples, 1)
         logits = self.decoder(flat, flat_cond)
         target = x.repeat(samples, *([1] * (x.dim() - 1)))
-        log_px = -reconstruction_nll(logits, target, self.config.likelihood).view(samples, -1)
+        log_px = -self.likelihood(logits, target).view(samples, -1)
         return log_px, self.prior.log_prob(z) - q.log_prob(z), logits, q
 
     def log_weights(self, x: torch.Tensor, samples: int, cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -150,10 +153,10 @@ class M2(nn.Module):
     (Kingma et al.'s alpha = 0.1 N on the summed objective, divided by N).
     """
 
-    def __init__(self, config, shape, num_classes):
+    def __init__(self, config, shape, num_classes, likelihood: nn.Module | None = None):
         super().__init__()
         self.config, self.num_classes = config, num_classes
-        self.body = LatentVariableModel(config, shape, num_classes)
+        self.body = LatentVariableModel(config, shape, num_classes, likelihood)
         self.classifier = Encoder(shape, config.hidden, num_classes, config.arch)
 
     def cond(self, y: torch.Tensor | None) -> torch.Tensor | None:

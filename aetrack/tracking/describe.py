@@ -19,7 +19,7 @@ SCOPE_LABELS = {
     "sparsity": lambda c: f"{c.sparsity}{c.sparsity_weight:g}",
     "contractive": lambda c: f"w{c.contractive_weight:g}",
     "variational": lambda c: c.prior + (f"-b{c.beta:g}" if c.beta != 1 else ""),
-    "semi_supervised": lambda c: f"{c.labeled}labels",
+    "semi_supervised": lambda c: f"{c.labeled}labels" + ("-M1codes" if c.features else ""),
 }
 SCOPE_ORDER = tuple(SCOPE_LABELS)
 

@@ -108,7 +108,7 @@ class EpochImages:
     def log_initial(self, config: TrainConfig, data: Splits) -> None:
         """Step 0: the model as `fit` builds it before its first step (same seed, same initialisation)."""
         torch.manual_seed(config.seed)
-        model = build_model(config, data.shape, data.num_classes)
+        model = build_model(config, data.shape, data.num_classes, data=data)
         if config.decoder_bias == "mean":
             init_output_biases(model, data.train_x)
         self.log(0, model.to(self.x.device))

@@ -247,7 +247,7 @@ def available_metrics(config: TrainConfig, data) -> list[str]:
     import torch
 
     with torch.no_grad():
-        out = build_model(config, data.shape, data.num_classes).to(data.val_x.device)(data.val_x[:2], data.val_y[:2])
+        out = build_model(config, data.shape, data.num_classes, data=data).to(data.val_x.device)(data.val_x[:2], data.val_y[:2])
     return ["val_loss", *(f"val_{name}" for name in out.parts)]
 
 

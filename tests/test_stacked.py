@@ -1,0 +1,161 @@
+"""M1+M2 (Kingma et al. 2014): M2 trained on the latent means of a trained VAE, logged, evaluated and served."""
+
+from __future__ import annotations
+
+import math
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from click.testing import CliRunner
+
+from aetrack import data as datasets
+from aetrack import modelio
+from aetrack.cli import main
+from aetrack.config import ConfigError, TrainConfig
+from aetrack.evaluation.evaluate import Settings, evaluate_model
+from aetrack.models import build_model, stacked
+from aetrack.tracking.artifacts import model_uri_of
+from aetrack.training import fit
+
+M1 = TrainConfig(model="vae", hidden=(32,), latent_dim=6, epochs=15, kl_warmup=0, patience=0, batch_size=64)
+M2 = TrainConfig(model="m2", hidden=(32,), latent_dim=2, epochs=3, labeled=50, batch_size=64, features="runs:/m1/vae")
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return datasets.load("digits")
+
+
+@pytest.fixture(scope="module")
+def m1(digits):
+    return fit(M1, digits, progress=False)[0].eval()
+
+
+def meta_of(config: TrainConfig, data) -> dict:
+    return {"params": config.to_params(), "shape": list(data.shape), "classes": list(data.classes)}
+
+
+def built(m1, digits, config=M2):
+    import copy
+
+    return stacked.stack(config, digits.shape, digits.num_classes, copy.deepcopy(m1), meta_of(M1, digits), digits)
+
+
+def test_m2_models_the_active_units_of_the_frozen_vae(m1, digits):
+    model = built(m1, digits)
+    with torch.no_grad():
+        codes = m1.encode(digits.train_x)
+    active = (codes.var(0) > stacked.ACTIVE).nonzero().flatten()
+    assert 0 < len(active) and model.units.tolist() == active.tolist()
+    assert model.codes(digits.val_x[:5]).shape == (5, 1, 1, len(active))
+    torch.testing.assert_close(model.codes(digits.val_x[:5]).flatten(1), m1.encode(digits.val_x[:5])[:, active])
+
+    before = {k: v.clone() for k, v in model.m1.state_dict().items()}
+    m2_before = [p.clone() for p in model.m2.parameters()]
+    trained, history = fit(M2, digits, model=model, progress=False)
+    assert all(math.isfinite(e["val_loss"]) for e in history.epochs) and "val_error" in history.epochs[-1]
+    for key, value in trained.m1.state_dict().items():
+        assert torch.equal(value, before[key]), f"M1's {key} changed"
+    assert any(not torch.equal(a, b) for a, b in zip(m2_before, trained.m2.parameters()))
+    assert not trained.m1.training  # frozen M1 stays in eval mode whatever the stack's mode
+
+
+def test_the_stack_takes_and_gives_images(m1, digits):
+    model = built(m1, digits).eval()
+    x = digits.test_x[:7]
+    assert model.classify(x).shape == (7,)
+    for images in (model.reconstruct(x), model.sample(7, generator=torch.Generator().manual_seed(0)),
+                   model.sample(3, torch.tensor([0, 1, 2])), model(x, None).recon):
+        assert images.shape[1:] == digits.shape and 0 <= images.min() and images.max() <= 1
+    # A sample goes through M1's decoder: the codes M2 gives, with M1's inactive units at their mean.
+    z = torch.zeros(2, M2.latent_dim)
+    y = torch.tensor([3, 4])
+    means = model.m2.body.decoder(z, model.m2.cond(y)).flatten(1)
+    full = model.fill.expand(2, -1).clone()
+    full[:, model.units] = means
+    torch.testing.assert_close(model.decode(z, y), m1.decode(full))
+    assert model.log_weights(x, None, 4).shape == (4, 7)
+
+
+def test_the_code_likelihood_is_a_normal_density():
+    likelihood = stacked.CodeLikelihood(5)
+    with torch.no_grad():
+        likelihood.log_scale.copy_(torch.linspace(-1, 1, 5))
+    mean, codes = torch.randn(3, 1, 1, 5), torch.randn(3, 1, 1, 5)
+    expected = -torch.distributions.Normal(mean.flatten(1), likelihood.log_scale.exp()).log_prob(codes.flatten(1)).sum(-1)
+    torch.testing.assert_close(likelihood(mean, codes), expected)
+
+
+def test_a_saved_stack_loads_with_its_vae_inside(m1, digits, tmp_path):
+    model = built(m1, digits).eval()
+    info = modelio.ModelInfo(M2, digits.shape, digits.classes)
+    modelio.save(model, info, tmp_path / "model")
+    loaded, loaded_info, _ = modelio.load(tmp_path / "model")
+    assert loaded_info.config.features == M2.features
+    x = digits.test_x[:20]
+    assert torch.equal(loaded.classify(x), model.classify(x))
+    torch.testing.assert_close(loaded.reconstruct(x), model.reconstruct(x))
+    torch.testing.assert_close(loaded.units, model.units)
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(model="cvae"), "M1 must be a VAE"),
+    (dict(dataset="mnist"), "M1 was trained on mnist"),
+])
+def test_a_wrong_m1_is_a_config_error(m1, digits, change, message):
+    from dataclasses import replace
+
+    with pytest.raises(ConfigError, match=message):
+        stacked.stack(M2, digits.shape, digits.num_classes, m1, meta_of(replace(M1, **change), digits), digits)
+
+
+def test_an_m1_without_active_units_is_refused(digits):
+    flat = build_model(M1, digits.shape, digits.num_classes)
+    with torch.no_grad():
+        for p in flat.body.encoder.parameters():
+            p.zero_()
+    with pytest.raises(ConfigError, match="no active unit"):
+        stacked.stack(M2, digits.shape, digits.num_classes, flat, meta_of(M1, digits), digits)
+
+
+def test_evaluation_reads_the_stacked_classifier_and_density(m1, digits):
+    model = fit(M2, digits, model=built(m1, digits), progress=False)[0].eval()
+    result = evaluate_model(model, M2, digits, settings=Settings(iw_samples=8, nll_images=40))
+    expected = float((model.classify(digits.test_x) != digits.test_y).float().mean())
+    assert result.metrics["error"] == pytest.approx(expected)
+    assert "M1's code" in result.notes["nll_iw"] and "M1's code" in result.notes["neg_elbo"]
+    assert math.isfinite(result.metrics["nll_iw"]) and math.isfinite(result.metrics["neg_elbo"])
+    assert {"reconstructions", "samples", "traversals"} <= set(result.pictures)
+
+
+def test_m1_m2_from_the_command_line_is_logged_and_served(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    common = ["--hidden", "32", "--batch-size", "64", "--quiet", "--tracking-uri", uri, "--experiment", "stack",
+              "--checkpoint-dir", str(tmp_path / "ckpt")]
+
+    def train(*args):
+        result = CliRunner().invoke(main, ["train", *args, *common], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+        return next(line.split()[-1] for line in result.output.splitlines() if line.startswith("run id:"))
+
+    m1_run = train("--model", "vae", "--latent-dim", "6", "--epochs", "10", "--kl-warmup", "0")
+    run_id = train("--model", "m2", "--latent-dim", "2", "--epochs", "2", "--labeled", "50", "--features", m1_run)
+    mlflow.set_tracking_uri(uri)
+    run = mlflow.MlflowClient().get_run(run_id)
+    assert run.info.status == "FINISHED" and run.data.params["features"] == m1_run
+    assert "-M1codes-" in run.info.run_name and "val/error" in run.data.metrics
+
+    served = mlflow.pyfunc.load_model(model_uri_of(run_id))
+    answer = served.predict(pd.DataFrame({"n": [4], "label": [7]}), params={"seed": 1, "output": "array"})
+    pixels = np.stack(answer["pixels"].to_numpy())
+    assert pixels.shape == (4, 64) and 0 <= pixels.min() and pixels.max() <= 1
+
+    # A wrong M1 is one line and no run.
+    for features, message in ((run_id, "M1 must be a VAE"), ("no-such-run", "cannot load a logged model")):
+        result = CliRunner().invoke(main, ["train", "--model", "m2", "--epochs", "1", "--features", features, *common])
+        assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
+    runs = mlflow.search_runs(experiment_names=["stack"])
+    assert len(runs) == 2
