@@ -51,3 +51,28 @@ def test_mlproject_defaults_are_train_configs_own():
     budget = {"epochs", "patience"}  # `auto` resolves per data set; MLproject fixes a short, concrete budget
     assert {k: v for k, v in defaults.items() if k not in budget} == \
         {k: v for k, v in TrainConfig().to_params().items() if k in defaults and k not in budget}
+
+
+def test_the_recorded_commit_says_when_the_code_is_not_heads(tmp_path, monkeypatch):
+    import subprocess
+
+    import aetrack
+    from aetrack.tracking.run import git_commit
+
+    package = tmp_path / "aetrack"
+    (tmp_path / "benchmarks" / "results").mkdir(parents=True)
+    package.mkdir()
+    for path in (package / "__init__.py", tmp_path / "benchmarks" / "results" / "x.json"):
+        path.write_text("1\n")
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
+    subprocess.run([*git, "init", "-q"], check=True)
+    subprocess.run([*git, "add", "."], check=True)
+    subprocess.run([*git, "commit", "-qm", "x"], check=True)
+    head = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    monkeypatch.setattr(aetrack, "__file__", str(package / "__init__.py"))
+    assert git_commit() == head
+    (tmp_path / "benchmarks" / "results" / "x.json").write_text("2\n")  # a benchmark's result: not code
+    (tmp_path / "notes.txt").write_text("untracked\n")
+    assert git_commit() == head
+    (package / "__init__.py").write_text("2\n")
+    assert git_commit() == head + "-dirty"

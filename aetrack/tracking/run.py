@@ -63,12 +63,18 @@ def registered_name(config: TrainConfig) -> str:
 
 
 def git_commit() -> str | None:
+    """HEAD of aetrack's checkout, with `-dirty` when tracked files differ from it (the code run is then not HEAD's)."""
+    where = Path(aetrack.__file__).parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                             cwd=Path(aetrack.__file__).parent)
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=where)
+        # Results that benchmarks write are not code: a changed benchmarks/results does not make a run dirty.
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
+                                  ":(top,exclude)benchmarks/results"], capture_output=True, text=True, timeout=5, cwd=where)
     except (OSError, subprocess.SubprocessError):
         return None
-    return out.stdout.strip() or None if out.returncode == 0 else None
+    if out.returncode != 0 or not out.stdout.strip():
+        return None
+    return out.stdout.strip() + ("-dirty" if changed.returncode == 0 and changed.stdout.strip() else "")
 
 
 EPOCH_IMAGES, FINAL_IMAGES = "progress/", "result/"  # image keys: a section each in the UI's chart view
