@@ -34,10 +34,12 @@ from aetrack import data as datasets
 from aetrack import evaluation
 from aetrack.tracking import artifacts
 from aetrack.tracking import evaluate as tracked_evaluation
-from aetrack.config import TrainConfig
+from aetrack.config import ConfigError, TrainConfig, parse_settings
 from aetrack.tracking.run import RunStopped, TrackingOptions, git_commit, open_checkpoint, train_tracked
 
-RESULTS = Path(__file__).parent / "results"
+DEFAULT_RESULTS = Path(__file__).parent / "results"
+# $AETRACK_ANCHORS_RESULTS: somewhere else (the tests' temporary folder); README.md is then left alone.
+RESULTS = Path(os.environ.get("AETRACK_ANCHORS_RESULTS") or DEFAULT_RESULTS)
 
 
 @dataclass(frozen=True)
@@ -150,6 +152,20 @@ def measure(protocol: Protocol, run_id: str, data, iw_samples: int, test_images:
     return result.metrics[protocol.metric], how
 
 
+def portable(args: list[str]) -> list[str]:
+    """The command's arguments without the ones that name this machine's places (store, checkpoints, data)."""
+    local = {"--tracking-uri", "--checkpoint-dir", "--data-dir"}
+    kept, skip = [], False
+    for arg in args:
+        if skip:
+            skip = False
+        elif arg in local:
+            skip = True
+        elif arg.split("=")[0] not in local:
+            kept.append(arg)
+    return kept
+
+
 def m1_of_row(row: str) -> str:
     """The model URI of the run that measured `row` (m1m2-100's M1), from anchors.json."""
     path = RESULTS / "anchors.json"
@@ -169,11 +185,27 @@ def update_results(record: dict) -> None:
     results[record["protocol"]] = record
     path.write_text(json.dumps(results, indent=2) + "\n")
     (RESULTS / "anchors.md").write_text(markdown(results))
+    if RESULTS == DEFAULT_RESULTS:
+        README.write_text(with_table(README.read_text(), results))
+
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+MARKERS = ("<!-- anchors.json: start (written by benchmarks/anchors.py) -->", "<!-- anchors.json: end -->")
+
+
+def with_table(readme: str, results: dict) -> str:
+    """`readme` with the text between its anchors markers rebuilt from `results`."""
+    start, end = readme.index(MARKERS[0]) + len(MARKERS[0]), readme.index(MARKERS[1])
+    return readme[:start] + "\n" + body(results) + readme[end:]
 
 
 def markdown(results: dict) -> str:
-    lines = ["# Quality anchors: measured figures", "",
-             "Written by `benchmarks/anchors.py`; each row is one run. Wall time covers training, MLflow logging and the",
+    return "# Quality anchors: measured figures\n\n" + body(results)
+
+
+def body(results: dict) -> str:
+    """The table and the departures from the papers: anchors.md, and README.md between its anchors markers."""
+    lines = ["Written by `benchmarks/anchors.py`; each row is one run. Wall time covers training, MLflow logging and the",
              "measurement on the machine named (on a shared machine, an upper bound). The last column continues the",
              "run's own validation curve: a power law a + b t^-c fitted to its second half, read at the published",
              "epochs and added to the measured figure as the change it predicts; a projection, not a measurement.", "",
@@ -280,8 +312,10 @@ def projected(record: dict) -> float | None:
 @click.option("--resume", is_flag=True, help="Go on with this row's stopped run (from anchors-progress.json).")
 @click.option("--checkpoint-dir", default="checkpoints", show_default=True)
 @click.option("--dry-run", is_flag=True, help="Train and measure, but do not write benchmarks/results.")
+@click.option("--set", "settings", multiple=True, metavar="NAME=VALUE,...",
+              help="Change the row's settings (as `aetrack train --set`); the record's command says so.")
 def main(protocol, recipe, features, epochs, iw_samples, test_images, seed, device, data_dir, tracking_uri, leg_minutes,
-         resume, checkpoint_dir, dry_run):
+         resume, checkpoint_dir, dry_run, settings):
     """Train ROW's model and measure its published figure (one MLflow run per row, in legs if need be)."""
     spec = PROTOCOLS[protocol]
     if tracking_uri:
@@ -298,8 +332,13 @@ def main(protocol, recipe, features, epochs, iw_samples, test_images, seed, devi
     else:
         base = spec.best if recipe == "best" else spec.config
         config = replace(base, epochs=epochs or base.epochs, seed=seed, device=device)
+        try:
+            config = TrainConfig.from_params({**config.to_params(), **parse_settings(settings)}).validate()
+        except ConfigError as err:
+            raise click.UsageError(str(err)) from None
         if config.features == M1_FROM_ROW:
             config = replace(config, features=features or m1_of_row(M1_FROM_ROW))
+    command = "python benchmarks/anchors.py " + shlex.join(portable(sys.argv[1:]))
     started = time.perf_counter()
     from aetrack.config import resolve_device
 
@@ -317,7 +356,7 @@ def main(protocol, recipe, features, epochs, iw_samples, test_images, seed, devi
             progress(key, None)
             raise click.ClickException(f"{protocol}: the leg ended before its first epoch did; give --leg-minutes more time")
         seconds = before["seconds"] + time.perf_counter() - started
-        progress(key, {"run_id": stop.run_id, "legs": before["legs"] + 1, "epoch": stop.epoch,
+        progress(key, {"run_id": stop.run_id, "command": before.get("command") or command, "legs": before["legs"] + 1, "epoch": stop.epoch,
                             "epochs": stop.epochs, "seconds": round(seconds, 1),
                             "cpu_seconds": round(before["cpu_seconds"] + time.process_time(), 1)})
         again = f"{protocol}" + (" --recipe published" if key != protocol else "")
@@ -344,7 +383,7 @@ def main(protocol, recipe, features, epochs, iw_samples, test_images, seed, devi
         "platform": platform.platform(), "torch": torch.__version__, "git_commit": git_commit(),
         "run_id": result.run_id, "tracking_uri": result.tracking_uri,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "command": "python benchmarks/anchors.py " + shlex.join(sys.argv[1:]),
+        "command": before.get("command") or command,  # the first leg's: the settings; later legs only say --resume
     }
     click.echo(json.dumps({k: v for k, v in record.items() if k != "curve"}, indent=2))
     progress(key, None)

@@ -1,0 +1,95 @@
+"""benchmarks/anchors.py: the published protocols' runner, its records, and the README table rebuilt from them."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from aetrack.training import History
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "benchmarks"))
+import anchors  # noqa: E402
+
+DATA = os.environ.get("AETRACK_TEST_DATA_DIR")
+
+
+def test_the_readme_table_is_the_one_anchors_json_gives():
+    results = json.loads((REPO / "benchmarks" / "results" / "anchors.json").read_text())
+    readme = (REPO / "README.md").read_text()
+    assert anchors.with_table(readme, results) == readme, "run benchmarks/anchors.py's rebuild: README and anchors.json differ"
+    assert (REPO / "benchmarks" / "results" / "anchors.md").read_text() == anchors.markdown(results)
+    assert set(results) <= {*anchors.PROTOCOLS, *(f"{row}@published" for row in anchors.PROTOCOLS)}
+
+
+def test_every_row_of_the_issue_has_a_protocol():
+    assert {"pytorch-example", "burda-vae", "best-one-layer", "iwae-5", "iwae-50", "vampprior-static", "m2-100",
+            "m1m2-100"} <= set(anchors.PROTOCOLS)
+    assert anchors.PROTOCOLS["m1m2-100"].config.features == anchors.M1_FROM_ROW
+    assert anchors.PROTOCOLS["iwae-50"].config.train_samples == 50
+
+
+def test_the_curve_is_continued_by_the_power_law_it_follows():
+    law = lambda t: 80 + 40 * t ** -0.6  # noqa: E731
+    history = History(epochs=[{"val_loss": law(t)} for t in range(1, 61)])
+    curve = anchors.learning_curve(history, "nll_iw", warmup=0)
+    assert curve["fit"]["epochs"] == [31, 60] and curve["fit"]["rmse"] < 1e-3
+    record = {"value": 90.0, "epochs_run": 60, "epochs_published": 3280, "curve": curve}
+    assert anchors.projected(record) == pytest.approx(90.0 + law(3280) - law(60), abs=0.05)
+    assert anchors.projected({**record, "epochs_published": 60}) is None  # nothing to continue
+    short = anchors.learning_curve(History(epochs=[{"val_loss": 1.0}] * 10), "nll_iw", warmup=0)
+    assert "fit" not in short  # too few epochs to fit anything: no projection is made up
+
+
+def test_a_classifier_row_follows_its_validation_error_in_percent():
+    history = History(epochs=[{"val_loss": 5.0, "val_error": 0.5 / t} for t in range(1, 21)])
+    curve = anchors.learning_curve(history, "error", warmup=0)
+    assert curve["key"] == "val_error" and curve["values"][0] == 50.0
+
+
+def test_the_recorded_command_names_no_local_place():
+    assert anchors.portable(["m2-100", "--epochs", "3", "--checkpoint-dir", "/tmp/x", "--tracking-uri=sqlite:///a",
+                             "--data-dir", "/d"]) == ["m2-100", "--epochs", "3"]
+
+
+@pytest.mark.skipif(not DATA, reason="set AETRACK_TEST_DATA_DIR to the folder that holds MNIST/")
+def test_m1m2_row_runs_in_two_legs_on_a_logged_vae(tmp_path):
+    """M1 from a run; M2 on its codes stopped after its first epoch (as a leg's end is), resumed, measured, recorded."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "AETRACK_DATA_DIR": DATA,
+           "AETRACK_ANCHORS_RESULTS": str(tmp_path / "results")}
+    m1 = subprocess.run([sys.executable, "-m", "aetrack", "train", "--model", "vae", "--dataset", "mnist",
+                         "--binarize", "dynamic", "--hidden", "32", "--latent-dim", "4", "--epochs", "1", "--quiet",
+                         "--no-register", "--checkpoint-dir", str(tmp_path / "ckpt")],
+                        env=env, capture_output=True, text=True, timeout=300)
+    assert m1.returncode == 0, m1.stderr
+    m1_run = next(line.split()[-1] for line in m1.stdout.splitlines() if line.startswith("run id:"))
+    row = [sys.executable, str(REPO / "benchmarks" / "anchors.py"), "m1m2-100", "--features", m1_run,
+           "--epochs", "3", "--set", "hidden=32,latent_dim=4,batch_size=500", "--checkpoint-dir", str(tmp_path / "ckpt")]
+    first = subprocess.Popen(row, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "ckpt").glob("*/last.pt")) and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    first.send_signal(signal.SIGTERM)  # what --leg-minutes does at the end of a leg
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 3, err
+    assert "continue with: python benchmarks/anchors.py m1m2-100 --resume" in err
+    progress = json.loads((tmp_path / "results" / "anchors-progress.json").read_text())
+    assert 1 <= progress["m1m2-100"]["epoch"] < 3
+
+    second = subprocess.run([sys.executable, str(REPO / "benchmarks" / "anchors.py"), "m1m2-100", "--resume",
+                             "--checkpoint-dir", str(tmp_path / "ckpt")], env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert second.returncode == 0, second.stderr
+    record = json.loads((tmp_path / "results" / "anchors.json").read_text())["m1m2-100"]
+    assert record["legs"] == 2 and record["epochs_run"] == 3 and record["run_id"] == progress["m1m2-100"]["run_id"]
+    assert record["features"] == m1_run and record["metric"] == "error" and 0 <= record["value"] <= 100
+    assert len(record["curve"]["values"]) == 3 and "--set" in record["command"]
+    assert not (tmp_path / "results" / "anchors-progress.json").exists()
+    assert "m1m2-100" in (tmp_path / "results" / "anchors.md").read_text()
