@@ -60,6 +60,8 @@ class TrainConfig:
     arch: str = option("mlp", "Encoder/decoder architecture.", choices=("mlp", "conv"))
     hidden: tuple[int, ...] = option((256, 128), "Hidden sizes (MLP units or conv channels), comma separated.")
     latent_dim: int = option(8, "Size of the latent code.")
+    activation: str = option("relu", "Hidden units of an MLP: ReLU, tanh (Burda et al. 2015), softplus (Kingma et al. "
+                             "2014), or gated dense layers (the VampPrior paper's).", choices=("relu", "tanh", "softplus", "gated"))
     likelihood: str = option("bernoulli", "Reconstruction likelihood: BCE or MSE.", choices=("bernoulli", "gaussian"))
     # Denoising.
     noise: str = option("gaussian", "Input corruption.", choices=("gaussian", "masking", "salt-pepper"), scope="noise")
@@ -156,6 +158,7 @@ class TrainConfig:
             (self.objective == "iwae" or self.train_samples == 1, "--train-samples needs --objective iwae"),
             (self.labeled >= 1 and self.classifier_weight >= 0, "--labeled must be at least 1 and --classifier-weight >= 0"),
             (not self.features or self.arch == "mlp", "--features: M2 on a VAE's codes is an MLP; drop --arch conv"),
+            (self.activation == "relu" or self.arch == "mlp", "--activation applies to --arch mlp (conv nets use ReLU)"),
         ]
         _check(self, rules)
         if self.device == "cuda":

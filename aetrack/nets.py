@@ -12,12 +12,34 @@ import torch
 from torch import nn
 
 
-def _mlp(sizes: list[int]) -> nn.Sequential:
+class GatedLinear(nn.Module):
+    """A gated dense layer, (W x + b) * sigmoid(V x + c) (Dauphin et al. 2017; the VampPrior paper's units)."""
+
+    def __init__(self, n_in: int, n_out: int):
+        super().__init__()
+        self.linear = nn.Linear(n_in, 2 * n_out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        value, gate = self.linear(x).chunk(2, dim=-1)
+        return value * torch.sigmoid(gate)
+
+
+def hidden_layer(n_in: int, n_out: int, activation: str) -> list[nn.Module]:
+    """One hidden layer: linear then the nonlinearity, or a gated layer (its own nonlinearity)."""
+    if activation == "gated":
+        return [GatedLinear(n_in, n_out)]
+    return [nn.Linear(n_in, n_out), {"relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus}[activation]()]
+
+
+def _mlp(sizes: list[int], activation: str = "relu", last_linear: bool = True) -> nn.Sequential:
+    """Hidden layers with `activation`; the last layer linear (`last_linear`) or hidden like the others."""
     layers: list[nn.Module] = []
-    for i, (n_in, n_out) in enumerate(zip(sizes, sizes[1:])):
-        layers.append(nn.Linear(n_in, n_out))
-        if i < len(sizes) - 2:
-            layers.append(nn.ReLU())
+    pairs = list(zip(sizes, sizes[1:]))
+    for i, (n_in, n_out) in enumerate(pairs):
+        if i == len(pairs) - 1 and last_linear:
+            layers.append(nn.Linear(n_in, n_out))
+        else:
+            layers += hidden_layer(n_in, n_out, activation)
     return nn.Sequential(*layers)
 
 
@@ -31,7 +53,8 @@ def conv_sizes(height: int, width: int, layers: int) -> list[tuple[int, int]]:
 
 
 class Encoder(nn.Module):
-    def __init__(self, shape: tuple[int, int, int], hidden: tuple[int, ...], out_dim: int, arch: str, cond_dim: int = 0):
+    def __init__(self, shape: tuple[int, int, int], hidden: tuple[int, ...], out_dim: int, arch: str, cond_dim: int = 0,
+                 activation: str = "relu"):
         super().__init__()
         channels, height, width = shape
         if arch == "conv":
@@ -44,7 +67,7 @@ class Encoder(nn.Module):
             self.features = nn.Sequential(*blocks, nn.Flatten())
             self.head = nn.Linear(n_in * h * w + cond_dim, out_dim)
         else:
-            self.features = nn.Sequential(nn.Flatten(), _mlp([math.prod(shape), *hidden]), nn.ReLU())
+            self.features = nn.Sequential(nn.Flatten(), _mlp([math.prod(shape), *hidden], activation, last_linear=False))
             self.head = nn.Linear(hidden[-1] + cond_dim, out_dim)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -60,7 +83,8 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     """Maps a latent code to per-pixel parameters (logits or means) of shape (C, H, W)."""
 
-    def __init__(self, shape: tuple[int, int, int], hidden: tuple[int, ...], latent_dim: int, arch: str, cond_dim: int = 0):
+    def __init__(self, shape: tuple[int, int, int], hidden: tuple[int, ...], latent_dim: int, arch: str, cond_dim: int = 0,
+                 activation: str = "relu"):
         super().__init__()
         self.shape = shape
         channels, height, width = shape
@@ -82,7 +106,7 @@ class Decoder(nn.Module):
             # Transposed convolutions share their bias over pixels: this one is per pixel, like the MLP's last layer.
             self.pixel_bias = nn.Parameter(torch.zeros(shape))
         else:
-            self.stem = _mlp([latent_dim + cond_dim, *reversed(hidden), math.prod(shape)])
+            self.stem = _mlp([latent_dim + cond_dim, *reversed(hidden), math.prod(shape)], activation)
             self.body = nn.Unflatten(1, shape)
 
     def forward(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:

@@ -124,7 +124,7 @@ def init_output_biases(model: torch.nn.Module, train_x: torch.Tensor) -> None:
     mean_image = train_x.float().mean(0)
     for module in model.modules():
         # Pixel decoders that train: not M1+M2's frozen VAE, nor its M2, whose decoder gives codes.
-        if isinstance(module, Decoder) and module.shape == tuple(mean_image.shape) and module.stem[0].weight.requires_grad:
+        if isinstance(module, Decoder) and module.shape == tuple(mean_image.shape) and next(module.parameters()).requires_grad:
             module.init_output_bias(mean_image)
 
 

@@ -24,7 +24,7 @@ DATA = os.environ.get("AETRACK_TEST_DATA_DIR")
 def test_the_readme_table_is_the_one_anchors_json_gives():
     results = json.loads((REPO / "benchmarks" / "results" / "anchors.json").read_text())
     readme = (REPO / "README.md").read_text()
-    assert anchors.with_table(readme, results) == readme, "run benchmarks/anchors.py's rebuild: README and anchors.json differ"
+    assert anchors.with_table(readme, results) == readme, "README and anchors.json differ: python benchmarks/anchors.py --rebuild"
     assert (REPO / "benchmarks" / "results" / "anchors.md").read_text() == anchors.markdown(results)
     assert set(results) <= {*anchors.PROTOCOLS, *(f"{row}@published" for row in anchors.PROTOCOLS)}
 

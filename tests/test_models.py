@@ -18,6 +18,8 @@ SETTINGS = [(name, {}) for name in sorted(REGISTRY)] + [
     ("vae", {"prior": "mog"}), ("vae", {"prior": "uniform"}), ("vae", {"prior": "vamp"}),
     ("vae", {"beta": 4.0, "kl_warmup": 2}), ("cvae", {"prior": "vamp"}), ("sae", {"sparsity": "kl"}),
     ("dae", {"noise": "masking"}), ("dae", {"noise": "salt-pepper"}), ("ae", {"likelihood": "gaussian"}),
+    ("vae", {"activation": "tanh"}), ("vae", {"activation": "gated", "prior": "vamp"}), ("m2", {"activation": "softplus"}),
+    ("cae", {"activation": "gated"}),
 ]
 IDS = [name + "".join(f"-{k}={v}" for k, v in extra.items()) for name, extra in SETTINGS]
 
@@ -150,3 +152,33 @@ def test_denoising_autoencoder_scores_the_corrupted_input_against_the_clean_one(
     assert not torch.equal(noisy, x)
     assert bool(((noisy == 0) | (noisy == x)).all())  # masking only zeroes pixels
     assert 0.3 < float((noisy != x).float().mean()) < 0.7
+
+
+def test_hidden_units_are_the_activation_asked_for():
+    from aetrack.nets import GatedLinear
+
+    for activation, unit in (("relu", torch.nn.ReLU), ("tanh", torch.nn.Tanh), ("softplus", torch.nn.Softplus)):
+        model, _ = make("vae", {"activation": activation}, "mlp", (1, 8, 8))
+        kinds = {type(m) for m in model.modules()}
+        assert unit in kinds and not ({torch.nn.ReLU, torch.nn.Tanh, torch.nn.Softplus} - {unit}) & kinds
+    model, _ = make("vae", {"activation": "gated"}, "mlp", (1, 8, 8))
+    gated = [m for m in model.modules() if isinstance(m, GatedLinear)]
+    assert len(gated) == 4 and not any(isinstance(m, torch.nn.ReLU) for m in model.modules())  # 2 hidden layers each side
+    layer, x = gated[0], torch.randn(5, 64)
+    value, gate = layer.linear(x).chunk(2, -1)
+    torch.testing.assert_close(layer(x), value * torch.sigmoid(gate))
+
+
+def test_relu_networks_keep_the_parameter_names_saved_models_have():
+    model, _ = make("vae", {}, "mlp", (1, 8, 8))
+    assert {k for k in model.state_dict() if "encoder.features" in k} == {
+        "body.encoder.features.1.0.weight", "body.encoder.features.1.0.bias",
+        "body.encoder.features.1.2.weight", "body.encoder.features.1.2.bias"}
+    assert "body.decoder.stem.4.bias" in model.state_dict()  # the output layer init_output_bias sets
+
+
+def test_activation_is_for_mlps():
+    from aetrack.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--activation applies to --arch mlp"):
+        TrainConfig(arch="conv", activation="tanh").validate()

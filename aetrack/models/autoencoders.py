@@ -35,8 +35,8 @@ class Autoencoder(nn.Module):
     def __init__(self, config, shape, num_classes, *, denoising: bool = False, penalty=None):
         super().__init__()
         self.config = config
-        self.encoder = Encoder(shape, config.hidden, config.latent_dim, config.arch)
-        self.decoder = Decoder(shape, config.hidden, config.latent_dim, config.arch)
+        self.encoder = Encoder(shape, config.hidden, config.latent_dim, config.arch, activation=config.activation)
+        self.decoder = Decoder(shape, config.hidden, config.latent_dim, config.arch, activation=config.activation)
         self.denoising = denoising
         self.penalty = penalty(config) if penalty else None
         self.activation = self.penalty.activation if self.penalty else (lambda h: h)

@@ -32,8 +32,8 @@ class LatentVariableModel(nn.Module):
         # (M1+M2's density over a VAE's codes, whose parameters then train with the rest).
         self.likelihood = likelihood or partial(reconstruction_nll, likelihood=config.likelihood)
         self.prior = build_prior(config.prior, config.latent_dim, config.prior_components, shape)
-        self.encoder = Encoder(shape, config.hidden, 2 * config.latent_dim, config.arch, cond_dim)
-        self.decoder = Decoder(shape, config.hidden, config.latent_dim, config.arch, cond_dim)
+        self.encoder = Encoder(shape, config.hidden, 2 * config.latent_dim, config.arch, cond_dim, config.activation)
+        self.decoder = Decoder(shape, config.hidden, config.latent_dim, config.arch, cond_dim, config.activation)
         if hasattr(self.prior, "bind"):
             # VampPrior: pseudo-inputs go through this encoder; a conditional one sees the uniform label mix.
             self.prior.bind(lambda u: self.posterior(u, self._uniform_cond(u)))
@@ -157,7 +157,7 @@ class M2(nn.Module):
         super().__init__()
         self.config, self.num_classes = config, num_classes
         self.body = LatentVariableModel(config, shape, num_classes, likelihood)
-        self.classifier = Encoder(shape, config.hidden, num_classes, config.arch)
+        self.classifier = Encoder(shape, config.hidden, num_classes, config.arch, activation=config.activation)
 
     def cond(self, y: torch.Tensor | None) -> torch.Tensor | None:
         return one_hot(y, self.num_classes)

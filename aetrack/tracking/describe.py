@@ -31,6 +31,8 @@ def base_run_name(config: TrainConfig) -> str:
     parts = [config.model, *(SCOPE_LABELS[s](config) for s in SCOPE_ORDER if s in scopes)]
     if config.arch != "mlp":
         parts.append(config.arch)
+    if config.activation != "relu":
+        parts.append(config.activation)
     parts += [f"z{config.latent_dim}", config.dataset]
     if config.seed:
         parts.append(f"s{config.seed}")
