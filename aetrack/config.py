@@ -83,8 +83,9 @@ class TrainConfig:
     kl_warmup: int | None = option(None, "Epochs over which the KL weight rises linearly from 0 to beta "
                                    "(auto: the first 10 % of --epochs; 0: off).", scope="variational")
     objective: str = option("elbo", "Training bound: the ELBO, or the importance-weighted bound of Burda et al. 2015 "
-                            "with --train-samples samples (tighter; K decoder passes per example).",
-                            choices=("elbo", "iwae"), scope="importance")
+                            "with --train-samples samples (tighter; K decoder passes per example); iwae-dreg: the same "
+                            "bound with the doubly reparameterised encoder gradient of Tucker et al. 2018.",
+                            choices=("elbo", "iwae", "iwae-dreg"), scope="importance")
     train_samples: int = option(1, "Importance samples K per example for --objective iwae (K = 1: the ELBO).",
                                 scope="importance")
     # Semi-supervised.
@@ -155,7 +156,7 @@ class TrainConfig:
             (self.beta >= 0 and (self.kl_warmup is None or self.kl_warmup >= 0), "--beta and --kl-warmup must be >= 0"),
             (self.prior_components >= 1, "--prior-components must be at least 1"),
             (self.train_samples >= 1, "--train-samples must be at least 1"),
-            (self.objective == "iwae" or self.train_samples == 1, "--train-samples needs --objective iwae"),
+            (self.objective != "elbo" or self.train_samples == 1, "--train-samples needs --objective iwae or iwae-dreg"),
             (self.labeled >= 1 and self.classifier_weight >= 0, "--labeled must be at least 1 and --classifier-weight >= 0"),
             (not self.features or self.arch == "mlp", "--features: M2 on a VAE's codes is an MLP; drop --arch conv"),
             (self.activation == "relu" or self.arch == "mlp", "--activation applies to --arch mlp (conv nets use ReLU)"),

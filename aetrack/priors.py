@@ -39,6 +39,10 @@ class DiagonalGaussian:
         """log q(z|x) summed over latent dimensions."""
         return -0.5 * (LOG_2PI + self.logvar + (z - self.mu) ** 2 / self.logvar.exp()).sum(-1)
 
+    def detached(self) -> DiagonalGaussian:
+        """The same density with its parameters cut from the graph (a gradient reaches the encoder only through z)."""
+        return DiagonalGaussian(self.mu.detach(), self.logvar.detach())
+
     def kl_standard_normal(self) -> torch.Tensor:
         """KL(q || N(0, I)) per latent dimension, closed form (Kingma & Welling 2014, appendix B)."""
         return 0.5 * (self.mu**2 + self.logvar.exp() - 1.0 - self.logvar)
@@ -68,6 +72,9 @@ class Box:
     def rsample(self, samples: int | None = None) -> torch.Tensor:
         shape = self.center.shape if samples is None else (samples, *self.center.shape)
         return self.center + self.width * (torch.rand(shape, device=self.center.device) - 0.5)
+
+    def detached(self) -> Box:
+        return Box(self.center.detach(), self.width.detach())
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         inside = ((z - self.center).abs() <= self.width / 2 + 1e-6).all(-1)
@@ -103,6 +110,9 @@ class Uniform(nn.Module):
     def __init__(self, latent_dim: int):
         super().__init__()
         self.latent_dim = latent_dim
+
+    def detached(self) -> Box:
+        return Box(self.center.detach(), self.width.detach())
 
     def log_prob(self, z: torch.Tensor) -> torch.Tensor:
         inside = (z.abs() <= 1.0 + 1e-6).all(-1)

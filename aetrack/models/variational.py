@@ -55,9 +55,10 @@ class LatentVariableModel(nn.Module):
         logits = self.decoder(z, cond)
         return self.likelihood(logits, x), self.prior.kl(q, z), q, logits
 
-    def importance_terms(self, x: torch.Tensor, samples: int, cond: torch.Tensor | None = None):
+    def importance_terms(self, x: torch.Tensor, samples: int, cond: torch.Tensor | None = None, stop_q: bool = False):
         """For k samples z_k ~ q(z|x): log p(x|z_k) and log p(z_k) - log q(z_k|x), each (k, B); the decoder's
-        logits (k * B, ...) and q."""
+        logits (k * B, ...), q and the draws z (k, B, D). With `stop_q`, log q is taken with q's parameters held fixed
+        (DReG: the encoder then learns through z alone)."""
         q = self.posterior(x, cond)
         z = q.rsample(samples)                                   # (k, B, D)
         flat = z.reshape(-1, z.shape[-1])
@@ -65,11 +66,11 @@ class LatentVariableModel(nn.Module):
         logits = self.decoder(flat, flat_cond)
         target = x.repeat(samples, *([1] * (x.dim() - 1)))
         log_px = -self.likelihood(logits, target).view(samples, -1)
-        return log_px, self.prior.log_prob(z) - q.log_prob(z), logits, q
+        return log_px, self.prior.log_prob(z) - (q.detached() if stop_q else q).log_prob(z), logits, q, z
 
     def log_weights(self, x: torch.Tensor, samples: int, cond: torch.Tensor | None = None) -> torch.Tensor:
         """log p(x, z_k) - log q(z_k|x) for k samples: the importance weights of Burda et al. 2015, shape (k, B)."""
-        log_px, log_ratio, _, _ = self.importance_terms(x, samples, cond)
+        log_px, log_ratio, *_ = self.importance_terms(x, samples, cond)
         return log_px + log_ratio
 
     def kl_weight(self, kl_scale: float = 1.0) -> float:
@@ -98,7 +99,7 @@ class VAE(nn.Module):
         return one_hot(y, self.num_classes) if self.conditional else None
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_scale: float = 1.0) -> Output:
-        if self.config.objective == "iwae":
+        if self.config.objective in ("iwae", "iwae-dreg"):
             return self.importance_weighted(x, y, kl_scale)
         recon, kl, q, logits = self.body.terms(x, self.cond(y))
         recon_loss, kl = recon.mean(), kl.mean()
@@ -110,10 +111,20 @@ class VAE(nn.Module):
     def importance_weighted(self, x: torch.Tensor, y: torch.Tensor | None, kl_scale: float) -> Output:
         """The IWAE loss -log (1/K) sum_k p(x|z_k) [p(z_k) / q(z_k|x)]^w, z_k ~ q(z|x) (Burda et al. 2015, eq. 8), with
         w = beta x the KL warm-up factor (w = 1: the bound itself). K = 1 is the ELBO with a one-sample KL."""
-        samples = self.config.train_samples
-        log_px, log_ratio, logits, q = self.body.importance_terms(x, samples, self.cond(y))
+        samples, dreg = self.config.train_samples, self.config.objective == "iwae-dreg"
+        log_px, log_ratio, logits, q, z = self.body.importance_terms(x, samples, self.cond(y), stop_q=dreg)
         log_k = math.log(samples)
-        loss = -(torch.logsumexp(log_px + self.body.kl_weight(kl_scale) * log_ratio, 0) - log_k).mean()
+        log_w = log_px + self.body.kl_weight(kl_scale) * log_ratio
+        loss = -(torch.logsumexp(log_w, 0) - log_k).mean()
+        if dreg and torch.is_grad_enabled():
+            # DReG (Tucker et al. 2018): with w~ the normalised weights, the decoder and prior get sum_k w~ grad log w_k
+            # (IWAE's gradient), the encoder sum_k w~^2 (d log w_k / d z_k)(d z_k / d phi): the surrogate gives the
+            # first, and the hook on z weighs what flows into z by w~ once more. Its value is the IWAE loss's.
+            weights = torch.softmax(log_w.detach(), 0)
+            if z.requires_grad:
+                z.register_hook(lambda grad: grad * weights.unsqueeze(-1).to(grad.dtype))
+            surrogate = -(weights * log_w).sum(0).mean()
+            loss = surrogate - surrogate.detach() + loss.detach()
         neg_iwae = -(torch.logsumexp(log_px + log_ratio, 0) - log_k).mean()
         recon_loss, kl = -log_px.mean(), -log_ratio.mean()
         parts = {"recon_loss": recon_loss, "kl": kl, "neg_elbo": recon_loss + kl, "neg_iwae": neg_iwae}
