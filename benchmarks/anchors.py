@@ -53,6 +53,7 @@ class Protocol:
     iw_samples: int = 0              # for nll_iw
     best: TrainConfig | None = None  # aetrack's recipe for the same row (`--recipe best`, the default where given)
     best_changes: str = ""           # what it changes, said once
+    target: float | None = None      # the target: the figure must be below it (at most, for pytorch-example)
 
 
 # One stochastic layer as Burda et al. 2015 train it (784-200-200-50 tanh, batch 20, 3280 epochs in 3^i-epoch stages of
@@ -78,14 +79,14 @@ PROTOCOLS = {p.name: p for p in [
                          likelihood="bernoulli", batch_size=128, lr=3e-3, lr_schedule="cosine", epochs=10, patience=0,
                          kl_warmup=0, decoder_bias="mean"),
         best_changes="same network, data and 10 epochs; the decoder's output bias starts at the data's mean image and "
-                     "Adam's rate is 3e-3 with cosine decay"),
+                     "Adam's rate is 3e-3 with cosine decay", target=104.6),
     Protocol(
         "burda-vae",
         BURDA_MLP,
         "nll_iw", "VAE 86.76 nats; IWAE (k=50) 84.78 nats", "Burda et al. 2015, table 1 (one stochastic layer)",
         "the test images are one fixed binarization", iw_samples=5000,
         best=replace(BURDA_MLP, activation="relu", lr_schedule="constant", adam_eps=1e-8),
-        best_changes="ReLU units, a constant learning rate and Adam's default epsilon"),
+        best_changes="ReLU units, a constant learning rate and Adam's default epsilon", target=86.76),
     Protocol(
         "best-one-layer",
         TrainConfig(model="vae", dataset="mnist", binarize="dynamic", arch="conv", hidden=(32, 64), latent_dim=32,
@@ -94,23 +95,23 @@ PROTOCOLS = {p.name: p for p in [
         "nll_iw", "convolutional VAE 81.02 nats (target < 84)", "aetrack's own recipe for one stochastic layer",
         "a conv encoder and decoder (two stride-2 layers, 32 and 64 channels), latent 32, the ELBO (an IWAE "
         "objective costs K decoder passes, which a CPU budget spends better on epochs), cosine decay over the "
-        "budget, a 5-epoch KL warm-up, the decoder bias at the data mean", iw_samples=5000),
+        "budget, a 5-epoch KL warm-up, the decoder bias at the data mean", iw_samples=5000, target=84.0),
     Protocol(
         "iwae-5",
         replace(BURDA_MLP, objective="iwae", train_samples=5),
         "nll_iw", "IWAE k=5 85.54 nats; VAE 86.76", "Burda et al. 2015, table 1 (IWAE, k=5, one stochastic layer)",
-        "the test images are one fixed binarization", iw_samples=5000),
+        "the test images are one fixed binarization", iw_samples=5000, target=85.54),
     Protocol(
         "iwae-50",
         replace(BURDA_MLP, objective="iwae", train_samples=50),
         "nll_iw", "IWAE k=50 84.78 nats", "Burda et al. 2015, table 1 (IWAE, k=50, one stochastic layer)",
-        "the test images are one fixed binarization", iw_samples=5000),
+        "the test images are one fixed binarization", iw_samples=5000, target=84.78),
     Protocol(
         "vampprior-static",
         replace(VAMPPRIOR, binarize="static"),
         "nll_iw", "standard prior 88.56, VampPrior 85.57 nats (static MNIST)",
         "Tomczak & Welling 2018, table 2 (VAE + VampPrior, one stochastic layer, static binarization)",
-        "one fixed binarization of MNIST, not the Larochelle static MNIST files", iw_samples=5000),
+        "one fixed binarization of MNIST, not the Larochelle static MNIST files", iw_samples=5000, target=88.56),
     Protocol(
         "vampprior",
         VAMPPRIOR,
@@ -121,7 +122,7 @@ PROTOCOLS = {p.name: p for p in [
         TrainConfig(model="m2", dataset="mnist", binarize="dynamic", hidden=(500,), latent_dim=50, activation="softplus",
                     labeled=100, classifier_weight=0.1, batch_size=100, lr=3e-4, epochs=1000, patience=0, kl_warmup=0),
         "error", "M2 11.97 % test error with 100 labels; M1+M2 3.33 %", "Kingma et al. 2014, table 1",
-        "Adam instead of RMSProp with momentum"),
+        "Adam instead of RMSProp with momentum", target=11.97),
     Protocol(
         "m1m2-100",
         TrainConfig(model="m2", dataset="mnist", binarize="dynamic", hidden=(500,), latent_dim=50, activation="softplus",
@@ -130,7 +131,7 @@ PROTOCOLS = {p.name: p for p in [
         "error", "M1+M2 3.33 % test error with 100 labels (M2 alone 11.97 %)", "Kingma et al. 2014, table 1",
         "M1 is the burda-vae row's model (784-200-200-50; the paper's M1 is 784-600-600-50 with softplus units), "
         "or the VAE `--features` names; M2 models its posterior means on its active units, with a learned Gaussian "
-        "scale per unit; Adam instead of RMSProp with momentum"),
+        "scale per unit; Adam instead of RMSProp with momentum", target=5.0),
 ]}
 
 
@@ -212,9 +213,9 @@ def body(results: dict) -> str:
              "measurement on the machine named (on a shared machine, an upper bound). The last column continues the",
              "run's own validation curve: a power law a + b t^-c fitted to its second half, read at the published",
              "epochs and added to the measured figure as the change it predicts; a projection, not a measurement.", "",
-             "| protocol | published | aetrack measured | epochs run (of published) | how measured | time | command "
-             "| the curve continued to the published epochs |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+             "| protocol | published | target | aetrack measured | epochs run (of published) | how measured | time "
+             "| command | the curve continued to the published epochs |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, r in sorted(results.items(), key=lambda item: order(item[0])):
         row = r.get("row", key)
         warmup, unit = PROTOCOLS[row].config.kl_warmup, " %" if r["metric"] == "error" else " nats"
@@ -227,7 +228,13 @@ def body(results: dict) -> str:
         continued = ("" if ahead is None else
                      f"about {ahead:.2f}{unit} (fit on epochs {fit['epochs'][0]}-{fit['epochs'][1]}, "
                      f"rmse {fit['rmse']:.3f})")
-        cells = [key, r["published"], f"**{r['value']:.2f}{unit}** ({r['metric']})", epochs, r["how"],
+        spec = PROTOCOLS[row]
+        name = key + (" (aetrack's recipe)" if r.get("recipe") == "best" and spec.best is not None else "")
+        target = "" if spec.target is None else (
+            f"{'<=' if row == 'pytorch-example' else '<'} {spec.target:g}: " +
+            ("**met**" if r["value"] < spec.target or (row == "pytorch-example" and r["value"] <= spec.target)
+             else f"missed by {r['value'] - spec.target:.2f}"))
+        cells = [name, r["published"], target, f"**{r['value']:.2f}{unit}** ({r['metric']})", epochs, r["how"],
                  f"{r['wall_seconds'] / 60:.1f} min wall, {r['cpu_seconds'] / 60:.1f} min CPU ({threads}) on {r['machine']}",
                  f"`{r['command']}`", continued]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
@@ -347,6 +354,7 @@ def main(protocol, rebuild, recipe, features, epochs, iw_samples, test_images, s
         if config.features == M1_FROM_ROW:
             config = replace(config, features=features or m1_of_row(M1_FROM_ROW))
     command = "python benchmarks/anchors.py " + shlex.join(portable(sys.argv[1:]))
+    commit = git_commit()  # of the code this process runs: taken now, not when the run ends hours later
     started = time.perf_counter()
     from aetrack.config import resolve_device
 
@@ -388,7 +396,7 @@ def main(protocol, rebuild, recipe, features, epochs, iw_samples, test_images, s
         "wall_seconds": round(before["seconds"] + time.perf_counter() - started, 1),
         "cpu_seconds": round(before["cpu_seconds"] + time.process_time(), 1), "torch_threads": torch.get_num_threads(),
         "machine": f"{os.cpu_count()} CPU cores" if data.test_y.device.type == "cpu" else torch.cuda.get_device_name(),
-        "platform": platform.platform(), "torch": torch.__version__, "git_commit": git_commit(),
+        "platform": platform.platform(), "torch": torch.__version__, "git_commit": commit,
         "run_id": result.run_id, "tracking_uri": result.tracking_uri,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": before.get("command") or command,  # the first leg's: the settings; later legs only say --resume
