@@ -227,7 +227,8 @@ def body(results: dict) -> str:
         fit = r.get("curve", {}).get("fit")
         continued = ("" if ahead is None else
                      f"about {ahead:.2f}{unit} (fit on epochs {fit['epochs'][0]}-{fit['epochs'][1]}, "
-                     f"rmse {fit['rmse']:.3f})")
+                     f"rmse {fit['rmse']:.3f}" + (", its exponent at the fit's bound: the curve is flatter than a "
+                                                  "power law, read with care)" if at_bound(fit) else ")"))
         spec = PROTOCOLS[row]
         name = key + (" (aetrack's recipe)" if r.get("recipe") == "best" and spec.best is not None else "")
         target = "" if spec.target is None else (
@@ -293,6 +294,11 @@ def learning_curve(history, metric: str, warmup: int) -> dict:
     curve["fit"] = {"a": float(a), "b": float(b), "c": float(c), "epochs": [int(t[0]), int(t[-1])],
                     "rmse": float(np.sqrt(np.mean((law(t, a, b, c) - v) ** 2)))}
     return curve
+
+
+def at_bound(fit: dict) -> bool:
+    """The exponent c pinned at an end of its range (0.05 to 5): the curve has no power-law shape to continue."""
+    return not 0.051 < fit["c"] < 4.99
 
 
 def projected(record: dict) -> float | None:
