@@ -62,7 +62,7 @@ def test_the_recorded_commit_says_when_the_code_is_not_heads(tmp_path, monkeypat
     package = tmp_path / "aetrack"
     (tmp_path / "benchmarks" / "results").mkdir(parents=True)
     package.mkdir()
-    for path in (package / "__init__.py", tmp_path / "benchmarks" / "results" / "x.json"):
+    for path in (package / "__init__.py", tmp_path / "benchmarks" / "results" / "x.json", tmp_path / "README.md"):
         path.write_text("1\n")
     git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-C", str(tmp_path)]
     subprocess.run([*git, "init", "-q"], check=True)
@@ -73,6 +73,7 @@ def test_the_recorded_commit_says_when_the_code_is_not_heads(tmp_path, monkeypat
     assert git_commit() == head
     (tmp_path / "benchmarks" / "results" / "x.json").write_text("2\n")  # a benchmark's result: not code
     (tmp_path / "notes.txt").write_text("untracked\n")
+    (tmp_path / "README.md").write_text("rebuilt table\n")
     assert git_commit() == head
     (package / "__init__.py").write_text("2\n")
     assert git_commit() == head + "-dirty"

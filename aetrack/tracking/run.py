@@ -67,9 +67,10 @@ def git_commit() -> str | None:
     where = Path(aetrack.__file__).parent
     try:
         out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5, cwd=where)
-        # Results that benchmarks write are not code: a changed benchmarks/results does not make a run dirty.
-        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top)",
-                                  ":(top,exclude)benchmarks/results"], capture_output=True, text=True, timeout=5, cwd=where)
+        # Only code counts: the README and the results that benchmarks write do not make a run dirty.
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ":(top,glob)**/*.py",
+                                  ":(top)pyproject.toml", ":(top)constraints.txt"], capture_output=True, text=True,
+                                 timeout=5, cwd=where)
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0 or not out.stdout.strip():
