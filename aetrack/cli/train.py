@@ -59,9 +59,9 @@ def train(ctx, data_dir, download, tracking_uri, experiment, run_name, register,
     if not resume_run:
         use_tracking_uri(tracking_uri)
     if config.features:  # M1+M2: a wrong or unreachable M1 is a usage error before any run is opened
-        from aetrack.models import build_model
+        from aetrack.tracking.run import build
 
-        build_model(config, splits.shape, splits.num_classes, data=splits)
+        build(config, splits)
     options = TrackingOptions(experiment, run_name, register, registered_model, checkpoint_dir)
     try:
         result = train_tracked(config, splits, options, data_dir=data_dir, progress=not quiet, resume=resume)

@@ -100,15 +100,14 @@ REGISTRY: dict[str, Variant] = _declared()
 
 
 def build_model(config: TrainConfig, shape: tuple[int, int, int], num_classes: int, *, data=None,
-                saved_features: dict | None = None):
+                saved_features: dict | None = None, m1=None):
     """The variant's network for this config; the capability flags its constructor names are passed to it.
 
-    With `config.features` (M1+M2) the network is the stack of aetrack.models.stacked: built around the logged VAE,
-    whose active units are measured on `data`, or, loading a model folder, from its `saved_features` meta."""
+    With `config.features` (M1+M2) the variant's `with_features` builds the stack (aetrack.models.stacked): around
+    `m1`, the logged VAE (aetrack.tracking.artifacts.load_m1), whose active units are measured on `data`, or, loading
+    a model folder, from its `saved_features` meta."""
     if config.features:
-        from aetrack.models import stacked
-
-        return stacked.build(config, shape, num_classes, data=data, saved=saved_features)
+        return REGISTRY[config.model].cls.with_features(config, shape, num_classes, data=data, saved=saved_features, m1=m1)
     variant = REGISTRY[config.model]
     accepted = inspect.signature(variant.cls).parameters
     flags = {name: getattr(variant, name) for name in CAPABILITIES if name in accepted}

@@ -107,37 +107,19 @@ class StackedM2(nn.Module):
         return self.m2.kl_per_dim(self.codes(x), y)
 
 
-_LOADED: dict[str, tuple[nn.Module, dict]] = {}
-
-
-def load_m1(target: str) -> tuple[nn.Module, dict]:
-    """The VAE a run logged (run id or model URI), on the CPU, and its folder's meta; read once per process."""
-    if target not in _LOADED:
-        from aetrack.tracking import artifacts
-
-        try:
-            logged = artifacts.load_logged(target)
-        except Exception as err:  # noqa: BLE001 - a wrong id or URI, an unreachable server: one line either way
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ConfigError(f"--features {target}: cannot load a logged model from it ({first})") from None
-        info = logged.info
-        meta = {"params": info.config.to_params(), "shape": list(info.shape), "classes": list(info.classes),
-                "source": logged.model_uri}
-        _LOADED[target] = (logged.model.cpu(), meta)
-    return _LOADED[target]
-
-
-def build(config: TrainConfig, shape, num_classes: int, *, data=None, saved: dict | None = None) -> StackedM2:
-    """The stack for `config.features`: from a model folder's `saved` meta (weights to be loaded), or from the logged
-    M1 with its active units measured on `data`'s training images."""
+def build(config: TrainConfig, shape, num_classes: int, *, data=None, saved: dict | None = None,
+          m1: tuple[nn.Module, dict] | None = None) -> StackedM2:
+    """The stack for `config.features`: from a model folder's `saved` meta (weights to be loaded), or around `m1`, the
+    logged VAE and its folder's meta (aetrack.tracking.artifacts.load_m1), with its active units measured on `data`."""
     from aetrack.models import build_model
 
     if saved is not None:
-        m1 = build_model(TrainConfig.from_params(saved["params"]), tuple(saved["shape"]), len(saved["classes"]))
+        m1_model = build_model(TrainConfig.from_params(saved["params"]), tuple(saved["shape"]), len(saved["classes"]))
         units = torch.tensor(saved["units"])
-        return StackedM2(config, shape, num_classes, m1, units, torch.zeros(m1.config.latent_dim), saved)
-    loaded, meta = load_m1(config.features)
-    return stack(config, shape, num_classes, copy.deepcopy(loaded), meta, data)
+        return StackedM2(config, shape, num_classes, m1_model, units, torch.zeros(m1_model.config.latent_dim), saved)
+    if m1 is None:
+        raise ConfigError(f"--features {config.features}: M1 was not loaded (aetrack.tracking.artifacts.load_m1)")
+    return stack(config, shape, num_classes, copy.deepcopy(m1[0]), m1[1], data)
 
 
 def stack(config: TrainConfig, shape, num_classes: int, m1: nn.Module, meta: dict, data) -> StackedM2:

@@ -26,7 +26,7 @@ from aetrack.config import TrackingOptions, TrainConfig  # noqa: F401 (TrackingO
 from aetrack.data import Splits
 from aetrack.images import IMAGE_ROWS
 from aetrack.models import REGISTRY, build_model
-from aetrack.tracking import describe, lifecycle, recovery
+from aetrack.tracking import artifacts, describe, lifecycle, recovery
 from aetrack.tracking import metric_names as names
 from aetrack.tracking import tags as tag
 from aetrack.tracking.artifacts import log_generator
@@ -115,7 +115,7 @@ class EpochImages:
     def log_initial(self, config: TrainConfig, data: Splits) -> None:
         """Step 0: the model as `fit` builds it before its first step (same seed, same initialisation)."""
         torch.manual_seed(config.seed)
-        model = build_model(config, data.shape, data.num_classes, data=data)
+        model = build(config, data)
         if config.decoder_bias == "mean":
             init_output_biases(model, data.train_x)
         self.log(0, model.to(self.x.device))
@@ -216,6 +216,12 @@ def describe_run(run_id: str, config: TrainConfig, data: Splits, history: Histor
         describe_version(client, registered, str(version), client.get_run(run_id), text)
 
 
+def build(config: TrainConfig, data: Splits) -> torch.nn.Module:
+    """The untrained network for `config` (`build_model`), with M1+M2's VAE loaded from its run."""
+    m1 = artifacts.load_m1(config.features) if config.features else None
+    return build_model(config, data.shape, data.num_classes, data=data, m1=m1)
+
+
 def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *, data_dir: str | None = None,
                   progress: bool = True, callbacks: tuple = (), parent_run_id: str | None = None,
                   tags: dict[str, str] | None = None, resume: dict | None = None) -> RunResult:
@@ -273,8 +279,12 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
             if not resume:
                 epoch_images.log_initial(config, data)
             diverged = None
+            initial = None
+            if config.features:  # M1+M2: the stack around the logged VAE (fit builds every other model itself)
+                torch.manual_seed(config.seed)
+                initial = build(config, data)
             try:
-                model, history = fit(config, data, log=log, callbacks=(epoch_images, *callbacks),
+                model, history = fit(config, data, model=initial, log=log, callbacks=(epoch_images, *callbacks),
                                      checkpoint=folder / checkpoints.FILE, run_id=run_id, resume=resume, progress=progress)
             except Diverged as err:
                 if err.history.best_epoch < 1:

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aetrack.config import ConfigError, TrainConfig, field_scope, parse_value
-from aetrack.models import Variant, build_model
+from aetrack.models import Variant
 from aetrack.tuning import TuningError
 
 TYPES = typing.get_type_hints(TrainConfig)
@@ -246,8 +246,10 @@ def available_metrics(config: TrainConfig, data) -> list[str]:
     """The validation metrics a model reports, from one forward pass on two examples."""
     import torch
 
+    from aetrack.tracking.run import build  # with M1+M2's VAE loaded from its run
+
     with torch.no_grad():
-        out = build_model(config, data.shape, data.num_classes, data=data).to(data.val_x.device)(data.val_x[:2], data.val_y[:2])
+        out = build(config, data).to(data.val_x.device)(data.val_x[:2], data.val_y[:2])
     return ["val_loss", *(f"val_{name}" for name in out.parts)]
 
 
