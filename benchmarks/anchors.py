@@ -197,10 +197,34 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 MARKERS = ("<!-- anchors.json: start (written by benchmarks/anchors.py) -->", "<!-- anchors.json: end -->")
 
 
+FIGURE_MARKERS = ("<!-- anchors.json figures: start -->", "<!-- anchors.json figures: end -->")
+
+
 def with_table(readme: str, results: dict) -> str:
-    """`readme` with the text between its anchors markers rebuilt from `results`."""
-    start, end = readme.index(MARKERS[0]) + len(MARKERS[0]), readme.index(MARKERS[1])
-    return readme[:start] + "\n" + body(results) + readme[end:]
+    """`readme` with the text between its anchors markers rebuilt from `results`: the table of "Quality anchors", and
+    a row per record in "Measured figures"."""
+    for (first, last), text in ((MARKERS, body(results)), (FIGURE_MARKERS, figure_rows(results))):
+        start, end = readme.index(first) + len(first), readme.index(last)
+        readme = readme[:start] + "\n" + text + readme[end:]
+    return readme
+
+
+def figure_rows(results: dict) -> str:
+    """One row of README's "Measured figures" table per record."""
+    rows = []
+    for key, r in sorted(results.items(), key=lambda item: order(item[0])):
+        spec = PROTOCOLS[r.get("row", key)]
+        unit = " %" if r["metric"] == "error" else " nats"
+        recipe = " (aetrack's recipe)" if r.get("recipe") == "best" and spec.best is not None else ""
+        target = "" if spec.target is None else (
+            f"; target {'<=' if spec.name == 'pytorch-example' else '<'} {spec.target:g}: "
+            + ("met" if r["value"] <= spec.target else f"missed by {r['value'] - spec.target:.2f}"))
+        ahead = projected(r)
+        curve = "" if ahead is None else f"; its validation curve continued to {r['epochs_published']} epochs: about {ahead:.2f}{unit}"
+        rows.append(f"| quality anchor `{key}`{recipe}, {r['epochs_run']} of {r['epochs_published']} epochs "
+                    f"| **{r['value']:.2f}{unit}** ({r['metric']}, {r['test_images']} test images) "
+                    f"| published: {r['published']}{target}{curve} | `{r['command']}` |")
+    return "\n".join(rows) + "\n"
 
 
 def markdown(results: dict) -> str:
