@@ -260,7 +260,9 @@ def body(results: dict) -> str:
             ("**met**" if r["value"] < spec.target or (row == "pytorch-example" and r["value"] <= spec.target)
              else f"missed by {r['value'] - spec.target:.2f}"))
         cells = [name, r["published"], target, f"**{r['value']:.2f}{unit}** ({r['metric']})", epochs, r["how"],
-                 f"{r['wall_seconds'] / 60:.1f} min wall, {r['cpu_seconds'] / 60:.1f} min CPU ({threads}) on {r['machine']}",
+                 f"{r['wall_seconds'] / 60:.1f} min wall, "
+                 + ("" if r.get("cpu_seconds") is None else f"{r['cpu_seconds'] / 60:.1f} min CPU ")
+                 + f"({threads}) on {r['machine']}" + (f"; {r['note']}" if r.get("note") else ""),
                  f"`{r['command']}`", continued]
         lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     lines += ["", "Where the protocol departs from the paper:", ""]
