@@ -242,7 +242,8 @@ def body(results: dict) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for key, r in sorted(results.items(), key=lambda item: order(item[0])):
         row = r.get("row", key)
-        warmup, unit = PROTOCOLS[row].config.kl_warmup, " %" if r["metric"] == "error" else " nats"
+        warmup = r.get("kl_warmup", PROTOCOLS[row].config.kl_warmup)  # a run's own (--set kl_warmup=...) where recorded
+        unit = " %" if r["metric"] == "error" else " nats"
         epochs = f"{r['epochs_run']} (best {r['best_epoch']}) of {r['epochs_published']}"
         if r["epochs_run"] < (warmup or 0):
             epochs += f", all inside the {warmup}-epoch KL warm-up"
@@ -420,7 +421,7 @@ def main(protocol, rebuild, recipe, features, epochs, iw_samples, test_images, s
         "protocol": key, "row": protocol, "recipe": recipe, "metric": spec.metric, "value": value,
         "published": spec.published, "source": spec.source,
         "epochs_run": len(result.history.epochs), "best_epoch": result.history.best_epoch,
-        "epochs_published": spec.config.epochs, "features": config.features or None,
+        "epochs_published": spec.config.epochs, "features": config.features or None, "kl_warmup": config.kl_warmup,
         "curve": learning_curve(result.history, spec.metric, config.kl_warmup or 0), "iw_samples": k if spec.metric == "nll_iw" else None,
         "test_images": min(test_images or len(data.test_y), len(data.test_y)), "how": how,
         "legs": before["legs"] + 1,
