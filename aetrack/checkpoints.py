@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import signal
 import tempfile
 from pathlib import Path
 
@@ -34,6 +35,10 @@ def save(path: Path, state: dict) -> None:
     """Write `state` to `path` atomically for the process (temporary file, then os.replace)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # SIGINT and SIGTERM wait until the file is written: a handler that raises inside torch.save leaves its zip writer
+    # failing a second time, and the run would end in a traceback instead of stopping with this epoch's checkpoint.
+    stops = {signal.SIGINT, signal.SIGTERM}
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
     try:
         with os.fdopen(handle, "wb") as file:
             # No fsync: a killed process cannot tear a file that os.replace moves whole (the page cache keeps what was
@@ -43,6 +48,8 @@ def save(path: Path, state: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)  # a signal that came meanwhile is handled now
 
 
 def load(path: Path, run_id: str | None = None) -> dict:
