@@ -95,8 +95,9 @@ PROTOCOLS = {p.name: p for p in [
         BURDA_MLP,
         "nll_iw", "VAE 86.76 nats; IWAE (k=50) 84.78 nats", "Burda et al. 2015, table 1 (one stochastic layer)",
         "the test images are one fixed binarization", iw_samples=5000,
-        best=replace(BURDA_MLP, activation="relu", lr_schedule="constant", adam_eps=1e-8),
-        best_changes="ReLU units, a constant learning rate and Adam's default epsilon", target=86.76),
+        best=replace(BURDA_MLP, batch_size=100, lr=3e-3, lr_schedule="cosine", kl_warmup=100),
+        best_changes="batches of 100 (an epoch is 2.6 times faster on two cores), Adam's rate 3e-3 with cosine decay, "
+                     "and the KL term warmed up over the first 100 epochs", target=86.76),
     Protocol(
         "best-one-layer",
         TrainConfig(model="vae", dataset="mnist", binarize="dynamic", arch="conv", hidden=(32, 64), latent_dim=32,
