@@ -85,7 +85,7 @@ class Splits:
         draw of the grey levels each call (generator on the same device as the data), else the stored rows."""
         x = self.as_float(self.train_images[index])
         if self.binarize == "dynamic":
-            x = torch.bernoulli(x, generator=generator)
+            x = binary_draw(x, generator=generator)
         return x, self.train_y[index]
 
     def mean_image(self, chunk: int = 1024) -> torch.Tensor:
@@ -104,6 +104,13 @@ class Splits:
     def __repr__(self) -> str:
         return (f"Splits({self.name!r}, train={len(self.train_y)}, val={len(self.val_y)}, test={len(self.test_y)}, "
                 f"shape={self.shape}, binarize={self.binarize!r}, device={self.train_images.device})")
+
+
+def binary_draw(p: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A Bernoulli(p) draw of each pixel, as float: u < p with u uniform on [0, 1). The same law as `torch.bernoulli(p)`
+    (0 stays 0, 1 stays 1), and cheaper on CPU, where torch.bernoulli's sampler costs more the greyer the pixels: for
+    a batch of 100, 1.4 times faster on MNIST's rows, 3.5 times on uniform grey levels (benchmarks/training.py)."""
+    return (torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype) < p).to(p.dtype)
 
 
 def resolve_data_dir(data_dir: str | None) -> Path:

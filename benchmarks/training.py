@@ -12,6 +12,8 @@ Parts (`--part`, repeatable; default: all but `logging`):
 - `memory`: peak resident memory of one MNIST training epoch, aetrack's `fit` against the canonical loop, each in
   a fresh process.
 - `precision`: the MLP VAE with `--precision bf16` / `fp16` and with `--compile`, against fp32, with test losses.
+- `binarize`: dynamic binarization's draw (`data.binary_draw`, u < p) against `torch.bernoulli`, alone and in an epoch
+  of the 784-200-200-50 tanh VAE of Burda et al. (benchmarks/anchors.py's burda-vae) at batches of 20 and 100.
 - `logging`: what MLflow tracking costs `fit` (a real `mlflow server` over HTTP), against the bare loop.
 
 Reference and aetrack alternate, `--repeats` times; each figure is the median. Throughput is training samples per
@@ -35,7 +37,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import replace
+from dataclasses import fields, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -52,7 +54,7 @@ from aetrack.config import TrainConfig  # noqa: E402
 from aetrack.training import evaluate_loss, fit  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results"
-PARTS = ("mlp", "conv", "variants", "memory", "precision", "logging")
+PARTS = ("mlp", "conv", "variants", "memory", "precision", "binarize", "logging")
 MLP = dict(hidden=(400,), latent_dim=20, batch_size=128, lr=1e-3, patience=0, kl_warmup=0, log_every=20)
 median = statistics.median
 
@@ -353,6 +355,42 @@ def part_precision(splits, epochs, repeats, train_images) -> dict:
                    "test_neg_elbo": round(median(losses[name]), 2)} for name in setups} | {"train_images": train_images}
 
 
+class BernoulliDraws(datasets.Splits):
+    """The training batches as drawn before `binary_draw`: torch.bernoulli of the grey levels."""
+
+    def train_batch(self, index, generator=None):
+        x = self.as_float(self.train_images[index])
+        return torch.bernoulli(x, generator=generator), self.train_y[index]
+
+
+def part_binarize(splits, epochs, repeats, train_images) -> dict:
+    dynamic = subset(replace(splits, binarize="dynamic"), train_images)
+    before = BernoulliDraws(**{f.name: getattr(dynamic, f.name) for f in fields(dynamic)})
+    generator, result = torch.Generator().manual_seed(0), {}
+    for batch in (20, 100):
+        rows = dynamic.as_float(dynamic.train_images[:batch])
+        draws = {"bernoulli": [], "u < p": []}
+        for _ in range(repeats):
+            for name, draw in (("bernoulli", torch.bernoulli), ("u < p", datasets.binary_draw)):
+                started = time.perf_counter()
+                for _ in range(2000):
+                    draw(rows, generator=generator)
+                draws[name].append((time.perf_counter() - started) / 2000)
+        config = TrainConfig(model="vae", dataset=splits.name, binarize="dynamic", hidden=(200, 200), latent_dim=50,
+                             activation="tanh", batch_size=batch, epochs=epochs, patience=0, kl_warmup=0)
+        epoch = {"bernoulli": [], "u < p": []}
+        for repeat in range(repeats):
+            for name, data in (("bernoulli", before), ("u < p", dynamic)):
+                epoch[name].append(median(aetrack_epochs(replace(config, seed=repeat), data)[0]))
+        result[f"batch {batch}"] = {
+            "draw_ms": {name: round(median(times) * 1e3, 3) for name, times in draws.items()},
+            "draw_speed-up": paired(draws["bernoulli"], draws["u < p"]),
+            "epoch_samples_per_sec": {name: round(median(rates)) for name, rates in epoch.items()},
+            "epoch_speed-up": paired(epoch["u < p"], epoch["bernoulli"])}
+        print(f"binarize batch {batch}: {json.dumps(result[f'batch {batch}'])}", flush=True)
+    return result | {"train_images": train_images}
+
+
 def part_logging(splits, epochs, repeats) -> dict:
     import mlflow
 
@@ -425,6 +463,8 @@ def main(dataset, data_dir, parts, epochs, repeats, train_images, threads, memor
             result = part_memory(dataset, data_dir)
         elif part == "precision":
             result = part_precision(splits, max(epochs, 2), repeats, train_images)
+        elif part == "binarize":
+            result = part_binarize(splits, epochs, repeats, train_images)
         else:
             result = part_logging(splits, epochs, repeats)
         record[part] = {**result, "seconds": round(time.perf_counter() - started),

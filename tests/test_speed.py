@@ -223,6 +223,18 @@ def test_dynamic_binarization_draws_per_batch_from_the_grey_levels():
     assert torch.all(first <= (data.train_x[index] > 0).float())  # a black pixel is never drawn white
 
 
+def test_dynamic_binarization_draws_each_pixel_with_its_grey_level_as_probability():
+    grey = torch.linspace(0, 1, 17)  # 0 and 1 included: they must stay black and white
+    draws = torch.stack([datasets.binary_draw(grey, generator=torch.Generator().manual_seed(seed)) for seed in range(4000)])
+    assert set(draws.unique().tolist()) <= {0.0, 1.0}
+    assert draws[:, 0].sum() == 0 and draws[:, -1].sum() == len(draws)
+    frequency = draws.mean(0)
+    bound = 4 * torch.sqrt(grey * (1 - grey) / len(draws)) + 1e-6  # four standard errors of each frequency
+    assert torch.all((frequency - grey).abs() <= bound), (frequency - grey).abs().max()
+    bernoulli = torch.stack([torch.bernoulli(grey, generator=torch.Generator().manual_seed(seed)) for seed in range(4000)])
+    assert torch.allclose(frequency, bernoulli.mean(0), atol=0.05)  # the same law as the sampler it replaces
+
+
 # --- precision, compile, devices ---
 
 def short(config: TrainConfig, **settings) -> TrainConfig:
