@@ -5,6 +5,8 @@
 Long rows run as resumable legs: `--leg-minutes M` stops training after M minutes exactly as SIGTERM would (the
 MLflow run is KILLED with its checkpoint kept, benchmarks/results/anchors-progress.json remembers it), and
 `--resume` goes on with that same MLflow run from its checkpoint, leg after leg, until the row is measured.
+`--resume --finish` ends such a run where it stopped instead (its best epoch so far is the model) and measures it: the
+record's note says after which epoch of how many its schedule was cut.
 
 Each protocol trains through aetrack's own tracked training (one MLflow run), reloads the model from
 what the run logged, measures the protocol's figure with aetrack.evaluation, logs it to the run as a
@@ -32,6 +34,7 @@ import torch
 
 from aetrack import data as datasets
 from aetrack import evaluation
+from aetrack.cli.options import quiet_mlflow
 from aetrack.tracking import artifacts
 from aetrack.tracking import evaluate as tracked_evaluation
 from aetrack.config import ConfigError, TrainConfig, parse_settings
@@ -357,29 +360,38 @@ def projected(record: dict) -> float | None:
 @click.option("--leg-minutes", type=click.FloatRange(min=0.1), default=None,
               help="Stop training after this many minutes, as SIGTERM would (KILLED, checkpoint kept); --resume goes on.")
 @click.option("--resume", is_flag=True, help="Go on with this row's stopped run (from anchors-progress.json).")
+@click.option("--finish", is_flag=True,
+              help="With --resume: end the stopped run at the epoch it reached (the model of its best epoch so far is "
+                   "logged) and measure it, instead of training on; the record says where its schedule was cut.")
 @click.option("--checkpoint-dir", default="checkpoints", show_default=True)
 @click.option("--dry-run", is_flag=True, help="Train and measure, but do not write benchmarks/results.")
 @click.option("--set", "settings", multiple=True, metavar="NAME=VALUE,...",
               help="Change the row's settings (as `aetrack train --set`); the record's command says so.")
 def main(protocol, rebuild, recipe, features, epochs, iw_samples, test_images, seed, device, data_dir, tracking_uri, leg_minutes,
-         resume, checkpoint_dir, dry_run, settings):
+         resume, finish, checkpoint_dir, dry_run, settings):
     """Train ROW's model and measure its published figure (one MLflow run per row, in legs if need be)."""
+    quiet_mlflow()  # as `aetrack train` runs: no artifact progress bars in a log file
     if rebuild:
         return update_results(None)
     if protocol is None:
         raise click.UsageError("name a ROW (or pass --rebuild)")
+    if finish and not resume:
+        raise click.UsageError("--finish ends a stopped run: pass it with --resume")
     spec = PROTOCOLS[protocol]
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     recipe = recipe if spec.best is not None else "published"
     key = protocol if recipe == "best" or spec.best is None else f"{protocol}@published"
-    state, before = None, {"legs": 0, "seconds": 0.0, "cpu_seconds": 0.0}
+    state, before, cut = None, {"legs": 0, "seconds": 0.0, "cpu_seconds": 0.0}, None
     if resume:
         before = progress().get(key)
         if before is None:
             raise click.UsageError(f"{key}: no stopped run to resume in {PROGRESS}")
         state = open_checkpoint(before["run_id"], checkpoint_dir)
         config = TrainConfig.from_params(state["config"])
+        if finish:  # no epoch left to train: fit restores the best epoch so far, and the run ends as a finished one
+            cut = f"ended with --finish after epoch {state['epoch']} of the {config.epochs} its schedule was planned for"
+            config = replace(config, epochs=state["epoch"])
     else:
         base = spec.best if recipe == "best" else spec.config
         config = replace(base, epochs=epochs or base.epochs, seed=seed, device=device)
@@ -436,6 +448,7 @@ def main(protocol, rebuild, recipe, features, epochs, iw_samples, test_images, s
         "run_id": result.run_id, "tracking_uri": result.tracking_uri,
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": before.get("command") or command,  # the first leg's: the settings; later legs only say --resume
+        **({"note": cut} if cut else {}),
     }
     click.echo(json.dumps({k: v for k, v in record.items() if k != "curve"}, indent=2))
     progress(key, None)

@@ -29,6 +29,7 @@ from pathlib import Path
 import mlflow
 import optuna
 
+from aetrack.cli.options import quiet_mlflow
 from aetrack.config import TrackingOptions, TrainConfig, TuneConfig
 from aetrack.models import REGISTRY
 from aetrack.tuning.space import build_space
@@ -239,7 +240,7 @@ def main() -> None:
     args = parser.parse_args()
     results = json.loads((RESULTS / "tuning.json").read_text()) if (RESULTS / "tuning.json").exists() else {}
     workdir = Path(tempfile.mkdtemp(prefix="aetrack-bench-tuning-"))
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    quiet_mlflow()  # as `aetrack tune` runs: no artifact progress bars, MLflow warnings only
     try:
         if "pruning" in args.which:
             results["pruning"] = {**pruning(args.trials or 20, args.epochs or 10, args.seed, args.pruners.split(","), workdir),

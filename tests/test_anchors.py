@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 
+import mlflow
 import pytest
 
 from aetrack.training import History
@@ -87,9 +88,39 @@ def test_m1m2_row_runs_in_two_legs_on_a_logged_vae(tmp_path):
                              "--checkpoint-dir", str(tmp_path / "ckpt")], env=env, capture_output=True, text=True,
                             timeout=300)
     assert second.returncode == 0, second.stderr
+    assert "Downloading artifacts" not in second.stderr  # MLflow's progress bars stay out of a runner's log
     record = json.loads((tmp_path / "results" / "anchors.json").read_text())["m1m2-100"]
     assert record["legs"] == 2 and record["epochs_run"] == 3 and record["run_id"] == progress["m1m2-100"]["run_id"]
     assert record["features"] == m1_run and record["metric"] == "error" and 0 <= record["value"] <= 100
     assert len(record["curve"]["values"]) == 3 and "--set" in record["command"]
     assert not (tmp_path / "results" / "anchors-progress.json").exists()
     assert "m1m2-100" in (tmp_path / "results" / "anchors.md").read_text()
+
+
+@pytest.mark.skipif(not DATA, reason="set AETRACK_TEST_DATA_DIR to the folder that holds MNIST/")
+def test_a_stopped_row_can_be_finished_where_it_stopped_and_is_measured_saying_so(tmp_path):
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "AETRACK_DATA_DIR": DATA,
+           "AETRACK_ANCHORS_RESULTS": str(tmp_path / "results")}
+    anchors = [sys.executable, str(REPO / "benchmarks" / "anchors.py"), "pytorch-example"]
+    refused = subprocess.run([*anchors, "--finish"], env=env, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "--finish ends a stopped run: pass it with --resume" in refused.stderr
+    first = subprocess.Popen([*anchors, "--epochs", "50", "--set", "hidden=16,batch_size=1000", "--checkpoint-dir",
+                              str(tmp_path / "ckpt")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "ckpt").glob("*/last.pt")) and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    first.send_signal(signal.SIGTERM)
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 3, err
+    stopped = json.loads((tmp_path / "results" / "anchors-progress.json").read_text())["pytorch-example"]["epoch"]
+
+    finished = subprocess.run([*anchors, "--resume", "--finish", "--test-images", "500", "--checkpoint-dir", str(tmp_path / "ckpt")],
+                              env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    record = json.loads((tmp_path / "results" / "anchors.json").read_text())["pytorch-example"]
+    assert 1 <= stopped < 50 and record["epochs_run"] == stopped and record["legs"] == 2
+    assert record["note"] == f"ended with --finish after epoch {stopped} of the 50 its schedule was planned for"
+    assert record["value"] > 0 and "--epochs 50" in record["command"]
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    assert mlflow.get_run(record["run_id"]).info.status == "FINISHED"
+    assert f"ended with --finish after epoch {stopped}" in (tmp_path / "results" / "anchors.md").read_text()

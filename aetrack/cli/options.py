@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 import re
 import sys
@@ -47,6 +48,20 @@ def friendly_errors(func):
 # (no type hints needed) and the reference classifier is logged without an input example on purpose.
 UNACTIONABLE_WARNINGS = (r".*Add type hints to the `predict` method", r".*An input example was not provided")
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def quiet_mlflow() -> None:
+    """The process-wide settings every aetrack command (and benchmark) runs MLflow with."""
+    # MLflow's INFO lines and artifact progress bars would bury aetrack's own output.
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # MLflow retries an absent server for about 250 s per request by default. A few seconds here: requests that
+    # must arrive (metrics, pictures, the model) are retried by aetrack itself, with a line saying it waits.
+    for name, value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}.items():
+        os.environ.setdefault(name, value)
+    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])
+    tidy_warnings()
 
 
 def tidy_warnings(stream=None) -> None:
