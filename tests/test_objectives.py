@@ -3,6 +3,8 @@ finite, and `aetrack train --objective iwae` trains and logs it."""
 
 from __future__ import annotations
 
+import math
+
 import mlflow
 import pytest
 import torch
@@ -96,7 +98,7 @@ def test_aetrack_train_takes_the_objective_and_logs_the_bound(tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "m2", "--objective", "iwae"], "--objective does not apply to --model m2"),
+    (["--model", "dae", "--objective", "iwae"], "--objective does not apply to --model dae"),
     (["--train-samples", "5"], "--train-samples needs --objective iwae"),
     (["--objective", "iwae", "--train-samples", "0"], "--train-samples must be at least 1"),
 ])
@@ -113,18 +115,18 @@ def grads(model, x, seed):
     return float(out.loss), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("prior", ["normal", "mog"])
-def test_dreg_has_the_iwae_value_and_decoder_gradient(digits, prior):
+@pytest.mark.parametrize("model_name, prior", [("vae", "normal"), ("vae", "mog"), ("m2", "normal")])
+def test_dreg_has_the_iwae_value_and_decoder_gradient(digits, model_name, prior):
     torch.manual_seed(0)
-    iwae = build_model(TrainConfig(prior=prior, hidden=(32,), latent_dim=4, prior_components=3, objective="iwae",
-                                   train_samples=8), digits.shape, 10)
+    iwae = build_model(TrainConfig(model=model_name, prior=prior, hidden=(32,), latent_dim=4, prior_components=3,
+                                   objective="iwae", train_samples=8), digits.shape, 10)
     dreg = twin(iwae, digits, objective="iwae-dreg")
     x = digits.val_x[:32]
     loss_a, a = grads(iwae, x, seed=3)
     loss_b, b = grads(dreg, x, seed=3)
     assert loss_a == pytest.approx(loss_b, rel=1e-6)
     assert a.keys() == b.keys()
-    for name in a:  # the decoder and the prior learn as under IWAE; only the encoder's estimator differs
+    for name in a:  # the decoder, the prior (and M2's classifier) learn as under IWAE; only the encoder's estimator differs
         if not name.startswith("body.encoder"):
             torch.testing.assert_close(a[name], b[name], rtol=1e-4, atol=1e-6)
     assert any(not torch.allclose(a[n], b[n]) for n in a if n.startswith("body.encoder"))
@@ -153,3 +155,70 @@ def test_dreg_trains_from_the_command_line(tmp_path):
     run = mlflow.MlflowClient(uri).get_run(run_id)
     assert run.data.params["objective"] == "iwae-dreg" and run.data.params["train_samples"] == "4"
     assert run.data.metrics["loss/val"] < 200
+
+
+# --- M2: the bound of each label is the IWAE's, the label summed out as before ---
+
+def half_labelled(digits, n=64):
+    y = digits.val_y[:n].clone()
+    y[::2] = -1
+    return digits.val_x[:n], y
+
+
+def test_m2_with_one_sample_is_its_elbo_and_its_bounds_tighten_with_more(digits):
+    torch.manual_seed(0)
+    elbo = build_model(TrainConfig(model="m2", prior="mog", hidden=(32,), latent_dim=4, prior_components=3),
+                       digits.shape, 10)
+    x, y = half_labelled(digits)
+    one = twin(elbo, digits, objective="iwae", train_samples=1)
+    for kl_scale in (0.3, 1.0):
+        torch.manual_seed(1)
+        a = elbo(x, y, kl_scale=kl_scale)
+        torch.manual_seed(1)
+        b = one(x, y, kl_scale=kl_scale)
+        for key in ("labeled_bound", "unlabeled_bound"):
+            torch.testing.assert_close(a.parts[key], b.parts[key], rtol=1e-5, atol=1e-4)
+        torch.testing.assert_close(a.loss, b.loss, rtol=1e-5, atol=1e-4)
+    bounds = {key: [] for key in ("labeled_bound", "unlabeled_bound")}
+    with torch.no_grad():
+        for samples in (1, 5, 50):
+            model = twin(elbo, digits, objective="iwae", train_samples=samples)
+            outs = [model(x, y) for _ in range(20)]
+            for key in bounds:
+                bounds[key].append(float(torch.stack([out.parts[key] for out in outs]).mean()))
+    for key, values in bounds.items():
+        assert values[0] > values[1] > values[2], (key, values)
+
+
+@pytest.mark.parametrize("objective", ["iwae", "iwae-dreg"])
+def test_m2_trains_on_the_iwae_bound_with_finite_gradients(digits, objective):
+    torch.manual_seed(0)
+    model = build_model(TrainConfig(model="m2", hidden=(32,), latent_dim=4, objective=objective, train_samples=5),
+                        digits.shape, 10)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    x, y = half_labelled(digits, 256)
+    with torch.no_grad():
+        first = float(model(x, y).parts["unlabeled_bound"])
+    for _ in range(60):
+        index = torch.randint(len(digits.train_x), (128,))
+        labels = digits.train_y[index].clone()
+        labels[64:] = -1
+        out = model(digits.train_x[index], labels)
+        optimizer.zero_grad()
+        out.loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        optimizer.step()
+    with torch.no_grad():
+        assert float(model(x, y).parts["unlabeled_bound"]) < first
+
+
+def test_m2_takes_the_objective_from_the_command_line(tmp_path):
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    result = CliRunner().invoke(main, ["train", "--model", "m2", "--objective", "iwae", "--train-samples", "3",
+                                       "--epochs", "1", "--hidden", "32", "--latent-dim", "4", "--quiet",
+                                       "--no-register", "--tracking-uri", uri, "--checkpoint-dir", str(tmp_path / "ckpt")])
+    assert result.exit_code == 0, result.output
+    run_id = next(line.split()[-1] for line in result.output.splitlines() if line.startswith("run id:"))
+    run = mlflow.MlflowClient(uri).get_run(run_id)
+    assert run.data.params["objective"] == "iwae" and run.data.params["train_samples"] == "3"
+    assert math.isfinite(run.data.metrics["loss/val"])

@@ -80,6 +80,24 @@ def test_the_stack_takes_and_gives_images(m1, digits):
     assert model.log_weights(x, None, 4).shape == (4, 7)
 
 
+def test_the_stack_trains_on_the_iwae_bound_of_its_codes(m1, digits):
+    from dataclasses import replace
+
+    x, y = digits.val_x[:64], digits.val_y[:64].clone()
+    y[::2] = -1
+    bounds = []
+    for samples in (1, 20):
+        torch.manual_seed(0)
+        model = built(m1, digits, replace(M2, objective="iwae", train_samples=samples))
+        out = model(x, y)
+        out.loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.m2.parameters() if p.grad is not None)
+        assert all(p.grad is None for p in model.m1.parameters())  # M1 stays frozen
+        with torch.no_grad():
+            bounds.append(float(torch.stack([model(x, y).parts["unlabeled_bound"] for _ in range(20)]).mean()))
+    assert bounds[1] < bounds[0], bounds
+
+
 def test_the_code_likelihood_is_a_normal_density():
     likelihood = stacked.CodeLikelihood(5)
     with torch.no_grad():

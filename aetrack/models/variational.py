@@ -55,11 +55,12 @@ class LatentVariableModel(nn.Module):
         logits = self.decoder(z, cond)
         return self.likelihood(logits, x), self.prior.kl(q, z), q, logits
 
-    def importance_terms(self, x: torch.Tensor, samples: int, cond: torch.Tensor | None = None, stop_q: bool = False):
+    def importance_terms(self, x: torch.Tensor, samples: int, cond: torch.Tensor | None = None, stop_q: bool = False,
+                         features: torch.Tensor | None = None):
         """For k samples z_k ~ q(z|x): log p(x|z_k) and log p(z_k) - log q(z_k|x), each (k, B); the decoder's
         logits (k * B, ...), q and the draws z (k, B, D). With `stop_q`, log q is taken with q's parameters held fixed
         (DReG: the encoder then learns through z alone)."""
-        q = self.posterior(x, cond)
+        q = self.posterior(x, cond, features)
         z = q.rsample(samples)                                   # (k, B, D)
         flat = z.reshape(-1, z.shape[-1])
         flat_cond = None if cond is None else cond.repeat(samples, 1)
@@ -72,6 +73,29 @@ class LatentVariableModel(nn.Module):
         """log p(x, z_k) - log q(z_k|x) for k samples: the importance weights of Burda et al. 2015, shape (k, B)."""
         log_px, log_ratio, *_ = self.importance_terms(x, samples, cond)
         return log_px + log_ratio
+
+    def importance_bound(self, x: torch.Tensor, kl_weight: float, cond: torch.Tensor | None = None,
+                         features: torch.Tensor | None = None):
+        """Per example, the IWAE loss -log (1/K) sum_k p(x|z_k) [p(z_k) / q(z_k|x)]^w, z_k ~ q(z|x) (Burda et al. 2015,
+        eq. 8), with K = --train-samples and w = `kl_weight` (1: the bound itself; K = 1: the ELBO with a one-sample
+        KL); with --objective iwae-dreg its gradient is DReG's. Returns the loss, the bound at w = 1 (neg_iwae), the
+        one-sample parts -log p(x|z) and log q - log p averaged over the K draws, q, and the first draw's logits."""
+        samples, dreg = self.config.train_samples, self.config.objective == "iwae-dreg"
+        log_px, log_ratio, logits, q, z = self.importance_terms(x, samples, cond, stop_q=dreg, features=features)
+        log_k = math.log(samples)
+        log_w = log_px + kl_weight * log_ratio
+        loss = -(torch.logsumexp(log_w, 0) - log_k)
+        if dreg and torch.is_grad_enabled():
+            # DReG (Tucker et al. 2018): with w~ the normalised weights, the decoder and prior get sum_k w~ grad log w_k
+            # (IWAE's gradient), the encoder sum_k w~^2 (d log w_k / d z_k)(d z_k / d phi): the surrogate gives the
+            # first, and the hook on z weighs what flows into z by w~ once more. Its value is the IWAE loss's.
+            weights = torch.softmax(log_w.detach(), 0)
+            if z.requires_grad:
+                z.register_hook(lambda grad: grad * weights.unsqueeze(-1).to(grad.dtype))
+            surrogate = -(weights * log_w).sum(0)
+            loss = surrogate - surrogate.detach() + loss.detach()
+        neg_iwae = -(torch.logsumexp(log_px + log_ratio, 0) - log_k)
+        return loss, neg_iwae, -log_px.mean(0), -log_ratio.mean(0), q, logits[:len(x)]
 
     def kl_weight(self, kl_scale: float = 1.0) -> float:
         """beta times the training loop's warm-up factor (1 outside training)."""
@@ -109,26 +133,11 @@ class VAE(nn.Module):
         return Output(loss, parts, to_image(logits), q.mean)
 
     def importance_weighted(self, x: torch.Tensor, y: torch.Tensor | None, kl_scale: float) -> Output:
-        """The IWAE loss -log (1/K) sum_k p(x|z_k) [p(z_k) / q(z_k|x)]^w, z_k ~ q(z|x) (Burda et al. 2015, eq. 8), with
-        w = beta x the KL warm-up factor (w = 1: the bound itself). K = 1 is the ELBO with a one-sample KL."""
-        samples, dreg = self.config.train_samples, self.config.objective == "iwae-dreg"
-        log_px, log_ratio, logits, q, z = self.body.importance_terms(x, samples, self.cond(y), stop_q=dreg)
-        log_k = math.log(samples)
-        log_w = log_px + self.body.kl_weight(kl_scale) * log_ratio
-        loss = -(torch.logsumexp(log_w, 0) - log_k).mean()
-        if dreg and torch.is_grad_enabled():
-            # DReG (Tucker et al. 2018): with w~ the normalised weights, the decoder and prior get sum_k w~ grad log w_k
-            # (IWAE's gradient), the encoder sum_k w~^2 (d log w_k / d z_k)(d z_k / d phi): the surrogate gives the
-            # first, and the hook on z weighs what flows into z by w~ once more. Its value is the IWAE loss's.
-            weights = torch.softmax(log_w.detach(), 0)
-            if z.requires_grad:
-                z.register_hook(lambda grad: grad * weights.unsqueeze(-1).to(grad.dtype))
-            surrogate = -(weights * log_w).sum(0).mean()
-            loss = surrogate - surrogate.detach() + loss.detach()
-        neg_iwae = -(torch.logsumexp(log_px + log_ratio, 0) - log_k).mean()
-        recon_loss, kl = -log_px.mean(), -log_ratio.mean()
-        parts = {"recon_loss": recon_loss, "kl": kl, "neg_elbo": recon_loss + kl, "neg_iwae": neg_iwae}
-        return Output(loss, parts, to_image(logits[:len(x)]), q.mean)
+        """The IWAE loss (`LatentVariableModel.importance_bound`), its mean over the batch."""
+        loss, neg_iwae, recon, kl, q, logits = self.body.importance_bound(x, self.body.kl_weight(kl_scale), self.cond(y))
+        recon_loss, kl = recon.mean(), kl.mean()
+        parts = {"recon_loss": recon_loss, "kl": kl, "neg_elbo": recon_loss + kl, "neg_iwae": neg_iwae.mean()}
+        return Output(loss.mean(), parts, to_image(logits), q.mean)
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         return self.body.posterior(x, self.cond(y)).mean
@@ -153,13 +162,13 @@ class VAE(nn.Module):
         return self.body.prior.kl_per_dim(self.body.posterior(x, self.cond(y)))
 
 
-@register("m2", scopes=("variational", "semi_supervised"), generative=True, conditional=True, semi_supervised=True,
+@register("m2", scopes=("variational", "importance", "semi_supervised"), generative=True, conditional=True, semi_supervised=True,
           classifies=True, description="semi-supervised VAE (Kingma et al. 2014, M2)")
 class M2(nn.Module):
     """Labels are y >= 0; unlabelled examples carry y = -1.
 
-    Labelled:   L(x, y) = -log p(x|y, z) + KL - log p(y)
-    Unlabelled: U(x) = sum_y q(y|x) L(x, y) - H(q(y|x))
+    Labelled:   L(x, y) = -log p(x|y, z) + KL - log p(y)  (with --objective iwae: Burda et al.'s K-sample bound)
+    Unlabelled: U(x) = sum_y q(y|x) L(x, y) - H(q(y|x))   (a bound on -log p(x) for any L(x, y) that bounds -log p(x, y))
     Loss = mean L + mean U + alpha * mean CE(q(y|x), y) on labelled examples, alpha = classifier_weight * labeled
     (Kingma et al.'s alpha = 0.1 N on the summed objective, divided by N).
     """
@@ -181,8 +190,14 @@ class M2(nn.Module):
         return one_hot(y, self.num_classes)
 
     def _bound(self, x: torch.Tensor, y: torch.Tensor, kl_weight: float, features: torch.Tensor):
-        recon, kl, q, logits = self.body.terms(x, self.cond(y), features)
-        return recon + kl_weight * kl + math.log(self.num_classes), recon, kl, q, logits
+        """-log p(x, y) bounded per example (p(y) uniform): the ELBO's, or with --objective iwae the IWAE's; and the
+        one-sample parts, q and logits."""
+        if self.config.objective == "elbo":
+            recon, kl, q, logits = self.body.terms(x, self.cond(y), features)
+            loss = recon + kl_weight * kl
+        else:
+            loss, _, recon, kl, q, logits = self.body.importance_bound(x, kl_weight, self.cond(y), features)
+        return loss + math.log(self.num_classes), recon, kl, q, logits
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_scale: float = 1.0) -> Output:
         if y is None:
