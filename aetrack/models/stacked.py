@@ -20,7 +20,7 @@ from torch import nn
 
 from aetrack.config import ConfigError, TrainConfig
 from aetrack.models import Output
-from aetrack.models.variational import M2
+from aetrack.models.variational import M2, labels_for
 
 ACTIVE = 0.01  # the variance over images of a unit's posterior mean above which it counts as active
 
@@ -84,9 +84,7 @@ class StackedM2(nn.Module):
         return self.m2.encode(self.codes(x), y)
 
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if y is None:
-            y = torch.randint(self.num_classes, (z.shape[0],), device=z.device)
-        return self.images(self.m2.body.decoder(z, self.m2.cond(y)))
+        return self.images(self.m2.body.decoder(z, self.m2.cond(labels_for(y, z, self.num_classes))))
 
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         codes = self.codes(x)
@@ -95,9 +93,7 @@ class StackedM2(nn.Module):
 
     def sample(self, n: int, y: torch.Tensor | None = None, generator=None, temperature: float = 1.0) -> torch.Tensor:
         z = self.m2.body.sample_latent(n, generator, temperature)
-        if y is None:
-            y = torch.randint(self.num_classes, (n,), generator=generator, device=z.device)
-        return self.decode(z, y)
+        return self.decode(z, labels_for(y, z, self.num_classes, generator))
 
     def log_weights(self, x: torch.Tensor, y: torch.Tensor | None, samples: int) -> torch.Tensor:
         """(k, B) importance log-weights of log p(c, y), c: M1's code of x (y predicted when not given)."""

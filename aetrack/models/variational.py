@@ -110,6 +110,11 @@ def one_hot(y: torch.Tensor, num_classes: int) -> torch.Tensor:
     return F.one_hot(y.long(), num_classes).float()
 
 
+def labels_for(y: torch.Tensor | None, z: torch.Tensor, num_classes: int, generator=None) -> torch.Tensor:
+    """`y`, or where none is given a uniformly drawn label for each code of `z`."""
+    return torch.randint(num_classes, (z.shape[0],), generator=generator, device=z.device) if y is None else y
+
+
 @register("vae", scopes=("variational", "importance"), generative=True,
           description="variational autoencoder (any prior, beta, KL warm-up, ELBO or IWAE objective)")
 @register("cvae", scopes=("variational", "importance"), generative=True, conditional=True, description="conditional VAE")
@@ -150,9 +155,7 @@ class VAE(nn.Module):
 
     def sample(self, n: int, y: torch.Tensor | None = None, generator=None, temperature: float = 1.0) -> torch.Tensor:
         z = self.body.sample_latent(n, generator, temperature)
-        if self.conditional and y is None:
-            y = torch.randint(self.num_classes, (n,), generator=generator, device=z.device)
-        return self.decode(z, y)
+        return self.decode(z, labels_for(y, z, self.num_classes, generator) if self.conditional else y)
 
     def log_weights(self, x: torch.Tensor, y: torch.Tensor | None, samples: int) -> torch.Tensor:
         """(k, B) importance log-weights of log p(x) (of log p(x|y) for the conditional VAE)."""
@@ -268,9 +271,7 @@ class M2(nn.Module):
         return self.body.posterior(x, self.cond(y)).mean
 
     def decode(self, z: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
-        if y is None:
-            y = torch.randint(self.num_classes, (z.shape[0],), device=z.device)
-        return to_image(self.body.decoder(z, self.cond(y)))
+        return to_image(self.body.decoder(z, self.cond(labels_for(y, z, self.num_classes))))
 
     def reconstruct(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         y = self.classify(x) if y is None else y
@@ -278,9 +279,7 @@ class M2(nn.Module):
 
     def sample(self, n: int, y: torch.Tensor | None = None, generator=None, temperature: float = 1.0) -> torch.Tensor:
         z = self.body.sample_latent(n, generator, temperature)
-        if y is None:
-            y = torch.randint(self.num_classes, (n,), generator=generator, device=z.device)
-        return self.decode(z, y)
+        return self.decode(z, labels_for(y, z, self.num_classes, generator))
 
     def log_weights(self, x: torch.Tensor, y: torch.Tensor | None, samples: int) -> torch.Tensor:
         """(k, B) importance log-weights of log p(x, y) with p(y) uniform; y predicted when not given."""
