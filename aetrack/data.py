@@ -108,8 +108,8 @@ class Splits:
 
 def binary_draw(p: torch.Tensor, *, generator: torch.Generator | None = None) -> torch.Tensor:
     """A Bernoulli(p) draw of each pixel, as float: u < p with u uniform on [0, 1). The same law as `torch.bernoulli(p)`
-    (0 stays 0, 1 stays 1), and cheaper on CPU, where torch.bernoulli's sampler costs more the greyer the pixels: for
-    a batch of 100, 1.4 times faster on MNIST's rows, 3.5 times on uniform grey levels (benchmarks/training.py)."""
+    (0 stays 0, 1 stays 1), and cheaper on CPU, where torch.bernoulli's sampler costs more the greyer the pixels:
+    1.2 to 1.3 times faster on MNIST's batches (benchmarks/training.py --part binarize), more on greyer images."""
     return (torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype) < p).to(p.dtype)
 
 
