@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import mlflow
@@ -37,6 +38,9 @@ def test_every_row_of_the_issue_has_a_protocol():
             "m1m2-100"} <= set(anchors.PROTOCOLS)
     assert anchors.PROTOCOLS["m1m2-100"].config.features == anchors.M1_FROM_ROW
     assert anchors.PROTOCOLS["iwae-50"].config.train_samples == 50
+    for k in (5, 50):  # aetrack's recipe for the IWAE rows is the VAE row's, with their objective
+        assert anchors.PROTOCOLS[f"iwae-{k}"].best == replace(anchors.BURDA_BEST, objective="iwae", train_samples=k)
+        assert anchors.PROTOCOLS[f"iwae-{k}"].config.lr_schedule == "burda"  # --recipe published: Burda's
 
 
 def test_the_curve_is_continued_by_the_power_law_it_follows():

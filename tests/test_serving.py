@@ -534,3 +534,20 @@ def test_loading_never_unpickles(variants, tmp_path):
     with pytest.raises(Exception, match="(?i)weights_only|unpickl"):
         mlflow.pyfunc.load_model(str(local))
     assert not (tmp_path / "code-ran").exists()
+
+
+def test_the_served_requirements_pin_what_is_installed_and_skip_what_is_not(monkeypatch):
+    import importlib.metadata as md
+
+    real = md.version
+    installed = {"mlflow-skinny": "3.17.2"}
+
+    def version(name):
+        if name in ("mlflow", "pandas"):  # only mlflow-skinny, and no pandas, as on a bare GPU image
+            raise md.PackageNotFoundError(name)
+        return installed.get(name) or real(name)
+
+    monkeypatch.setattr(md, "version", version)
+    pins = serving.requirements()
+    assert "mlflow==3.17.2" in pins and not any(pin.startswith("pandas") for pin in pins)
+    assert f"torch=={real('torch')}" in pins

@@ -350,7 +350,19 @@ def metadata(info: modelio.ModelInfo) -> dict:
 
 
 def requirements() -> list[str]:
+    """The serving environment: these packages at the versions installed here.
+
+    Where only mlflow-skinny is installed, `mlflow` is pinned to its version (the two are released together); a
+    package that is not installed here is left out rather than failing the model's logging after training.
+    """
     import importlib.metadata as md
 
-    names = ["torch", "torchvision", "mlflow", "pandas", "numpy", "pillow", "scikit-learn"]
-    return [f"{name}=={md.version(name)}" for name in names]
+    pins = []
+    for name in ["torch", "torchvision", "mlflow", "pandas", "numpy", "pillow", "scikit-learn"]:
+        for dist in [name, "mlflow-skinny"] if name == "mlflow" else [name]:
+            try:
+                pins.append(f"{name}=={md.version(dist)}")
+                break
+            except md.PackageNotFoundError:
+                continue
+    return pins

@@ -1,0 +1,180 @@
+"""Anchor rows side by side on one borrowed GPU machine, each with as many epochs as a fixed time allows.
+
+    python benchmarks/anchors_device.py run --minutes 8 --out DIR ROW [ROW ...]
+    python benchmarks/anchors_device.py merge DIR/ROW.tgz [...]
+
+A GPU machine is lent for minutes, not hours, and comes back bare; so `run` plans the rows it is given to end
+together before a deadline:
+
+1. all rows are probed at once, as they will then run: three epochs, and the row's figure on 1000 test images
+   (K=5000), give seconds per epoch, the fixed cost of a run (start, logging) and the measurement's cost;
+2. each row then trains through `benchmarks/anchors.py` for the epochs that leave time to measure all 10000
+   test images, its schedule planned for those epochs and its KL warm-up scaled with them (the recipe's warm-up
+   is the same share of its own length); a row that runs late ends its leg at the deadline and is measured
+   where it stopped (`--resume --finish`, which its record then says);
+3. every row has its own MLflow store (SQLite) and results; DIR gets ROW.tgz (store, artifacts, record, log).
+
+`merge`, back on the machine that holds the repository, adds each archive's record to anchors.json (README's
+table rebuilt) with the commit of the tree that was sent (the machine has no .git).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sqlite3
+import subprocess
+import sys
+import tarfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import click
+
+HERE = Path(__file__).parent
+ANCHORS = HERE / "anchors.py"
+PROBE_EPOCHS, PROBE_IMAGES, TEST_IMAGES = 3, 1000, 10000
+
+
+@dataclass
+class Row:
+    name: str
+    home: Path
+    device: str = "cuda"
+    threads: int = 4
+    args: list[str] = field(default_factory=list)
+
+    @property
+    def env(self) -> dict:
+        return {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{self.home / 'mlflow.db'}",
+                "AETRACK_ANCHORS_RESULTS": str(self.home / "results"), "OMP_NUM_THREADS": str(self.threads)}
+
+    def start(self, extra: list[str], log: str) -> subprocess.Popen:
+        out = open(self.home / log, "a")
+        return subprocess.Popen([sys.executable, str(ANCHORS), self.name, *self.args, *extra, "--device", self.device],
+                                cwd=self.home, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+
+    def record(self) -> dict | None:
+        path = self.home / "results" / "anchors.json"
+        return next(iter(json.loads(path.read_text()).values()), None) if path.exists() else None
+
+
+def say(line: str, log: Path) -> None:
+    line = f"[{time.strftime('%H:%M:%S')}] {line}"
+    print(line, flush=True)
+    with open(log, "a") as f:
+        f.write(line + "\n")
+
+
+def epoch_seconds(db: Path) -> list[float]:
+    with sqlite3.connect(db) as con:
+        return [v for (v,) in con.execute("select value from metrics where key = 'system/epoch_time' order by step")]
+
+
+def probe_figures(row: Row) -> dict:
+    """Seconds per epoch (the median after the first), fixed seconds, seconds for all test images' measurement."""
+    text = (row.home / "probe.log").read_text()
+    record = json.loads(text[text.index("{\n"):text.rindex("}") + 1])
+    times = epoch_seconds(row.home / "probe.db")
+    steady = sorted(times[1:])[len(times[1:]) // 2]
+    return {"epoch": steady, "fixed": record["train_seconds"] - sum(times),
+            "measure": (record["wall_seconds"] - record["train_seconds"]) * TEST_IMAGES / PROBE_IMAGES}
+
+
+def recipe_warmup(name: str) -> tuple[int, int]:
+    sys.path.insert(0, str(HERE))
+    import anchors
+
+    spec = anchors.PROTOCOLS[name]
+    config = spec.best or spec.config
+    return config.kl_warmup or 0, config.epochs
+
+
+@click.group()
+def cli():
+    pass
+
+
+@cli.command()
+@click.argument("rows", nargs=-1, required=True)
+@click.option("--minutes", type=click.FloatRange(min=1), required=True, help="Everything ends within this, probes included.")
+@click.option("--out", type=click.Path(file_okay=False), required=True)
+@click.option("--work", type=click.Path(file_okay=False), default="/tmp/anchor-rows", show_default=True)
+@click.option("--device", type=click.Choice(["cuda", "cpu"]), default="cuda", show_default=True)
+def run(rows, minutes, out, work, device):
+    """Probe ROWS together, then train and measure each with the epochs that fit."""
+    deadline = time.monotonic() + minutes * 60
+    out, work = Path(out), Path(work)
+    out.mkdir(parents=True, exist_ok=True)
+    log = out / "driver.log"
+    from aetrack import data
+
+    data.load("mnist", data_dir=None)  # unpacked once here, not by the rows at once
+    threads = max(1, (os.cpu_count() or 1) // (len(rows) + 1))  # a core for the driver and the GPU's feeding
+    plan = [Row(name, work / name, device, threads) for name in rows]
+    for row in plan:
+        row.home.mkdir(parents=True, exist_ok=True)
+    probes = [row.start(["--epochs", str(PROBE_EPOCHS), "--iw-samples", "5000", "--test-images", str(PROBE_IMAGES),
+                         "--dry-run", "--tracking-uri", f"sqlite:///{row.home / 'probe.db'}", "--checkpoint-dir", "probe-ckpt"],
+                        "probe.log") for row in plan]
+    for row, proc in zip(plan, probes):
+        say(f"{row.name}: probe exit {proc.wait()}", log)
+    runs = {}
+    for row in plan:
+        try:
+            figures = probe_figures(row)
+        except (ValueError, KeyError, IndexError, sqlite3.Error) as err:
+            say(f"{row.name}: no probe figures ({err}); see its probe.log", log)
+            continue
+        left = deadline - time.monotonic() - figures["measure"] - 1.2 * figures["fixed"] - 20
+        epochs = int(0.9 * left / figures["epoch"])
+        warmup, length = recipe_warmup(row.name)
+        say(f"{row.name}: {figures['epoch']:.2f} s an epoch, {figures['fixed']:.0f} s fixed, measuring "
+            f"{figures['measure']:.0f} s: {epochs} epochs", log)
+        if epochs < 5:
+            continue
+        row.args = ["--epochs", str(epochs)] + (["--set", f"kl_warmup={max(1, round(warmup * epochs / length))}"]
+                                                if warmup and epochs < length else [])
+        leg = (deadline - time.monotonic() - figures["measure"] - 15) / 60
+        runs[row.name] = (row, row.start(["--leg-minutes", f"{leg:.2f}"], "run.log"))
+    for name, (row, proc) in runs.items():
+        code = proc.wait()
+        say(f"{name}: exit {code}", log)
+        if code == 3:  # the leg ended at the deadline: measure the run where it stopped
+            row.args = []
+            say(f"{name}: finish exit {row.start(['--resume', '--finish'], 'run.log').wait()}", log)
+    for row in plan:
+        with tarfile.open(out / f"{row.name}.tgz", "w:gz") as tar:
+            for item in sorted(row.home.iterdir()):
+                if item.name not in {"checkpoints", "probe-ckpt"}:
+                    tar.add(item, arcname=f"{row.name}/{item.name}")
+        say(f"{row.name}: {json.dumps(row.record())[:400] if row.record() else 'no record'}", log)
+
+
+@cli.command()
+@click.argument("archives", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
+@click.option("--commit", required=True, help="The commit of the tree the machine ran (it has no .git).")
+@click.option("--into", type=click.Path(file_okay=False), default="/tmp/anchor-rows-back", show_default=True)
+def merge(archives, commit, into):
+    """Add the records in ARCHIVES to anchors.json and rebuild README's table."""
+    sys.path.insert(0, str(HERE))
+    import anchors
+
+    for archive in archives:
+        with tarfile.open(archive) as tar:
+            tar.extractall(into, filter="data")
+        name = Path(archive).name.removesuffix(".tgz")
+        path = Path(into) / name / "results" / "anchors.json"
+        if not path.exists():
+            raise click.ClickException(f"{archive}: no record in it (see {Path(into) / name}/run.log)")
+        for record in json.loads(path.read_text()).values():
+            if record.get("git_commit") is None:
+                record["git_commit"] = commit
+            anchors.update_results(record)
+            click.echo(f"{record['protocol']}: {record['value']:.2f} ({record['epochs_run']} epochs, {record['machine']})")
+
+
+if __name__ == "__main__":
+    cli()
