@@ -174,8 +174,9 @@ def measure(protocol: Protocol, run_id: str, data, iw_samples: int, test_images:
 
 
 def portable(args: list[str]) -> list[str]:
-    """The command's arguments without the ones that name this machine's places (store, checkpoints, data)."""
-    local = {"--tracking-uri", "--checkpoint-dir", "--data-dir"}
+    """The command's arguments without the ones that name this machine's places (store, checkpoints, data) or its
+    time (--leg-minutes: where a leg ends does not change the result, the record's legs say how many there were)."""
+    local = {"--tracking-uri", "--checkpoint-dir", "--data-dir", "--leg-minutes"}
     kept, skip = [], False
     for arg in args:
         if skip:

@@ -15,7 +15,11 @@ together before a deadline:
 3. every row has its own MLflow store (SQLite) and results; DIR gets ROW.tgz (store, artifacts, record, log).
 
 `merge`, back on the machine that holds the repository, adds each archive's record to anchors.json (README's
-table rebuilt) with the commit of the tree that was sent (the machine has no .git).
+table rebuilt) with the commit of the tree that was sent: the machine's .git, where one travels, is the session's
+first commit under the sent files, so the commit it reads there is not the code's.
+
+An archive holds at most 15 MiB (what such a machine gives back per file): the probes' artifacts are left out, and
+where the row's own still do not fit, the archive holds its store, record and logs only, and the log says so.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import click
 HERE = Path(__file__).parent
 ANCHORS = HERE / "anchors.py"
 PROBE_EPOCHS, PROBE_IMAGES, TEST_IMAGES = 3, 1000, 10000
+ARCHIVE_BYTES = 15 * 2**20
 
 
 @dataclass
@@ -83,6 +88,17 @@ def probe_figures(row: Row) -> dict:
             "measure": (record["wall_seconds"] - record["train_seconds"]) * TEST_IMAGES / PROBE_IMAGES}
 
 
+def planned_epochs(figures: dict, seconds_left: float) -> int:
+    """The epochs that fit in `seconds_left` with the run's fixed cost (a fifth spare), its measurement and 20 s to
+    spare, at nine tenths of the probed speed (the rows share the machine; a probe is short)."""
+    return max(0, int(0.9 * (seconds_left - figures["measure"] - 1.2 * figures["fixed"] - 20) / figures["epoch"]))
+
+
+def scaled_warmup(warmup: int, length: int, epochs: int) -> int | None:
+    """The recipe's KL warm-up, the same share of `epochs` as of its own `length`; None where it stays as it is."""
+    return max(1, round(warmup * epochs / length)) if warmup and epochs < length else None
+
+
 def recipe_warmup(name: str) -> tuple[int, int]:
     sys.path.insert(0, str(HERE))
     import anchors
@@ -128,15 +144,13 @@ def run(rows, minutes, out, work, device):
         except (ValueError, KeyError, IndexError, sqlite3.Error) as err:
             say(f"{row.name}: no probe figures ({err}); see its probe.log", log)
             continue
-        left = deadline - time.monotonic() - figures["measure"] - 1.2 * figures["fixed"] - 20
-        epochs = int(0.9 * left / figures["epoch"])
-        warmup, length = recipe_warmup(row.name)
+        epochs = planned_epochs(figures, deadline - time.monotonic())
         say(f"{row.name}: {figures['epoch']:.2f} s an epoch, {figures['fixed']:.0f} s fixed, measuring "
             f"{figures['measure']:.0f} s: {epochs} epochs", log)
         if epochs < 5:
             continue
-        row.args = ["--epochs", str(epochs)] + (["--set", f"kl_warmup={max(1, round(warmup * epochs / length))}"]
-                                                if warmup and epochs < length else [])
+        warmup = scaled_warmup(*recipe_warmup(row.name), epochs)
+        row.args = ["--epochs", str(epochs)] + (["--set", f"kl_warmup={warmup}"] if warmup is not None else [])
         leg = (deadline - time.monotonic() - figures["measure"] - 15) / 60
         runs[row.name] = (row, row.start(["--leg-minutes", f"{leg:.2f}"], "run.log"))
     for name, (row, proc) in runs.items():
@@ -146,16 +160,35 @@ def run(rows, minutes, out, work, device):
             row.args = []
             say(f"{name}: finish exit {row.start(['--resume', '--finish'], 'run.log').wait()}", log)
     for row in plan:
-        with tarfile.open(out / f"{row.name}.tgz", "w:gz") as tar:
-            for item in sorted(row.home.iterdir()):
-                if item.name not in {"checkpoints", "probe-ckpt"}:
-                    tar.add(item, arcname=f"{row.name}/{item.name}")
+        if not archive(row, out / f"{row.name}.tgz", artifacts=True):
+            archive(row, out / f"{row.name}.tgz", artifacts=False)
+            say(f"{row.name}: its artifacts exceed {ARCHIVE_BYTES >> 20} MiB; the archive holds store, record and logs", log)
         say(f"{row.name}: {json.dumps(row.record())[:400] if row.record() else 'no record'}", log)
+
+
+def archive(row: Row, path: Path, artifacts: bool) -> bool:
+    """Tar the row's folder without checkpoints and the probe's artifacts (or any artifacts); False if too large."""
+    probe_runs = set()
+    if (row.home / "probe.db").exists():
+        with sqlite3.connect(row.home / "probe.db") as con:
+            probe_runs = {run for (run,) in con.execute("select run_uuid from runs")}
+
+    def keep(info: tarfile.TarInfo) -> tarfile.TarInfo | None:
+        parts = Path(info.name).parts
+        if len(parts) > 1 and parts[1] in {"checkpoints", "probe-ckpt"}:
+            return None
+        if len(parts) > 1 and parts[1] in {"mlruns", "mlartifacts"} and (not artifacts or probe_runs & set(parts)):
+            return None
+        return info
+
+    with tarfile.open(path, "w:gz") as tar:
+        tar.add(row.home, arcname=row.name, filter=keep)
+    return path.stat().st_size <= ARCHIVE_BYTES
 
 
 @cli.command()
 @click.argument("archives", nargs=-1, required=True, type=click.Path(exists=True, dir_okay=False))
-@click.option("--commit", required=True, help="The commit of the tree the machine ran (it has no .git).")
+@click.option("--commit", required=True, help="The commit of the tree the machine ran (its own .git is stale).")
 @click.option("--into", type=click.Path(file_okay=False), default="/tmp/anchor-rows-back", show_default=True)
 def merge(archives, commit, into):
     """Add the records in ARCHIVES to anchors.json and rebuild README's table."""
@@ -170,8 +203,7 @@ def merge(archives, commit, into):
         if not path.exists():
             raise click.ClickException(f"{archive}: no record in it (see {Path(into) / name}/run.log)")
         for record in json.loads(path.read_text()).values():
-            if record.get("git_commit") is None:
-                record["git_commit"] = commit
+            record["git_commit"] = commit
             anchors.update_results(record)
             click.echo(f"{record['protocol']}: {record['value']:.2f} ({record['epochs_run']} epochs, {record['machine']})")
 
