@@ -120,7 +120,7 @@ class Decoder(nn.Module):
         """Start from the logit of the data's mean image, so that early steps model digits, not the average grey
         (the initialisation of Burda et al. 2015's code and of Kingma's VAE; worth a few tenths of a nat)."""
         # the data may already be on the GPU while the model is not yet: the bias is set where the model is
-        logit = torch.logit(mean_image.clamp(1e-3, 1 - 1e-3)).to(self.body[-1].bias.device)
+        logit = torch.logit(mean_image.clamp(1e-3, 1 - 1e-3)).to(next(self.parameters()).device)
         if hasattr(self, "pixel_bias"):
             self.pixel_bias.copy_(logit - self.body[-1].bias.view(-1, 1, 1))
         else:

@@ -182,3 +182,13 @@ def test_activation_is_for_mlps():
 
     with pytest.raises(ConfigError, match="--activation applies to --arch mlp"):
         TrainConfig(arch="conv", activation="tanh").validate()
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+def test_the_output_bias_is_set_where_the_model_is_not_where_the_data_is(arch):
+    from aetrack.nets import Decoder
+
+    # On a GPU the data is already there while the model is not yet; a model on "meta" stands in for it on CPU.
+    decoder = Decoder((1, 28, 28), (32, 64), 8, arch).to("meta")
+    decoder.init_output_bias(torch.full((1, 28, 28), 0.25))  # raised for conv before the fix (found on an H200)
+    assert next(decoder.parameters()).device.type == "meta"
