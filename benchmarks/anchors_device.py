@@ -38,6 +38,8 @@ from pathlib import Path
 import click
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+import anchors  # noqa: E402  (benchmarks/ is no package: the runner these rows go through)
 ANCHORS = HERE / "anchors.py"
 PROBE_EPOCHS, PROBE_IMAGES, TEST_IMAGES = 3, 1000, 10000
 ARCHIVE_BYTES = 15 * 2**20
@@ -100,9 +102,6 @@ def scaled_warmup(warmup: int, length: int, epochs: int) -> int | None:
 
 
 def recipe_warmup(name: str) -> tuple[int, int]:
-    sys.path.insert(0, str(HERE))
-    import anchors
-
     spec = anchors.PROTOCOLS[name]
     config = spec.best or spec.config
     return config.kl_warmup or 0, config.epochs
@@ -163,7 +162,8 @@ def run(rows, minutes, out, work, device):
         if not archive(row, out / f"{row.name}.tgz", artifacts=True):
             archive(row, out / f"{row.name}.tgz", artifacts=False)
             say(f"{row.name}: its artifacts exceed {ARCHIVE_BYTES >> 20} MiB; the archive holds store, record and logs", log)
-        say(f"{row.name}: {json.dumps(row.record())[:400] if row.record() else 'no record'}", log)
+        record = row.record()
+        say(f"{row.name}: {json.dumps(record)[:400] if record else 'no record'}", log)
 
 
 def archive(row: Row, path: Path, artifacts: bool) -> bool:
@@ -192,9 +192,6 @@ def archive(row: Row, path: Path, artifacts: bool) -> bool:
 @click.option("--into", type=click.Path(file_okay=False), default="/tmp/anchor-rows-back", show_default=True)
 def merge(archives, commit, into):
     """Add the records in ARCHIVES to anchors.json and rebuild README's table."""
-    sys.path.insert(0, str(HERE))
-    import anchors
-
     for archive in archives:
         with tarfile.open(archive) as tar:
             tar.extractall(into, filter="data")
