@@ -90,10 +90,15 @@ class TrainConfig:
                                 scope="importance")
     # Semi-supervised.
     labeled: int = option(100, "Labelled training examples (the rest are unlabelled).", scope="semi_supervised")
-    classifier_weight: float = option(0.1, "alpha of Kingma et al. 2014: weight of the labelled classification loss, times N.", scope="semi_supervised")
+    classifier_weight: float = option(0.1, "Weight of the labelled classification loss: alpha = classifier_weight x "
+                                      "labeled on the mean cross-entropy (Kingma et al. 2014's alpha = 0.1 N is "
+                                      "0.001 x 100 labels here).", scope="semi_supervised")
     features: str = option("", "M1+M2 (Kingma et al. 2014): a trained VAE of this data set (run id or model URI) whose "
                            "latent means, on its active units, M2 models instead of the pixels; its decoder turns them "
                            "back into images. Empty: M2 on the pixels.", scope="semi_supervised")
+    feature_draws: bool = option(False, "M1+M2: train M2 on codes drawn from M1's q(z|x) at every step, as Kingma et "
+                                 "al. 2014 did, instead of its means; validation, evaluation and serving use the means.",
+                                 scope="semi_supervised")
     # Optimisation.
     lr: float = option(1e-3, "Adam learning rate (the peak, with a schedule).")
     lr_schedule: str = option("constant", "Learning-rate schedule over the epoch budget: cosine decays to 1 % of --lr, "
@@ -109,6 +114,8 @@ class TrainConfig:
     batch_size: int = option(128, "Mini-batch size.")
     epochs: int | None = option(None, "Maximum number of epochs (auto: a budget of optimiser steps that fits the "
                                 "data set; see README).")
+    keep: str = option("best", "The weights a run keeps: its epoch of best validation loss, or its last epoch (a fixed "
+                       "schedule, nothing chosen on the validation set).", choices=("best", "last"))
     patience: int | None = option(None, "Stop after this many epochs without a better validation loss "
                                   "(auto: 20 % of --epochs, at least 10; 0: never).")
     seed: int = option(0, "Random seed: the same seed gives the same run.")
@@ -159,6 +166,7 @@ class TrainConfig:
             (self.objective != "elbo" or self.train_samples == 1, "--train-samples needs --objective iwae or iwae-dreg"),
             (self.labeled >= 1 and self.classifier_weight >= 0, "--labeled must be at least 1 and --classifier-weight >= 0"),
             (not self.features or self.arch == "mlp", "--features: M2 on a VAE's codes is an MLP; drop --arch conv"),
+            (not self.feature_draws or self.features, "--feature-draws draws M1's codes: it needs --features"),
             (self.activation == "relu" or self.arch == "mlp", "--activation applies to --arch mlp (conv nets use ReLU)"),
         ]
         _check(self, rules)

@@ -253,7 +253,9 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
             history.stopped_early = True
             break
 
-    if best_state is not None:
+    if config.keep == "last" and history.epochs:  # the weights as trained: the last epoch is the one kept
+        history.best_epoch, history.best_val_loss = len(history.epochs), history.epochs[-1]["val_loss"]
+    elif best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
     return model, history

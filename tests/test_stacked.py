@@ -98,6 +98,30 @@ def test_the_stack_trains_on_the_iwae_bound_of_its_codes(m1, digits):
     assert bounds[1] < bounds[0], bounds
 
 
+def test_feature_draws_train_on_draws_from_m1s_posterior_and_evaluate_on_its_means(m1, digits):
+    from dataclasses import replace
+
+    x = digits.val_x[:8]
+    with torch.no_grad():
+        q = m1.body.posterior(x)
+    means = built(m1, digits).train()
+    torch.testing.assert_close(means.codes(x), means.codes(x))  # without the option: the means, in training too
+    model = built(m1, digits, replace(M2, feature_draws=True))
+    units = model.units
+    torch.testing.assert_close(model.eval().codes(x).flatten(1), q.mean[:, units])
+    model.train()
+    torch.manual_seed(0)
+    draws = torch.stack([model.codes(x).flatten(1) for _ in range(4000)])
+    assert not torch.equal(draws[0], draws[1])
+    # Draws from q(z|x): their mean and spread are q's on every active unit.
+    torch.testing.assert_close(draws.mean(0), q.mean[:, units], atol=0.05, rtol=0)
+    torch.testing.assert_close(draws.std(0), torch.exp(0.5 * q.logvar)[:, units], atol=0.0, rtol=0.06)
+    trained, history = fit(replace(M2, feature_draws=True), digits, model=model, progress=False)
+    assert all(math.isfinite(e["val_loss"]) for e in history.epochs)
+    with pytest.raises(ConfigError, match="--feature-draws"):
+        replace(M2, features="", feature_draws=True).validate()
+
+
 def test_the_code_likelihood_is_a_normal_density():
     likelihood = stacked.CodeLikelihood(5)
     with torch.no_grad():

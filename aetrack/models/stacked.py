@@ -58,8 +58,13 @@ class StackedM2(nn.Module):
         return self
 
     def codes(self, x: torch.Tensor) -> torch.Tensor:
-        """M1's posterior means on its active units, (B, 1, 1, units): M2's input. Gradients flow to x, never to M1."""
-        return self.m1.encode(x)[:, self.units].reshape(len(x), 1, 1, -1)
+        """M1's posterior means on its active units, (B, 1, 1, units): M2's input. Gradients flow to x, never to M1.
+        In training with --feature-draws, draws from M1's posterior instead (Kingma et al. 2014)."""
+        if self.training and self.config.feature_draws:
+            z = self.m1.body.posterior(x).rsample()
+        else:
+            z = self.m1.encode(x)
+        return z[:, self.units].reshape(len(x), 1, 1, -1)
 
     def images(self, codes: torch.Tensor) -> torch.Tensor:
         """M1's decoding of codes on its active units (its inactive ones at their mean)."""

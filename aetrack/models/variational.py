@@ -173,7 +173,7 @@ class M2(nn.Module):
     Labelled:   L(x, y) = -log p(x|y, z) + KL - log p(y)  (with --objective iwae: Burda et al.'s K-sample bound)
     Unlabelled: U(x) = sum_y q(y|x) L(x, y) - H(q(y|x))   (a bound on -log p(x) for any L(x, y) that bounds -log p(x, y))
     Loss = mean L + mean U + alpha * mean CE(q(y|x), y) on labelled examples, alpha = classifier_weight * labeled
-    (Kingma et al.'s alpha = 0.1 N on the summed objective, divided by N).
+    (Kingma et al.'s alpha = 0.1 N weighs the mean CE in an objective summed over N images: 0.1 here, divided by N).
     """
 
     def __init__(self, config, shape, num_classes, likelihood: nn.Module | None = None):
