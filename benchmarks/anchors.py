@@ -82,6 +82,17 @@ VAMPPRIOR = TrainConfig(model="vae", dataset="mnist", binarize="dynamic", prior=
 BURDA_BEST = replace(BURDA_MLP, batch_size=100, lr=3e-3, lr_schedule="cosine", kl_warmup=100)
 BURDA_BEST_CHANGES = ("batches of 100 (an epoch is 2.6 times faster on two cores), Adam's rate 3e-3 with cosine decay, "
                       "and the KL term warmed up over the first 100 epochs")
+KINGMA_M2 = TrainConfig(model="m2", dataset="mnist", binarize="dynamic", hidden=(500,), latent_dim=50,
+                        activation="softplus", labeled=100, classifier_weight=0.1, batch_size=100, lr=3e-4, epochs=1000,
+                        patience=0, kl_warmup=0)
+M2_BEST = {"lr": 2e-3, "lr_schedule": "cosine", "keep": "last"}  # aetrack's recipe for m2-100 and m1m2-100
+
+
+def m2_best_changes(epochs: int) -> str:
+    return (f"Adam's rate 2e-3 (not 3e-4) with cosine decay over {epochs} epochs, and the last epoch's model kept: "
+            "nothing is chosen on the validation labels")
+
+
 M1_FROM_ROW = "burda-vae"  # m1m2-100's M1: the model that row's run logged, unless --features names another
 
 PROTOCOLS = {p.name: p for p in [
@@ -138,29 +149,19 @@ PROTOCOLS = {p.name: p for p in [
         "the test images are one fixed binarization", iw_samples=5000),
     Protocol(
         "m2-100",
-        TrainConfig(model="m2", dataset="mnist", binarize="dynamic", hidden=(500,), latent_dim=50, activation="softplus",
-                    labeled=100, classifier_weight=0.1, batch_size=100, lr=3e-4, epochs=1000, patience=0, kl_warmup=0),
+        KINGMA_M2,
         "error", "M2 11.97 % test error with 100 labels; M1+M2 3.33 %", "Kingma et al. 2014, table 1",
         "Adam instead of RMSProp with momentum",
-        best=TrainConfig(model="m2", dataset="mnist", binarize="dynamic", hidden=(500,), latent_dim=50,
-                         activation="softplus", labeled=100, classifier_weight=0.1, batch_size=100, lr=2e-3,
-                         lr_schedule="cosine", epochs=150, patience=0, kl_warmup=0, keep="last"),
-        best_changes="Adam's rate 2e-3 (not 3e-4) with cosine decay over 150 epochs, and the last epoch's model kept: "
-                     "nothing is chosen on the validation labels", target=11.97),
+        best=replace(KINGMA_M2, **M2_BEST, epochs=150), best_changes=m2_best_changes(150), target=11.97),
     Protocol(
         "m1m2-100",
-        TrainConfig(model="m2", dataset="mnist", binarize="dynamic", hidden=(500,), latent_dim=50, activation="softplus",
-                    labeled=100, classifier_weight=0.1, batch_size=100, lr=3e-4, epochs=1000, patience=0, kl_warmup=0,
-                    features=M1_FROM_ROW),
+        replace(KINGMA_M2, features=M1_FROM_ROW),
         "error", "M1+M2 3.33 % test error with 100 labels (M2 alone 11.97 %)", "Kingma et al. 2014, table 1",
         "M1 is the burda-vae row's model (784-200-200-50; the paper's M1 is 784-600-600-50 with softplus units), "
         "or the VAE `--features` names; M2 models its posterior means on its active units, with a learned Gaussian "
         "scale per unit; Adam instead of RMSProp with momentum",
-        best=TrainConfig(model="m2", dataset="mnist", binarize="dynamic", hidden=(500,), latent_dim=50,
-                         activation="softplus", labeled=100, classifier_weight=0.1, batch_size=100, lr=2e-3,
-                         lr_schedule="cosine", epochs=250, patience=0, kl_warmup=0, keep="last", features=M1_FROM_ROW),
-        best_changes="Adam's rate 2e-3 (not 3e-4) with cosine decay over 250 epochs, and the last epoch's model kept: "
-                     "nothing is chosen on the validation labels", target=5.0),
+        best=replace(KINGMA_M2, **M2_BEST, epochs=250, features=M1_FROM_ROW), best_changes=m2_best_changes(250),
+        target=5.0),
 ]}
 
 
