@@ -74,7 +74,9 @@ def test_fit_ends_at_the_schedules_final_learning_rate(digits):
 def test_keep_chooses_the_best_or_the_last_epochs_weights(digits, keep):
     class Record:
         """Keeps each epoch's weights; after epoch 3 of 4 it spoils them, so that the last epoch is not the best."""
-        states: dict[int, dict] = {}
+
+        def __init__(self):
+            self.states: dict[int, dict] = {}
 
         def on_epoch_end(self, epoch, model, metrics):
             self.states[epoch] = {k: v.clone() for k, v in model.state_dict().items()}
@@ -84,13 +86,14 @@ def test_keep_chooses_the_best_or_the_last_epochs_weights(digits, keep):
                         p.add_(torch.randn_like(p) * 5)
 
     config = TrainConfig(model="ae", hidden=(32,), latent_dim=4, epochs=4, patience=0, keep=keep)
-    model, history = fit(config, digits, progress=False, callbacks=[Record()])
+    record = Record()
+    model, history = fit(config, digits, progress=False, callbacks=[record])
     losses = [epoch["val_loss"] for epoch in history.epochs]
     assert losses[3] > min(losses[:3])  # the spoilt last epoch is worse than the best
     kept = 4 if keep == "last" else 1 + losses.index(min(losses))
     assert history.best_epoch == kept and history.best_val_loss == losses[kept - 1]
     for name, value in model.state_dict().items():
-        torch.testing.assert_close(value, Record.states[kept][name])
+        torch.testing.assert_close(value, record.states[kept][name])
 
 
 def test_burda_schedule_has_eight_stages_of_three_to_the_i_epochs():
