@@ -13,6 +13,8 @@ import math
 import typing
 from dataclasses import dataclass, field
 
+from aetrack.memory import INPUT_SIZES, available_bytes, model_bytes  # noqa: F401 (INPUT_SIZES: re-exported)
+
 DATASETS = ("digits", "mnist", "fashion-mnist", "cifar10")
 BINARIZE = ("none", "static", "dynamic")
 # Training-pool sizes (before the validation split): what `--epochs auto` is documented with.
@@ -73,8 +75,8 @@ class TrainConfig:
     # Contractive.
     contractive_weight: float = option(1e-2, "Weight of the encoder-Jacobian penalty.", scope="contractive")
     contractive_estimator: str = option("exact", "How the penalty's squared Jacobian norm is computed: exact, or "
-                                        "hutchinson, an unbiased one-probe estimate (E ||J^T u||^2, u ~ N(0, I)) "
-                                        "at the cost of one extra backward pass.", choices=CONTRACTIVE_ESTIMATORS,
+                                        "hutchinson, an unbiased one-probe estimate (E ||J^T u||^2 with a Rademacher probe u: "
+                                        "entries +1 or -1) at the cost of one extra backward pass.", choices=CONTRACTIVE_ESTIMATORS,
                                         scope="contractive")
     # Variational.
     prior: str = option("normal", "Prior p(z).", choices=("normal", "mog", "uniform", "vamp"), scope="variational")
@@ -113,7 +115,7 @@ class TrainConfig:
                                choices=("mean", "zero"))
     batch_size: int = option(128, "Mini-batch size.")
     epochs: int | None = option(None, "Maximum number of epochs (auto: a budget of optimiser steps that fits the "
-                                "data set; see README).")
+                                "data set; see docs/training.md).")
     keep: str = option("best", "The weights a run keeps: its epoch of best validation loss, or its last epoch (a fixed "
                        "schedule, nothing chosen on the validation set).", choices=("best", "last"))
     patience: int | None = option(None, "Stop after this many epochs without a better validation loss "
@@ -140,6 +142,7 @@ class TrainConfig:
 
     def validate(self) -> TrainConfig:
         """Impossible values as a one-line ConfigError; returns the config."""
+        check_finite(self)  # first: the rules below compute with the values
         rules = [
             (self.latent_dim >= 1, "--latent-dim must be at least 1"),
             (len(self.hidden) >= 1 and min(self.hidden) >= 1, "--hidden needs at least one positive size, e.g. 256,128"),
@@ -170,6 +173,8 @@ class TrainConfig:
             (self.activation == "relu" or self.arch == "mlp", "--activation applies to --arch mlp (conv nets use ReLU)"),
         ]
         _check(self, rules)
+        check_ranges(self, TRAIN_RANGES)
+        check_memory(self)
         if self.device == "cuda":
             resolve_device(self.device)
         return self
@@ -207,12 +212,14 @@ class TuneConfig:
     threads: int = option(0, "Torch CPU threads of this worker (0: this machine's cores shared among its workers that are running a trial, set anew for each trial).")
 
     def validate(self) -> TuneConfig:
+        check_finite(self)
         _check(self, [
             ((self.n_trials is None or self.n_trials >= 1) and self.heartbeat >= 1 and self.max_retry >= 0,
              "--n-trials and --heartbeat must be at least 1, --max-retry at least 0"),
             (self.grace_period is None or self.grace_period > self.heartbeat,
              "--grace-period must be longer than --heartbeat, or live trials count as dead"),
         ])
+        check_ranges(self, TUNE_RANGES)
         return self
 
     def study_for(self, config: TrainConfig) -> str:
@@ -236,6 +243,64 @@ class TrackingOptions:
 
 # Evaluation: the noise levels of a denoising autoencoder's PSNR table.
 DEFAULT_NOISE_LEVELS = (0.1, 0.2, 0.3, 0.5, 0.7)
+
+
+# Every numeric setting's range, inclusive: a value outside it (or nan, or inf) is a usage error before any work.
+# The upper bounds are far beyond any useful run, and small enough that nothing downstream overflows or never ends
+# (an epoch count of 1e23 left `--kl-warmup auto` at 1e22 epochs: a KL weight of 0 forever).
+TRAIN_RANGES = {
+    "val_fraction": (0.0, 1.0), "hidden": (1, 2**16), "latent_dim": (1, 2**16), "noise_level": (0.0, 100.0),
+    "sparsity_weight": (0.0, 1e6), "sparsity_target": (0.0, 1.0), "contractive_weight": (0.0, 1e6),
+    "prior_components": (1, 10_000), "beta": (0.0, 1e6), "kl_warmup": (0, 100_000), "train_samples": (1, 10_000),
+    "labeled": (1, 10**7), "classifier_weight": (0.0, 1e6), "lr": (0.0, 10.0), "adam_eps": (0.0, 1.0),
+    "warmup_steps": (0, 10**9), "grad_clip": (0.0, 1e9), "batch_size": (1, 2**16), "epochs": (1, 100_000),
+    "patience": (0, 100_000), "seed": (0, MAX_SEED), "log_every": (1, 10**9),
+}
+TUNE_RANGES = {
+    "n_trials": (1, 10**6), "timeout": (0.0, 1e8), "sampler_seed": (0, MAX_SEED), "pruner_startup_trials": (0, 10**6),
+    "pruner_warmup_epochs": (0, 100_000), "heartbeat": (1, 86_400), "grace_period": (1, 10 * 86_400),
+    "max_retry": (0, 1000), "threads": (0, 4096),
+}
+MEMORY_SHARE = 0.8  # of the memory available now, at most, for what training holds (`model_bytes`)
+
+
+def numeric_fields(cls) -> list[str]:
+    """The fields of `cls` that hold numbers (int, float, `int | None`, a tuple of ints); bools are switches."""
+    found = []
+    for name, hint in hints(cls).items():
+        inner = optional_type(hint) or (typing.get_args(hint)[0] if typing.get_origin(hint) is tuple else hint)
+        if inner in (int, float):
+            found.append(name)
+    return found
+
+
+def numbers(value) -> tuple:
+    return value if isinstance(value, tuple) else () if value is None else (value,)
+
+
+def check_finite(config) -> None:
+    """No nan or inf in any numeric setting: a one-line ConfigError naming the option."""
+    for name in numeric_fields(type(config)):
+        for number in numbers(getattr(config, name)):
+            if not math.isfinite(number):
+                raise ConfigError(f"{option_name(name)}: {number} is not a finite number")
+
+
+def check_ranges(config, ranges: dict[str, tuple]) -> None:
+    """Each numeric setting within its range (after the rules, whose messages say more), else a one-line ConfigError."""
+    for name, (low, high) in ranges.items():
+        value = getattr(config, name)
+        for number in numbers(value):
+            if not low <= number <= high:
+                raise ConfigError(f"{option_name(name)} {format_value(value)}: out of range (from {low} to {high})")
+
+
+def check_memory(config: TrainConfig) -> None:
+    needed, available = model_bytes(config), available_bytes()
+    if available is not None and needed > MEMORY_SHARE * available:
+        raise ConfigError(f"--hidden {format_value(config.hidden)} --latent-dim {config.latent_dim} "
+                          f"--batch-size {config.batch_size}: training needs about {needed / 2**30:.1f} GiB, more than "
+                          f"this machine has available ({available / 2**30:.1f} GiB); choose smaller sizes")
 
 
 def _check(config, rules) -> None:

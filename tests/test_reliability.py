@@ -6,6 +6,8 @@ against a real `mlflow server` and signal it as `timeout`, `docker stop` and Ctr
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import re
 import signal
@@ -23,7 +25,7 @@ from click.testing import CliRunner
 from aetrack import checkpoints
 from aetrack import data as datasets
 from aetrack.cli.main import main
-from aetrack.config import TrainConfig
+from aetrack.config import ConfigError, TrainConfig
 from aetrack.tracking import metric_names as names
 from aetrack.tracking import tags as tag
 from aetrack.training import Diverged, fit
@@ -139,6 +141,48 @@ def test_settings_that_cannot_work_fail_before_any_data_is_loaded(args, message)
     assert "Traceback" not in result.output
 
 
+# What a hostile new user tried (issue 26): each was accepted and failed only after a run was opened, or never ended.
+LATE_FAILURES = [
+    (["--epochs", "99999999999999999999999"], "--epochs 99999999999999999999999: out of range (from 1 to 100000)"),
+    (["--lr", "inf"], "--lr: inf is not a finite number"),
+    (["--lr", "nan"], "--lr: nan is not a finite number"),
+    (["--val-fraction", "nan"], "--val-fraction: nan is not a finite number"),
+    (["--beta", "-inf"], "--beta: -inf is not a finite number"),
+    (["--hidden", "100000000"], "--hidden 100000000: out of range"),
+    (["--latent-dim", "1000000000"], "--latent-dim 1000000000: out of range"),
+    (["--hidden", "60000,60000"], "GiB, more than this machine has available"),
+    (["--registered-model", "a/b:c@d"], "--registered-model 'a/b:c@d': Invalid model name"),
+    (["--experiment", ""], "--experiment '': it is empty"),
+    (["--checkpoint-dir", "/proc/nope"], "--checkpoint-dir /proc/nope: cannot write there"),
+]
+
+
+@pytest.mark.parametrize("args, message", LATE_FAILURES, ids=[" ".join(args) for args, _ in LATE_FAILURES])
+def test_a_value_that_would_fail_later_is_a_one_line_usage_error_before_any_run(tmp_path, args, message):
+    store = tmp_path / "store.db"
+    result = CliRunner().invoke(main, ["train", "--tracking-uri", f"sqlite:///{store}", *args])
+    assert result.exit_code == 2, result.output
+    error = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(error) == 1 and message in error[0], result.output
+    assert "Traceback" not in result.output
+    assert not store.exists()  # nothing was opened, not even the store
+
+
+def test_every_numeric_setting_has_a_finite_range():
+    from aetrack.config import TRAIN_RANGES, TUNE_RANGES, TuneConfig, numeric_fields
+
+    assert set(numeric_fields(TrainConfig)) == set(TRAIN_RANGES)
+    assert set(numeric_fields(TuneConfig)) == set(TUNE_RANGES)
+    assert all(math.isfinite(low) and math.isfinite(high) for low, high in [*TRAIN_RANGES.values(), *TUNE_RANGES.values()])
+    for cls, ranges in ((TrainConfig, TRAIN_RANGES), (TuneConfig, TUNE_RANGES)):
+        for name in ranges:  # each limit is enforced (the values are only checked, not used: any field will do)
+            for bad in (float("nan"), float("inf"), ranges[name][1] * 2 + 1):
+                with pytest.raises(ConfigError, match=f"--{name.replace('_', '-')}"):
+                    dataclasses.replace(cls(), **{name: (bad,) if name == "hidden" else bad}).validate()
+    TrainConfig().validate()
+    TuneConfig().validate()
+
+
 def test_an_unreachable_tracking_server_is_one_line_within_30_seconds(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"
     started = time.monotonic()
@@ -219,7 +263,7 @@ def test_a_signal_mid_run_kills_it_cleanly_and_resume_finishes_it_as_if_never_st
     assert run.data.tags[tag.RESUMED] == str(saved)
     val_steps = history(client, run_id, names.VAL_LOSS)
     assert len(val_steps) == 30 == len(set(val_steps))  # one point per epoch, no gap, no duplicate
-    train_steps = history(client, run_id, "steps/loss")
+    train_steps = history(client, run_id, "per_step/loss")
     assert len(train_steps) == len(set(train_steps))
     assert not (tmp_path / "checkpoints" / run_id).exists()  # a finished run's checkpoint is removed
     if signum != signal.SIGTERM:
@@ -297,7 +341,7 @@ def test_a_server_stopped_and_restarted_mid_run_loses_nothing(tmp_path):
         assert len(val_steps) == 80 == len(set(val_steps))
         per_epoch = 11  # digits: 1294 training examples, batch 128
         expected = sorted({s for s in range(1, 80 * per_epoch + 1) if s % 5 == 0 or s % per_epoch == 0})
-        assert history(client, run_id, "steps/loss") == expected
+        assert history(client, run_id, "per_step/loss") == expected
     finally:
         stop(server)
 
@@ -318,3 +362,148 @@ def test_a_picture_that_fails_is_a_warning_on_a_finished_run_with_its_model(tmp_
     assert run.info.status == "FINISHED"
     assert "the plotting library fell over" in run.data.tags[tag.WARNINGS]
     assert mlflow.pyfunc.load_model(result.logged_model_uri) is not None
+
+
+def test_a_stop_before_the_first_epoch_offers_no_resume_that_would_fail(tmp_path, monkeypatch):
+    from aetrack.tracking import run as tracked
+    from aetrack.tracking.lifecycle import Interrupted
+
+    def stopped_at_once(*args, **kwargs):
+        raise Interrupted(signal.SIGTERM)  # as a SIGTERM during the first epoch does
+
+    monkeypatch.setattr(tracked, "fit", stopped_at_once)
+    uri = f"sqlite:///{tmp_path}/store.db"
+    result = CliRunner().invoke(main, ["train", "--tracking-uri", uri, "--epochs", "3", "--hidden", "16", "--latent-dim",
+                                       "2", "--no-register", "--quiet", "--checkpoint-dir", str(tmp_path / "ck")])
+    assert result.exit_code == 128 + signal.SIGTERM, result.output
+    assert "resume it with" not in result.output and "--resume" not in result.output
+    assert "no checkpoint to resume from: run the same command again" in result.output
+    run = mlflow.MlflowClient(uri).search_runs([mlflow.MlflowClient(uri).get_experiment_by_name("aetrack").experiment_id])[0]
+    assert run.info.status == "KILLED"
+
+
+def test_runs_that_picked_the_same_name_at_once_end_with_distinct_names(tmp_path):
+    from aetrack.tracking import describe
+    from aetrack.tracking.lifecycle import claim_run_name
+
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path}/store.db")
+    experiment_id = client.create_experiment("names")
+    config = TrainConfig(hidden=(16,), latent_dim=2)
+    base = describe.run_name(config, client, experiment_id)
+    # What three processes started together did: each looked before any of them had created its run.
+    runs = [client.create_run(experiment_id, run_name=base, start_time=1000 + i) for i in range(3)]
+    names_kept = [claim_run_name(client, run, lambda: describe.run_name(config, client, experiment_id))
+                  for run in reversed(runs)]  # the last started looks first
+    stored = [client.get_run(run.info.run_id).info.run_name for run in runs]
+    assert stored == list(reversed(names_kept))
+    assert len(set(stored)) == 3 and stored[0] == base  # the first started keeps the name
+
+
+def test_a_training_run_that_raced_for_a_name_moves_to_the_next(tmp_path, monkeypatch):
+    from aetrack.tracking import run as tracked
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/race.db")
+    config = TrainConfig(model="ae", hidden=(16,), latent_dim=2, epochs=1)
+    options = tracked.TrackingOptions(experiment="race", register=False, checkpoint_dir=str(tmp_path / "ck"))
+    first = tracked.train_tracked(config, datasets.load_for(config), options, progress=False)
+    taken = mlflow.MlflowClient().get_run(first.run_id).info.run_name
+    # The second process looked before the first run existed: it picked the same name.
+    monkeypatch.setattr(tracked, "pick_run_name", lambda *args: taken)
+    second = tracked.train_tracked(config, datasets.load_for(config), options, progress=False)
+    assert mlflow.MlflowClient().get_run(second.run_id).info.run_name == f"{taken}-2"
+    assert mlflow.MlflowClient().get_run(first.run_id).info.run_name == taken
+
+
+def test_a_run_without_a_heartbeat_for_too_long_is_closed_from_any_host(tmp_path):
+    from aetrack.tracking import lifecycle
+
+    uri = f"sqlite:///{tmp_path}/store.db"
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    experiment_id = client.create_experiment("pods")
+    now = time.time()
+    silent = lifecycle.STALE_AFTER + 60
+    made = {}
+    for label, beat in (("gone", now - silent), ("alive", now - 30), ("old aetrack", None)):
+        tags = {tag.HOST: "pod-that-never-returns", tag.PID: "7"} | ({tag.HEARTBEAT: str(int(beat))} if beat else {})
+        made[label] = client.create_run(experiment_id, tags=tags).info.run_id
+    said = []
+    closed = lifecycle.close_dead_runs(experiment_id, said.append, now=now)
+    assert closed == [made["gone"]]
+    gone = client.get_run(made["gone"])
+    assert gone.info.status == "FAILED"
+    assert "no heartbeat from process 7 on pod-that-never-returns" in gone.data.tags[tag.END_REASON]
+    assert client.get_run(made["alive"]).info.status == "RUNNING" == client.get_run(made["old aetrack"]).info.status
+    assert said == [f"closed run {made['gone']} as FAILED: no heartbeat from pod-that-never-returns for "
+                    f"{silent / 60:.0f} min"]
+
+
+def test_a_training_run_records_its_heartbeat(tmp_path):
+    from aetrack.tracking.run import TrackingOptions, train_tracked
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/beat.db")
+    config = TrainConfig(model="ae", hidden=(16,), latent_dim=2, epochs=1)
+    before = time.time()
+    result = train_tracked(config, datasets.load_for(config), TrackingOptions(
+        experiment="beat", register=False, checkpoint_dir=str(tmp_path / "ck")), progress=False)
+    beat = mlflow.MlflowClient().get_run(result.run_id).data.tags[tag.HEARTBEAT]
+    assert before - 1 <= int(beat) <= time.time()
+
+
+def descendants(pid: int) -> list[int]:
+    """`pid` and every process under it (the mlflow server and the uvicorn workers it started)."""
+    found, todo = [], [pid]
+    while todo:
+        parent = todo.pop()
+        found.append(parent)
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                if int(stat.read_text().rsplit(")", 1)[1].split()[1]) == parent:
+                    todo.append(int(stat.parent.name))
+            except (OSError, IndexError, ValueError):
+                continue
+    return found
+
+
+@pytest.mark.slow
+def test_a_sigkill_while_logging_is_behind_leaves_no_gap_after_resume(tmp_path):
+    root = tmp_path / "server"
+    root.mkdir()
+    url, server = start_mlflow_server(root)
+    paused = []
+    try:
+        process = train_process(url, tmp_path, "--epochs", "40", "--patience", "0", "--seed", "5")
+        wait_for_epoch(process, 3)
+        paused = descendants(server.pid)
+        for pid in paused:  # the server hangs: the queue falls behind while training goes on and checkpoints
+            os.kill(pid, signal.SIGSTOP)
+        wait_for_epoch(process, 14)
+        process.kill()  # SIGKILL: nothing in the process gets to flush anything
+        finish(process)
+        for pid in paused:
+            os.kill(pid, signal.SIGCONT)
+        paused = []
+        mlflow.set_tracking_uri(url)
+        client = mlflow.MlflowClient()
+        experiment = client.get_experiment_by_name("reliability")
+        run_id = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"],
+                                    max_results=1)[0].info.run_id
+        saved = checkpoints.load(tmp_path / "checkpoints" / run_id / "last.pt", run_id)["epoch"]
+        on_server = history(client, run_id, names.VAL_LOSS)
+        assert saved >= 14 and len(on_server) < saved  # the kill came while the server lacked checkpointed epochs
+
+        resumed = subprocess.run([*aetrack_command(), "train", "--resume", run_id, "--tracking-uri", url, "--quiet"],
+                                 capture_output=True, text=True, cwd=tmp_path, timeout=300)
+        assert resumed.returncode == 0, resumed.stderr
+        assert "closed run" not in resumed.stderr or run_id in resumed.stderr
+        assert client.get_run(run_id).info.status == "FINISHED"
+        val_steps = history(client, run_id, names.VAL_LOSS)
+        assert val_steps == list(range(1, 41))  # every epoch exactly once
+        train_steps = history(client, run_id, names.logged("train_loss"))
+        assert len(train_steps) == len(set(train_steps))
+        per_epoch = 11  # digits: 1294 training examples, batch 128, a point every 20 steps and at each epoch's end
+        assert train_steps == sorted({s for s in range(1, 40 * per_epoch + 1) if s % 20 == 0 or s % per_epoch == 0})
+    finally:
+        for pid in paused:
+            os.kill(pid, signal.SIGCONT)
+        stop(server)

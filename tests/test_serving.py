@@ -349,8 +349,9 @@ BAD_REQUESTS = [
     ({"dataframe_records": [{"n": 1}], "params": {"output": "jpeg"}}, "output: must be one of png, array"),
     ({"dataframe_records": [{"n": 1}], "params": {"output": "x" * 100_000}}, "output: must be one of png, array, got 'xxx"),
     ({"dataframe_records": [{"n": 1}], "params": {"seed": -3}}, "seed: must be between 0"),
-    ({"dataframe_records": [{"n": 1}], "params": {"temperature": -1.0}}, "temperature: must be a finite number"),
-    ('{"dataframe_records": [{"n": 1}], "params": {"temperature": NaN}}', "temperature: must be a finite number"),
+    ({"dataframe_records": [{"n": 1}], "params": {"temperature": -1.0}}, "temperature: must be a number from 0 to 100"),
+    ('{"dataframe_records": [{"n": 1}], "params": {"temperature": NaN}}', "temperature: must be a number from 0 to 100"),
+    ({"dataframe_records": [{"n": 1}], "params": {"temperature": 1e39}}, "temperature: must be a number from 0 to 100"),
     ({"inputs": [1, 2, 3]}, "input: no row has any of the fields"),
 ]
 
@@ -414,6 +415,17 @@ def test_what_mlflow_cannot_read_gets_a_one_line_4xx(server, case):
     response = requests.post(f"{server}/invocations", data=data, headers=headers, timeout=60)
     assert message in assert_one_line_refusal(response, status)
     assert len(predictions(server, {"dataframe_records": [{"n": 1}]})) == 1
+
+
+def test_a_foreign_host_gets_403_and_a_loopback_one_an_answer(server):
+    """DNS rebinding: a page of attacker.example whose name now points at 127.0.0.1 sends its own Host."""
+    port = server.rsplit(":", 1)[1]
+    body = json.dumps({"dataframe_records": [{"n": 1}]})
+    for host, status in ((f"attacker.example:{port}", 403), (f"localhost:{port}", 200), (f"127.0.0.1:{port}", 200)):
+        response = requests.post(f"{server}/invocations", data=body, timeout=60,
+                                 headers={"Content-Type": "application/json", "Host": host})
+        assert response.status_code == status, (host, response.text[:200])
+    assert requests.get(f"{server}/ping", headers={"Host": "attacker.example"}, timeout=10).status_code == 200
 
 
 def test_other_methods_and_paths_get_a_one_line_4xx(server):
@@ -505,6 +517,20 @@ def test_every_variant_answers_every_kind_of_request(variants, digits, name):
     assert ("label" in answer.columns) == REGISTRY[name].conditional
     if name == "m2":  # without a label, m2 reconstructs with the class its classifier reads
         assert 0 <= pyfunc.predict([{"image": png(x)}])["label"][0] <= 9
+
+
+@pytest.mark.parametrize("name", sorted(REGISTRY))
+def test_every_temperature_accepted_gives_finite_pixels(variants, name):
+    """1e39 once overflowed the prior noise to NaN pixels (invalid JSON for strict parsers) with a 200."""
+    pyfunc = mlflow.pyfunc.load_model(variants[name])
+    label = {"label": 3} if REGISTRY[name].conditional else {}
+    answer = pyfunc.predict([{"n": 4, **label}], params={"seed": 0, "temperature": serving.MAX_TEMPERATURE,
+                                                         "output": "array"})
+    pixels = np.array(answer["pixels"].tolist())
+    assert np.isfinite(pixels).all() and pixels.min() >= 0 and pixels.max() <= 1
+    for too_hot in (1e39, serving.MAX_TEMPERATURE * 1.01, float("inf")):
+        with pytest.raises(serving.ServingError, match="temperature: must be a number from 0 to 100"):
+            pyfunc.predict([{"n": 1, **label}], params={"seed": 0, "temperature": too_hot})
 
 
 def test_an_unexpected_failure_is_a_one_line_500(variants):

@@ -274,10 +274,15 @@ def test_nesting_depth_is_the_depth_of_the_parsed_json(value, ascii_only):
     assert serving_guard.nesting_depth(text) == min(walked_depth(value), serving_guard.MAX_DEPTH + 1)
 
 
-def call(app, body: bytes = b'{"inputs": [{"n": 1}]}', content_type: bytes = b"application/json") -> tuple[int, dict]:
-    """One POST /invocations through RequestGuard(app), in-process: (status, JSON answer)."""
-    guard = serving_guard.RequestGuard(app, serving_guard.Limits(max_body=1 << 20, max_rows=1024))
-    scope = {"type": "http", "method": "POST", "path": "/invocations", "headers": [(b"content-type", content_type)]}
+def call(app, body: bytes = b'{"inputs": [{"n": 1}]}', content_type: bytes = b"application/json",
+         headers: list[tuple[bytes, bytes]] | None = None, path: str = "/invocations",
+         limits: serving_guard.Limits = serving_guard.Limits(max_body=1 << 20, max_rows=1024)) -> tuple[int, dict]:
+    """One POST through RequestGuard(app), in-process, from a loopback Host unless `headers` say otherwise:
+    (status, JSON answer)."""
+    guard = serving_guard.RequestGuard(app, limits)
+    if headers is None:
+        headers = [(b"host", b"127.0.0.1:5001"), (b"content-type", content_type)]
+    scope = {"type": "http", "method": "POST", "path": path, "headers": headers}
     sent = []
 
     async def receive():
@@ -331,3 +336,61 @@ def test_an_exception_that_escapes_mlflow_is_a_one_line_500():
         raise RuntimeError("a bug, with /a/path/in/it.py")
 
     assert call(broken) == (500, {"error_code": "INTERNAL_SERVER_ERROR", "message": "internal error: RuntimeError"})
+
+
+def test_the_guard_checks_the_content_type_that_mlflow_reads_the_first():
+    """Starlette's headers.get, which MLflow's scoring server reads, gives a repeated header's first value."""
+    ok = answering(200, b'{"predictions": []}')
+    status, answer = call(ok, headers=[(b"host", b"127.0.0.1:5001"), (b"content-type", b"text/csv"),
+                                       (b"content-type", b"application/json")])
+    assert status == 415 and "got 'text/csv'" in answer["message"]
+    assert call(ok, headers=[(b"host", b"127.0.0.1:5001"), (b"content-type", b"application/json"),
+                             (b"content-type", b"text/csv")])[0] == 200
+
+
+@pytest.mark.parametrize("host, allowed, status", [
+    (b"127.0.0.1:5001", serving_guard.LOOPBACK_HOSTS, 200),
+    (b"localhost:5001", serving_guard.LOOPBACK_HOSTS, 200),
+    (b"[::1]:5001", serving_guard.LOOPBACK_HOSTS, 200),
+    (b"attacker.example:5001", serving_guard.LOOPBACK_HOSTS, 403),  # a rebound name: the page's origin, our address
+    (None, serving_guard.LOOPBACK_HOSTS, 403),
+    (b"gen.example.org:5001", ("gen.example.org:5001",), 200),
+    (b"gen.example.org:5001", ("*",), 200),
+])
+def test_a_host_not_allowed_gets_403_before_mlflow_reads_anything(host, allowed, status):
+    limits = serving_guard.Limits(max_body=1 << 20, max_rows=1024, allowed_hosts=allowed)
+    headers = [(b"content-type", b"application/json")] + ([(b"host", host)] if host else [])
+    answer = call(answering(200, b'{"predictions": []}'), headers=headers, limits=limits)
+    assert answer[0] == status, answer
+    if status == 403:
+        assert answer[1]["message"].startswith("Host: ") and "AETRACK_SERVE_ALLOWED_HOSTS" in answer[1]["message"]
+        # a probe from the orchestrator still sees the server alive
+        assert call(answering(200, b"{}"), headers=headers, path="/ping", limits=limits)[0] == 200
+
+
+def test_the_allowed_hosts_come_from_the_environment_and_default_to_loopback():
+    assert serving_guard.allowed_hosts({}) == serving_guard.LOOPBACK_HOSTS
+    assert serving_guard.allowed_hosts({"AETRACK_SERVE_ALLOWED_HOSTS": "a:1, b:*"}) == ("a:1", "b:*")
+
+
+def test_aetrack_serve_hands_its_allowed_hosts_to_the_model_server(monkeypatch):
+    from click.testing import CliRunner
+
+    from aetrack.cli import server as cli_server
+    from aetrack.cli.main import main
+
+    started = {}
+
+    class FakeChild:
+        def __init__(self, name, command, env, log=None):
+            started["env"] = env
+
+    monkeypatch.setattr(cli_server, "Child", FakeChild)
+    monkeypatch.setattr(cli_server, "check_port", lambda host, port: None)
+    monkeypatch.setattr(cli_server, "describe_model", lambda uri, tracking: uri)
+    monkeypatch.setattr(cli_server, "run_until_stopped", lambda *args: None)
+    for extra, expected in (([], set()), (["--allowed-host", "gen.example.org:5001"], {"gen.example.org:5001"})):
+        result = CliRunner().invoke(main, ["serve", "models:/m@champion", "--port", "5001", *extra])
+        assert result.exit_code == 0, result.output
+        hosts = set(started["env"][serving_guard.ALLOWED_HOSTS_VARIABLE].split(","))
+        assert hosts == {"localhost:*", "127.0.0.1:*", "[::1]:*", "127.0.0.1:5001"} | expected

@@ -19,9 +19,10 @@ def promote(name, version, alias, tracking_uri):
     """Point ALIAS of registered model NAME at VERSION; serve it as models:/NAME@ALIAS."""
     from mlflow import MlflowClient
 
-    from aetrack.tracking import registry
+    from aetrack.tracking import access, registry
 
     use_tracking_uri(tracking_uri)
+    access.check_model(name)  # with logins: one line naming user, model and permission, not MLflow's 403
     registry.promote(MlflowClient(), name, version, alias)
     click.echo(f"models:/{name}@{alias} -> version {version}")
 

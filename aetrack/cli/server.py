@@ -44,7 +44,8 @@ from aetrack.tracking.server import (AUTH_SETTINGS, WILDCARDS, allowed_hosts, ch
 @click.option("--auth", is_flag=True,
               help="Logins: MLflow's basic-auth app; the admin password comes from $MLFLOW_AUTH_ADMIN_PASSWORD.")
 @click.option("--auth-db", default=None, metavar="URL", help="The login database  [default: SQLite in --root]")
-@click.option("--timeout", type=float, default=180, show_default=True, help="Seconds to wait for the server to answer.")
+@click.option("--timeout", type=click.FloatRange(1, 3600), default=180, show_default=True,
+              help="Seconds to wait for the server to answer.")
 @friendly_errors
 def server(backend, artifacts, root, host, port, workers, extra_hosts, auth, auth_db, timeout):
     """Start the team's MLflow server (tracking, registry, artifact proxy) as docker-compose.yml's `mlflow`
@@ -114,11 +115,14 @@ def server(backend, artifacts, root, host, port, workers, extra_hosts, auth, aut
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=click.IntRange(1, 65535), default=5001, show_default=True)
 @click.option("--workers", type=click.IntRange(min=1), default=1, show_default=True, help="Server worker processes.")
-@click.option("--timeout", type=float, default=180, show_default=True,
+@click.option("--allowed-host", "extra_hosts", multiple=True, metavar="NAME:PORT",
+              help="Another Host name that clients use, e.g. generator.example.org:5001 (repeatable; * is a wildcard, "
+                   "* alone allows any); loopback and the --host address are always allowed, every other Host gets 403.")
+@click.option("--timeout", type=click.FloatRange(1, 3600), default=180, show_default=True,
               help="Seconds to wait for the model server to answer.")
 @tracking_uri_option
 @friendly_errors
-def serve(model_uri, host, port, workers, timeout, tracking_uri):
+def serve(model_uri, host, port, workers, extra_hosts, timeout, tracking_uri):
     """Serve a model over HTTP with `mlflow models serve --env-manager local`; works without activating the
     environment. MODEL_URI: models:/NAME@ALIAS, models:/NAME/VERSION, runs:/RUN_ID/MODEL (MODEL: the variant, e.g. vae) or a run id.
 
@@ -135,7 +139,9 @@ def serve(model_uri, host, port, workers, timeout, tracking_uri):
     described = describe_model(model_uri, tracking_uri)
     command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
                "--host", host, "--port", str(port), "--workers", str(workers)]
-    child = Child("model server", command, environment(MLFLOW_TRACKING_URI=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")))
+    hosts = allowed_hosts(host, port, extra_hosts)  # checked by aetrack's request guard, as `mlflow server` does
+    child = Child("model server", command, environment(MLFLOW_TRACKING_URI=tracking_uri or os.environ.get("MLFLOW_TRACKING_URI"),
+                                                       AETRACK_SERVE_ALLOWED_HOSTS=",".join(hosts)))
     url = local_url(host, port)
 
     def ready() -> None:

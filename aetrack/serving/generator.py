@@ -9,7 +9,7 @@ A request is a table, one row per item; each row asks for exactly one thing:
     label   optional, for cvae and m2: the class to generate, decode or reconstruct with
 
 Params: `seed` (the same seed gives the same bytes; none draws a fresh one), `temperature`
-(scales the prior noise) and `output` ("png": base64 PNG images, or "array": pixel lists).
+(scales the prior noise; 0 to MAX_TEMPERATURE) and `output` ("png": base64 PNG images, or "array": pixel lists).
 The answer has one row per image: `row` (the request row), `label` (the class used, cvae and m2)
 and `image` or `pixels`.
 
@@ -50,6 +50,9 @@ from aetrack.serving.guard import shown
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")  # the entry file MLflow runs to load the model
 MAX_IMAGES = 1024            # images per request, all rows together
 MAX_IMAGE_BYTES = 1 << 20    # one base64 PNG
+# The prior noise's scale, at most: far past any useful draw (a code 100 standard deviations out), and small enough
+# that the noise, the code and the decoder's output stay finite in float32 (1e39 overflowed to NaN pixels).
+MAX_TEMPERATURE = 100.0
 REQUESTS = ("n", "latent", "image", "pixels")
 FIELDS = REQUESTS + ("label",)
 OUTPUTS = ("png", "array")
@@ -308,8 +311,8 @@ class GeneratorModel(mlflow.pyfunc.PythonModel):
             seed = int(torch.randint(2**62, (1,)))
         elif not 0 <= seed < 2**63:
             raise ServingError(f"seed: must be between 0 and 2**63 - 1, got {shown(seed)}")
-        if temperature is None or not (math.isfinite(temperature) and temperature >= 0):
-            raise ServingError(f"temperature: must be a finite number >= 0, got {shown(temperature)}")
+        if temperature is None or not (math.isfinite(temperature) and 0 <= temperature <= MAX_TEMPERATURE):
+            raise ServingError(f"temperature: must be a number from 0 to {MAX_TEMPERATURE:g}, got {shown(temperature)}")
         if output not in OUTPUTS:
             raise ServingError(f"output: must be one of {', '.join(OUTPUTS)}, got {shown(output)}")
         return int(seed), float(temperature), output

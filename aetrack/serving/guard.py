@@ -8,6 +8,9 @@ app wrapped in `RequestGuard`. The serve command stays as it is; in any other pr
 (`mlflow.pyfunc.load_model`, `aetrack generate`) `install()` does nothing.
 
 RequestGuard, in front of MLflow:
+  - a Host header that AETRACK_SERVE_ALLOWED_HOSTS does not list gets 403 (by default loopback names
+    only, as `mlflow server` has it; `aetrack serve` sets the list): a web page cannot reach the model
+    through DNS rebinding;
   - a body over AETRACK_SERVE_MAX_BODY (default 8M) gets 413: at once when Content-Length declares
     it, else as soon as the bytes read pass the limit; what follows is never kept;
   - POST /invocations takes application/json in UTF-8 only (415 otherwise: MLflow crashes on a
@@ -37,6 +40,9 @@ from http import HTTPStatus
 from mlflow.pyfunc.scoring_server import SUPPORTED_FORMATS
 
 MAX_BODY_VARIABLE = "AETRACK_SERVE_MAX_BODY"
+ALLOWED_HOSTS_VARIABLE = "AETRACK_SERVE_ALLOWED_HOSTS"  # comma-separated Host values, `*` a wildcard; * for any
+HEALTH_PATHS = ("/ping", "/health")  # answered whatever the Host, as `mlflow server` answers /health
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]", "localhost:*", "127.0.0.1:*", "[::1]:*")  # no remote DNS rebinds these
 DEFAULT_MAX_BODY = "8M"      # 1024 PNGs of CIFAR-10's size, or of MNIST's as pixel lists of 4 decimals
 MAX_CONTAINERS = 1 << 16     # arrays and objects: 1024 rows of MNIST pixels nested [1][28][28] take about 32,000
 MAX_DEPTH = 32               # aetrack's requests nest 7 deep at most ({"dataframe_split": {"data": [[[[[...
@@ -55,6 +61,7 @@ logger = logging.getLogger(__name__)
 class Limits:
     max_body: int   # bytes
     max_rows: int   # rows of the request's table
+    allowed_hosts: tuple[str, ...] = LOOPBACK_HOSTS
 
 
 class ServedAppModule(types.ModuleType):
@@ -81,7 +88,7 @@ def install(max_rows: int) -> bool:
     if module is None:
         return False
     module.__class__ = ServedAppModule
-    module.aetrack_limits = Limits(max_body_bytes(), max_rows)  # a bad setting stops the server here
+    module.aetrack_limits = Limits(max_body_bytes(), max_rows, allowed_hosts())  # a bad setting stops the server here
     logger.info("aetrack: requests checked before MLflow reads them, %s", module.aetrack_limits)
     return True
 
@@ -93,6 +100,36 @@ def max_body_bytes(environ=os.environ) -> int:
     if not match or int(match[1]) == 0:
         raise ValueError(f"{MAX_BODY_VARIABLE}: expected a size such as 16M, 512K or 1048576, got {text!r}")
     return int(match[1]) << {"": 0, "k": 10, "m": 20, "g": 30}[match[2]]
+
+
+def allowed_hosts(environ=os.environ) -> tuple[str, ...]:
+    """The Host values served, from AETRACK_SERVE_ALLOWED_HOSTS; loopback names when it is unset."""
+    names = tuple(name.strip() for name in environ.get(ALLOWED_HOSTS_VARIABLE, "").split(",") if name.strip())
+    return names or LOOPBACK_HOSTS
+
+
+def first_headers(raw) -> dict[bytes, bytes]:
+    """Header names to values, the first of a repeated header winning, as Starlette's `Request.headers.get` (what
+    MLflow reads) has it: a second Content-Type must not be the one checked while MLflow reads the first."""
+    headers: dict[bytes, bytes] = {}
+    for name, value in raw:
+        headers.setdefault(name.lower(), value)
+    return headers
+
+
+def host_matches(host: str, pattern: str) -> bool:
+    """`*` matches anything; every other character, `[` included, only itself (MLflow's fnmatch reads `[::1]:*` as a
+    character class, which no IPv6 Host matches)."""
+    return re.fullmatch(".*".join(map(re.escape, pattern.split("*"))), host) is not None
+
+
+def check_host(value: bytes | None, allowed: tuple[str, ...]) -> None:
+    """As `mlflow server --allowed-hosts` (mlflow.server.security_utils.is_allowed_host_header, whose module would cost
+    the first request two seconds of imports) but for `[`: a listed Host or pattern; `*` alone allows any; no Host
+    is refused."""
+    host = None if value is None else value.decode("latin-1")
+    if not host or not any(host_matches(host, name) for name in allowed):
+        raise Refused(403, f"Host: {shown(host)} is not served here (allowed: {', '.join(allowed)}; {ALLOWED_HOSTS_VARIABLE})")
 
 
 # ----- the guard --------------------------------------------------------------------------------
@@ -117,7 +154,9 @@ class RequestGuard:
             return
         errors = OneLineErrors(send)
         try:
-            headers = dict(scope["headers"])  # uvicorn gives lower-case names
+            headers = first_headers(scope["headers"])
+            if scope["path"] not in HEALTH_PATHS:  # probes from a container's orchestrator use its address
+                check_host(headers.get(b"host"), self.limits.allowed_hosts)
             self.check_length(headers.get(b"content-length"))
             if scope["method"] == "POST" and scope["path"] == "/invocations":
                 check_content_type(headers.get(b"content-type"))

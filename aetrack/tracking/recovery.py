@@ -66,6 +66,7 @@ def open_checkpoint(run_id: str, checkpoint_dir: str) -> dict:
 
 CHECKPOINT_ARTIFACT = f"checkpoint/{checkpoints.FILE}"  # where a stopped run leaves its checkpoint for other machines
 UNSENT = "unsent-metrics.json"  # beside the local checkpoint: metrics a stopped run could not deliver
+JOURNAL = "metrics.jsonl"  # beside the local checkpoint: every point the run logged, written before its checkpoint
 
 
 def persist(call, what: str):
@@ -90,15 +91,37 @@ def _unavailable(err: Exception) -> bool:
                                           "503", "502", "504"))
 
 
-def send_unsent(run_id: str, folder: Path) -> None:
+def send_unsent(run_id: str, folder: Path, resume: dict | None = None) -> int:
+    """Before a stopped run goes on: send what its process could not. The points a SIGTERM left unsent, and, from
+    the journal, every point up to the checkpoint (`resume`: its epoch and optimiser step) that the server lacks,
+    such as those a SIGKILL left in the queue. Points past the checkpoint are left out: the resumed run logs them
+    again. Returns how many points were sent."""
+    metrics = []
     file = folder / UNSENT
-    if not file.is_file():
-        return
-    metrics = [Metric(key, value, timestamp, step) for key, value, timestamp, step in json.loads(file.read_text())]
+    if file.is_file():
+        metrics += [Metric(key, value, timestamp, step) for key, value, timestamp, step in json.loads(file.read_text())]
+    journal = folder / JOURNAL
+    if resume is not None and journal.is_file():
+        on_server = last_steps(run_id)
+        for name, step in ((m.key, m.step) for m in metrics):
+            on_server[name] = max(on_server.get(name, -1), step)
+        latest: dict[tuple[str, int], Metric] = {}  # a step logged twice (by a run resumed before) counts once
+        for line in journal.read_text(encoding="utf-8").splitlines():
+            try:
+                key, value, timestamp, step, epoch_level = json.loads(line)
+            except ValueError:
+                continue  # a line torn by the kill
+            saved = resume["epoch"] if epoch_level else resume["step"]
+            if on_server.get(key, -1) < step <= saved:
+                latest[key, step] = Metric(key, value, timestamp, step)
+        metrics += latest.values()
     client = mlflow.MlflowClient()
     for start in range(0, len(metrics), 900):
         persist(lambda: client.log_batch(run_id, metrics=metrics[start:start + 900]), "the metrics of the stopped run")
-    file.unlink()
+    file.unlink(missing_ok=True)
+    if metrics:
+        say(f"sent {len(metrics)} metric points that run {run_id} logged before it stopped and the server never got")
+    return len(metrics)
 
 
 def last_steps(run_id: str) -> dict[str, int]:
