@@ -14,7 +14,7 @@ together before a deadline:
    where it stopped (`--resume --finish`, which its record then says);
 3. every row has its own MLflow store (SQLite) and results; DIR gets ROW.tgz (store, artifacts, record, log).
 
-`merge`, back on the machine that holds the repository, adds each archive's record to anchors.json (README's
+`merge`, back on the machine that holds the repository, adds each archive's record to anchors.json (the docs'
 table rebuilt) with the commit of the tree that was sent: the machine's .git, where one travels, is the session's
 first commit under the sent files, so the commit it reads there is not the code's.
 
@@ -191,7 +191,7 @@ def archive(row: Row, path: Path, artifacts: bool) -> bool:
 @click.option("--commit", required=True, help="The commit of the tree the machine ran (its own .git is stale).")
 @click.option("--into", type=click.Path(file_okay=False), default="/tmp/anchor-rows-back", show_default=True)
 def merge(archives, commit, into):
-    """Add the records in ARCHIVES to anchors.json and rebuild README's table."""
+    """Add the records in ARCHIVES to anchors.json and rebuild the docs' tables."""
     for archive in archives:
         with tarfile.open(archive) as tar:
             tar.extractall(into, filter="data")

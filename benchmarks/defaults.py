@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -23,6 +22,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from aetrack.tracking import metric_names as names
+from aetrack.tracking import tags
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -54,7 +54,7 @@ def train_and_evaluate(model: str, uri: str, *extra: str, evaluate: bool = True)
     history = MlflowClient(uri).get_metric_history(run_id, names.EPOCH_TIME)
     record = {"run_id": run_id, "command_seconds": round(seconds, 1),
               "training_seconds": round(sum(m.value for m in history), 1), "epochs_run": len(history),
-              "epochs": int(run.data.params["resolved_epochs"]), "best_epoch": int(run.data.metrics[names.BEST_EPOCH]),
+              "epochs": int(run.data.tags[tags.RESOLVED.format("epochs")]), "best_epoch": int(run.data.metrics[names.BEST_EPOCH]),
               "best_val_loss": run.data.metrics[names.BEST_VAL_LOSS]}
     if evaluate:
         output, _ = aetrack("evaluate", run_id, "--json", uri=uri)
@@ -63,17 +63,23 @@ def train_and_evaluate(model: str, uri: str, *extra: str, evaluate: bool = True)
 
 
 def timing(uri: str) -> dict:
-    """The README's first command, exactly: `aetrack train` (no options; the machine's default threads)."""
+    """The README's first command, exactly: `aetrack train` (no options; the machine's default threads), with the
+    commit of the code that ran it."""
     output, seconds = aetrack("train", "--quiet", uri=uri)
     from mlflow import MlflowClient
 
     run_id = run_id_of(output)
     epochs = MlflowClient(uri).get_metric_history(run_id, names.EPOCH_TIME)
+    run = MlflowClient(uri).get_run(run_id)
     evaluated, _ = aetrack("evaluate", run_id, "--json", uri=uri)
     metrics = json.loads(evaluated)["metrics"]
+    from aetrack.tracking.run import git_commit
+
     return {"run_id": run_id, "command_seconds": round(seconds, 1), "training_seconds": round(sum(m.value for m in epochs), 1),
-            "epochs_run": len(epochs), "test_active_units": metrics[names.test("active_units")],
-            "test_fcd": metrics[names.test("fcd")], "test_nll_iw": metrics[names.test("nll_iw")]}
+            "epochs_run": len(epochs), "epochs": int(run.data.tags[tags.RESOLVED.format("epochs")]),
+            "best_epoch": int(run.data.metrics[names.BEST_EPOCH]), "best_val_loss": run.data.metrics[names.BEST_VAL_LOSS],
+            "test_active_units": metrics[names.test("active_units")],
+            "test_fcd": metrics[names.test("fcd")], "test_nll_iw": metrics[names.test("nll_iw")], "git_commit": git_commit()}
 
 
 def targets(uri: str) -> dict:
@@ -103,6 +109,11 @@ def convergence(uri: str, results: dict, variants: tuple[str, ...] = VARIANTS) -
         print(f"{model}: default {default['best_val_loss']:.3f}, 5x {longer['best_val_loss']:.3f} "
               f"({rows[model]['gap_percent']:+.2f} %)", flush=True)
     return rows
+
+
+def recorded(test: dict, name: str) -> float:
+    """A test metric of a record, under today's name (`test/error`) or the one older records hold (`test_error`)."""
+    return test[names.test(name)] if names.test(name) in test else test[f"test_{name}"]
 
 
 def machine() -> dict:
@@ -144,10 +155,10 @@ def write_markdown(results: dict) -> None:
         lines += ["## Conditional and semi-supervised defaults", ""]
         if "cvae" in targets_done:
             c = targets_done["cvae"]
-            lines.append(f"- cvae: test_label_accuracy {c['test'][names.test('label_accuracy')]:.3f} (run {c['run_id']})")
+            lines.append(f"- cvae: test_label_accuracy {recorded(c['test'], 'label_accuracy'):.3f} (run {c['run_id']})")
         if "m2" in targets_done:
             m = targets_done["m2"]
-            lines.append(f"- m2 (100 labels): test_error {m['test'][names.test('error')]:.3f} (run {m['run_id']})")
+            lines.append(f"- m2 (100 labels): test_error {recorded(m['test'], 'error'):.3f} (run {m['run_id']})")
         lines.append("")
     if results.get("convergence"):
         lines += ["## Converged? Default budget against five times longer", "",
@@ -163,45 +174,12 @@ def write_markdown(results: dict) -> None:
     (RESULTS / "defaults.md").write_text("\n".join(lines))
 
 
-def readme_block(results: dict) -> str:
-    """The README's table of targets and the convergence table, from the results."""
-    lines = ["| target (digits, defaults) | required | measured |", "| --- | --- | --- |"]
-    if "timing" in results:
-        t = results["timing"]
-        load = t.get("machine", {}).get("load_average_1m")
-        lines += [f"| `aetrack train`, no options: training time | at most 90 s | {t['training_seconds']:.0f} s "
-                  f"({t['epochs_run']} epochs, early stop; whole command {t['command_seconds']:.0f} s, load average {load}) |",
-                  f"| its `test/active_units` | at least 3 of 8 | {t['test_active_units']:.0f} |",
-                  f"| its `test/fcd` | at most 60 | {t['test_fcd']:.1f} |"]
-    targets_done = results.get("targets", {})
-    if "cvae" in targets_done:
-        lines.append(f"| `aetrack train --model cvae`: `test/label_accuracy` | at least 0.95 | "
-                     f"{targets_done['cvae']['test'][names.test('label_accuracy')]:.3f} |")
-    if "m2" in targets_done:
-        lines.append(f"| `aetrack train --model m2` (100 labels): `test/error` | at most 0.20 | "
-                     f"{targets_done['m2']['test'][names.test('error')]:.3f} |")
-    found = results.get("convergence", {})
-    rows = {k: found[k] for k in VARIANTS if "longer" in found.get(k, {})}
-    if rows:
-        lines += ["", "Converged: each variant's best validation loss with the defaults against the same variant "
-                  "trained five times longer (same seed and KL warm-up, no early stopping); the gap must stay "
-                  "under 2 %.", "",
-                  "| model | default: epochs run (best) | best val loss | 5x: epochs (best) | best val loss | gap |",
-                  "| --- | --- | --- | --- | --- | --- |"]
-        for model, row in rows.items():
-            d, longer = row["default"], row["longer"]
-            lines.append(f"| {model} | {d['epochs_run']} of {d['epochs']} ({d['best_epoch']}) | {d['best_val_loss']:.3f} | "
-                         f"{longer['epochs_run']} of {longer['epochs']} ({longer['best_epoch']}) | "
-                         f"{longer['best_val_loss']:.3f} | {row['gap_percent']:+.2f} % |")
-    return "\n".join(lines)
+def rewrite_docs() -> None:
+    """The docs' pages render their defaults tables from the results (benchmarks/render_docs.py)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import render_docs
 
-
-def rewrite_readme(results: dict) -> None:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    block = readme_block(results)
-    readme.write_text(re.sub(r"(<!-- defaults -->\n).*?(<!-- /defaults -->)", lambda m: m.group(1) + block + "\n" + m.group(2),
-                             text, flags=re.S))
+    render_docs.write_pages()
 
 
 def main() -> None:
@@ -209,7 +187,7 @@ def main() -> None:
     parser.add_argument("--part", action="append", choices=("timing", "targets", "convergence"))
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / "work")
     parser.add_argument("--redo", action="store_true", help="Measure parts again even where results exist.")
-    parser.add_argument("--readme", action="store_true", help="Only rewrite the README's table from the results.")
+    parser.add_argument("--docs", action="store_true", help="Only rewrite the docs' tables from the results.")
     parser.add_argument("--variants", default=",".join(VARIANTS), help="Convergence: these variants only.")
     parser.add_argument("--file", default="defaults.json",
                         help="Results file under benchmarks/results/ (another process can measure other parts at once; "
@@ -217,8 +195,8 @@ def main() -> None:
     args = parser.parse_args()
     global FILE
     FILE = RESULTS / args.file
-    if args.readme:
-        rewrite_readme(merged())
+    if args.docs:
+        rewrite_docs()
         return
     args.workdir.mkdir(parents=True, exist_ok=True)
     uri = f"sqlite:///{args.workdir / Path(args.file).with_suffix('.db').name}"
@@ -234,7 +212,7 @@ def main() -> None:
             results["convergence"] = convergence(uri, results, tuple(args.variants.split(",")))
         save(results)
     write_markdown(merged())
-    rewrite_readme(merged())
+    rewrite_docs()
     print((RESULTS / "defaults.md").read_text())
 
 

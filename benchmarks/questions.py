@@ -1,11 +1,11 @@
 """The lesson's questions, answered from converged runs: every `aetrack study`, on digits with three seeds per
 setting and, for the generation and prior questions, on MNIST with one seed (the time on two CPU cores allows no
-more). Results go to benchmarks/results/questions.json and questions.md, and the README's tables between
-`<!-- questions:STUDY:DATASET -->` markers are rewritten from them.
+more). Results go to benchmarks/results/questions/STUDY@DATASET.json and questions.md; the study pages in docs/studies/
+render their tables from them (`<!-- render: questions:STUDY@DATASET -->` blocks, benchmarks/render_docs.py).
 
     python benchmarks/questions.py                 # everything; resumes: finished, evaluated runs are reused
     python benchmarks/questions.py --only priors@digits --only generation@mnist
-    python benchmarks/questions.py --readme-only   # rewrite the README tables from the results file
+    python benchmarks/questions.py --docs-only     # rewrite the docs' tables from the results files
 
 Each group of studies runs in its own process (one torch thread) with its own MLflow store under
 --workdir, two groups at a time: a long job split into resumable legs, since runs already in a store are kept.
@@ -18,7 +18,6 @@ import concurrent.futures
 import json
 import os
 import platform
-import re
 import subprocess
 import sys
 import time
@@ -80,18 +79,12 @@ def write_summary(results: dict[str, dict]) -> None:
     (RESULTS / "questions.md").write_text("\n".join(lines))
 
 
-def rewrite_readme(results: dict[str, dict]) -> list[str]:
-    """Replace each `<!-- questions:STUDY@DATASET -->` ... `<!-- /questions -->` block with its table."""
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    done = []
-    for key, record in results.items():
-        pattern = re.compile(rf"(<!-- questions:{re.escape(key)} -->\n).*?(<!-- /questions -->)", re.S)
-        text, count = pattern.subn(lambda m: m.group(1) + record["table"] + "\n" + m.group(2), text)
-        if count:
-            done.append(key)
-    readme.write_text(text)
-    return done
+def rewrite_docs() -> list[str]:
+    """Render the study pages' tables from the results (benchmarks/render_docs.py)."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    import render_docs
+
+    return render_docs.write_pages()
 
 
 def main() -> None:
@@ -100,14 +93,14 @@ def main() -> None:
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / "work")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--data-dir", default=os.environ.get("AETRACK_DATA_DIR"))
-    parser.add_argument("--readme-only", action="store_true")
+    parser.add_argument("--docs-only", action="store_true")
     parser.add_argument("--group", help=argparse.SUPPRESS)  # internal: run one group in this process
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.group:
         run_group(args.group, args.workdir, set(args.only), args.data_dir)
         return
-    if not args.readme_only:
+    if not args.docs_only:
         groups = [g for g, studies in GROUPS.items()
                   if not args.only or any(f"{n}@{d}" in args.only for n, d, _ in studies)]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -125,7 +118,7 @@ def main() -> None:
             print(f"groups failed: {', '.join(failed)}", file=sys.stderr)
     results = collect()
     write_summary(results)
-    print(f"README tables rewritten: {', '.join(rewrite_readme(results)) or 'none'}")
+    print(f"pages rewritten: {', '.join(rewrite_docs()) or 'none'}")
 
 
 if __name__ == "__main__":

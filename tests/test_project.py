@@ -1,5 +1,5 @@
-"""The project's own promises: the README's commands are the ones CI runs, and docker-compose.yml names the
-stack's services (tests/test_stack.py runs them natively: CI has no Docker engine)."""
+"""The project's own promises: the README's commands are the ones CI runs, CI builds the docs, and
+docker-compose.yml names the stack's services (tests/test_stack.py runs them natively: CI has no Docker engine)."""
 
 from __future__ import annotations
 
@@ -22,6 +22,15 @@ def test_readme_starts_with_the_two_set_up_commands_and_ci_runs_the_second():
     assert tests.endswith(".venv/bin/python -m pytest")
     ci = (REPO / ".ci" / "run").read_text()
     assert tests in ci.splitlines()
+
+
+def test_ci_builds_the_docs_strictly_and_stops_at_the_first_failure():
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    assert "set -euo pipefail" in ci
+    install = '.venv/bin/pip install -q -c constraints.txt -e ".[docs]"'
+    build = next(line for line in ci if line.startswith(".venv/bin/mkdocs build"))
+    assert install in ci and ci.index(install) < ci.index(build) and "--strict" in build
+    assert "site/" in (REPO / ".gitignore").read_text()
 
 
 def compose() -> dict:

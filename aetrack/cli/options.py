@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 import os
 import re
@@ -14,6 +15,7 @@ import warnings
 from pathlib import Path
 
 import click
+import cloup
 
 from aetrack.config import (DEVICES, AUTO_STEPS, POOL_SIZES, ConfigError, TrainConfig, UserError, format_value, from_strings,
                             hints, optional_type, option_name, parse_settings)
@@ -55,6 +57,9 @@ def quiet_mlflow() -> None:
     # MLflow's INFO lines and artifact progress bars would bury aetrack's own output.
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    # MLflow's "🏃 View run / 🧪 View experiment" lines, at every run's end (every trial of a study): aetrack says once
+    # where to look.
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
     # MLflow retries an absent server for about 250 s per request by default. A few seconds here: requests that
     # must arrive (metrics, pictures, the model) are retried by aetrack itself, with a line saying it waits.
     for name, value in {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
@@ -148,6 +153,11 @@ def auto_epochs_help() -> str:
             + ", ".join(budgets) + ".")
 
 
+def models_taking(scope: str) -> list[str]:
+    """The variants that accept the options of `scope` (what `--help` puts in brackets)."""
+    return sorted(name for name, variant in REGISTRY.items() if scope in variant.scopes)
+
+
 def config_options(cls):
     """One click option per field of a config dataclass, with its default, choices and help."""
     types = hints(cls)
@@ -164,7 +174,7 @@ def config_options(cls):
             else:
                 kind = hint
             extra = auto_epochs_help() if cls is TrainConfig and f.name == "epochs" else ""
-            scope = f" [{meta['scope'].replace('_', '-')}]" if meta["scope"] else ""
+            scope = f" [{', '.join(models_taking(meta['scope']))}]" if meta["scope"] else ""
             if hint is bool:  # an on/off setting is a flag pair: --compile / --no-compile
                 func = click.option(f"{option_name(f.name)}/--no-{option_name(f.name)[2:]}", f.name, default=f.default,
                                     show_default=True, help=meta["help"] + scope)(func)
@@ -175,6 +185,50 @@ def config_options(cls):
                                 help=meta["help"] + extra + scope)(func)
         return func
     return decorate
+
+
+# `aetrack train --help` in the groups a user thinks in. A TrainConfig field with a scope (options only some variants
+# take) goes to "Variant options" by its metadata; the others, and the command's own options, are named here once.
+VARIANT_OPTIONS = "Variant options (the models each takes are in brackets)"
+TRAIN_HELP_GROUPS = {
+    "Model": ("model", "arch", "hidden", "latent_dim", "activation", "likelihood", "decoder_bias"),
+    VARIANT_OPTIONS: (),
+    "Data": ("dataset", "data_dir", "download", "binarize", "val_fraction"),
+    "Optimisation and schedule": ("epochs", "patience", "keep", "batch_size", "lr", "lr_schedule", "warmup_steps",
+                                  "adam_eps", "grad_clip", "seed"),
+    "Device and speed": ("device", "precision", "compile"),
+    "Tracking": ("tracking_uri", "experiment", "run_name", "register", "registered_model", "log_every", "quiet"),
+    "Resume": ("resume_run", "checkpoint_dir"),
+    "Any option by name": ("settings",),
+}
+
+
+def help_group(name: str) -> str | None:
+    """The --help group of a `train` option (by its parameter name); None: cloup's "Other options", where
+    tests/test_docs.py finds it and asks for a group."""
+    found = TrainConfig.__dataclass_fields__.get(name)
+    if found is not None and found.metadata["scope"]:
+        return VARIANT_OPTIONS
+    return next((title for title, names in TRAIN_HELP_GROUPS.items() if name in names), None)
+
+
+class GroupedHelp(cloup.Command):
+    """A command whose --help shows its options in TRAIN_HELP_GROUPS' groups, in that order (cloup lays them out)."""
+
+    def __init__(self, *args, params=None, **kwargs):
+        if kwargs.get("help"):  # click dedents a docstring only in its own formatter
+            kwargs["help"] = inspect.cleandoc(kwargs["help"])
+        groups = {title: cloup.OptionGroup(title) for title in TRAIN_HELP_GROUPS}
+        for param in params or []:
+            if isinstance(param, click.Option) and help_group(param.name):
+                param.group = groups[help_group(param.name)]
+        super().__init__(*args, params=params, **kwargs)
+        order = list(groups.values())
+        self.option_groups.sort(key=order.index)
+        for group in self.option_groups:
+            names = TRAIN_HELP_GROUPS[group.title]
+            if names:
+                group.options = sorted(group.options, key=lambda option: names.index(option.name))
 
 
 def explicit_options(ctx: click.Context, cls, settings: dict[str, str] = {}) -> set[str]:

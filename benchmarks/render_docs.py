@@ -1,0 +1,748 @@
+"""The documentation's measured figures, rendered from their records in benchmarks/results/.
+
+A page holds each figure between `<!-- render: NAME -->` and `<!-- /render: NAME -->`; this module fills the
+block from the record that the benchmark wrote, so a rerun of the benchmark updates the page and a hand edit is
+undone (tests/test_docs.py fails on it). Tables and sentences alike are templates here: no figure is typed into
+a page by hand.
+
+    python benchmarks/render_docs.py           # rewrite every block of docs/ from the records
+    python benchmarks/render_docs.py --check   # exit 1 naming the pages whose blocks differ from their records
+
+The benchmarks that write a record (anchors.py, defaults.py, questions.py) call `write_pages()` themselves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+DOCS = ROOT / "docs"
+BLOCK = re.compile(r"(<!-- render: (?P<name>[\w@.:-]+) -->\n)(?P<body>.*?)(<!-- /render: (?P=name) -->)", re.S)
+# The published figures that are not any row's record: the vel project's benchmarks of Burda et al.'s network.
+VEL = "the vel project's benchmarks (MillionIntegrals/vel, `docs/Benchmarks.md`)"
+VEL_FC_VAE = "86.83 ± 0.26"
+
+
+def record(name: str):
+    path = RESULTS / name
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return json.loads(path.read_text())
+
+
+def anchors_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import anchors
+
+    return anchors
+
+
+# ----- what the defaults give ---------------------------------------------------------------------------------------
+
+def defaults() -> dict:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import defaults as module
+
+    return module.merged()
+
+
+def block_defaults_job() -> str:
+    results = defaults()
+    t, targets = results["timing"], results.get("targets", {})
+    commit = f"commit `{t['git_commit']}`" if t.get("git_commit") else "an earlier commit (its record names none)"
+    lines = [f"`aetrack train` with no options, measured {t['machine']['date']} at {commit}, on "
+             f"{t['machine']['cores']} CPU cores (load average {t['machine']['load_average_1m']}); run `{t['run_id']}`.",
+             "", "| target (digits, defaults) | required | measured |", "| --- | --- | --- |",
+             f"| training time | at most 90 s | {t['training_seconds']:.0f} s ({t['epochs_run']} epochs, early stop"
+             + (f"; best epoch {t['best_epoch']}, best validation loss {t['best_val_loss']:.3f}" if "best_epoch" in t else "")
+             + f"; whole command {t['command_seconds']:.0f} s) |",
+             f"| `test/active_units` | at least 3 of 8 | {t['test_active_units']:.0f} |",
+             f"| `test/fcd` | at most 60 | {t['test_fcd']:.1f} |",
+             f"| `test/nll_iw` | | {t['test_nll_iw']:.2f} nats |"]
+    if targets:
+        date = targets.get("machine", {}).get("date")
+        lines += ["", "The conditional and semi-supervised defaults" + (f", measured {date}" if date else "")
+                  + " (their records name no commit):", "",
+                  "| target (digits, defaults) | required | measured |", "| --- | --- | --- |"]
+        if "cvae" in targets:
+            lines.append(f"| `aetrack train --model cvae`: `test/label_accuracy` | at least 0.95 | "
+                         f"{targets['cvae']['test']['test_label_accuracy']:.3f} |")
+        if "m2" in targets:
+            lines.append(f"| `aetrack train --model m2` (100 labels): `test/error` | at most 0.20 | "
+                         f"{targets['m2']['test']['test_error']:.3f} |")
+    return "\n".join(lines)
+
+
+def block_defaults_convergence() -> str:
+    rows = defaults().get("convergence", {})
+    order = ("ae", "dae", "sae", "cae", "vae", "cvae", "m2")
+    gaps = [rows[m]["gap_percent"] for m in order if m in rows]
+    lines = [f"Each variant's best validation loss with the defaults against the same variant trained five times longer "
+             f"(same seed and KL warm-up, no early stopping): the largest gap is {max(gaps):.2f} %, under the 2 % "
+             "required. These runs were measured at an earlier commit than the default job above (their records name "
+             "no commit), so the `vae` row's epochs need not match it.", "",
+             "| model | default: epochs run (best) | best val loss | 5x: epochs (best) | best val loss | gap |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for model in order:
+        if model not in rows:
+            continue
+        d, longer = rows[model]["default"], rows[model]["longer"]
+        lines.append(f"| {model} | {d['epochs_run']} of {d['epochs']} ({d['best_epoch']}) | {d['best_val_loss']:.3f} | "
+                     f"{longer['epochs_run']} of {longer['epochs']} ({longer['best_epoch']}) | "
+                     f"{longer['best_val_loss']:.3f} | {rows[model]['gap_percent']:+.2f} % |")
+    return "\n".join(lines)
+
+
+# ----- training recipes ---------------------------------------------------------------------------------------------
+
+def recipe_stats() -> dict:
+    """(recipe, budget) -> mean and spread of each figure, and the number of seeds behind it."""
+    groups: dict = {}
+    for r in record("recipes.jsonl"):
+        groups.setdefault((r["recipe"], r["budget"]), []).append(r)
+    stats = {}
+    for key, rows in groups.items():
+        def stat(name, rows=rows):
+            values = [r[name] for r in rows]
+            return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+        stats[key] = {"seeds": len(rows), "nll": stat("test_nll_iw"), "val": stat("best_val_loss"),
+                      "units": stat("active_units")}
+    return stats
+
+
+def nll(stats: dict, recipe: str, budget) -> str:
+    s = stats[(recipe, budget)]
+    mean, spread = s["nll"]
+    seeds = f"{s['seeds']} seed{'s' if s['seeds'] != 1 else ''}"
+    return f"{mean:.2f}" + (f" ± {spread:.2f}" if spread is not None else "") + f" ({seeds})"
+
+
+def units(stats: dict, recipe: str, budget) -> str:
+    return f"{stats[(recipe, budget)]['units'][0]:.1f}"
+
+
+def block_recipes() -> str:
+    s = recipe_stats()
+    default = "constant+bias+warmup (default)"
+    rows = [
+        ("`--decoder-bias mean\\|zero`", "`mean`", "the decoder's output bias starts at the logit of the training "
+         "set's mean image (Burda et al. 2015's initialisation)",
+         f"at 50 epochs {nll(s, 'constant+bias', 50)} against {nll(s, 'old', 50)} with a zero bias; at the full "
+         f"budget, with the KL warm-up, {nll(s, default, 'auto')} against {nll(s, 'old', 'auto')} for the former recipe"),
+        ("`--kl-warmup auto\\|N`", "`auto` (10 % of the epochs; VAEs only)", "the KL weight rises linearly from 0 to "
+         "`--beta` over N epochs (Bowman et al. 2016)",
+         f"at 50 epochs {nll(s, default, 50)} against {nll(s, 'constant+bias', 50)} without it; at the full budget "
+         f"{units(s, default, 'auto')} active units of 8 on average against {units(s, 'old', 'auto')} for the former "
+         "recipe"),
+        ("`--lr-schedule constant\\|cosine\\|step\\|plateau\\|burda`", "`constant`", "cosine decays to 1 % of `--lr` "
+         "over the budget; step divides by 10 at 50 % and 75 %; plateau halves the rate when the validation loss "
+         "stalls for a quarter of `--patience`; burda runs Burda et al. 2015's stages (see the option reference)",
+         f"cosine was **worse**: {nll(s, 'cosine', 'auto')} against {nll(s, 'old', 'auto')} at the full budget, "
+         f"{nll(s, 'cosine', 50)} against {nll(s, 'old', 50)} at 50 epochs, so it is not the default"),
+        ("`--warmup-steps N`", "0", "the rate rises linearly from 0 over the first N steps", "not measured here; off"),
+        ("`--grad-clip NORM`", "0 (off)", "clips the gradient's global norm",
+         f"clip 5: {nll(s, 'cosine+bias+warmup+clip5', 'auto')} against {nll(s, 'cosine+bias+warmup', 'auto')} without "
+         "it: within the spread, so off"),
+    ]
+    lines = ["| option | default | what it does | measured (test NLL in nats, mean ± spread over seeds) |",
+             "| --- | --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
+def block_recipes_all() -> str:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import recipes
+
+    text = recipes.summary(record("recipes.jsonl"))
+    return text.split("\n", 2)[2].strip()  # without its title
+
+
+# ----- the lesson's questions ---------------------------------------------------------------------------------------
+
+def question(key: str) -> dict:
+    return record(f"questions/{key}.json")
+
+
+def block_question(key: str) -> str:
+    q = question(key)
+    seeds = len(q["cells"][0]["run_ids"])
+    return (f"{q['table'].strip()}\n\n{seeds} seed{'s' if seeds != 1 else ''} per setting, "
+            f"{q['machine']['cores']} CPU cores, measured {q['machine']['date']}.")
+
+
+# What each study's picture shows: (metric, its label, lower is better) panels over the study's settings.
+STUDY_PICTURES = {
+    "latent-size": [("recon_loss", "reconstruction loss (nats)", True), ("psnr", "PSNR (dB)", False)],
+    # a panel of several metrics of one setting: the noisy input, the dae's output and the plain ae's, in dB
+    "denoising": [(("psnr_noisy_at_0.3", "psnr_denoised_at_0.3", "psnr_baseline_at_0.3"), "PSNR (dB), noise 0.3", False),
+                  (("psnr_noisy_at_0.5", "psnr_denoised_at_0.5", "psnr_baseline_at_0.5"), "PSNR (dB), noise 0.5", False)],
+    "generation": [("fcd", "FCD", True), ("recon_loss", "reconstruction loss (nats)", True)],
+    "priors": [("nll_iw", "test NLL (nats)", True), ("fcd", "FCD", True), ("active_units", "active units of 8", False)],
+    "conditional": [("fcd", "FCD", True), ("label_accuracy", "label accuracy", False),
+                    ("cas", "CAS (trained on samples only)", False)],
+    "regularised": [("jacobian_frobenius_sq", "squared Jacobian norm (log scale)", True),
+                    ("recon_loss", "reconstruction loss (nats)", True), ("probe_accuracy", "probe accuracy", False)],
+}
+
+
+PSNR_NAMES = {"psnr_noisy": "noisy input", "psnr_denoised": "dae output", "psnr_baseline": "plain ae output"}
+
+
+def as_tuple(metric) -> tuple:
+    return metric if isinstance(metric, tuple) else (metric,)
+
+
+def record_digest(study: str) -> str:
+    """What a study's picture was drawn from: the sha256 of its records' bytes."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((RESULTS / "questions").glob(f"{study}@*.json")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def draw_study(study: str) -> Path:
+    """docs/studies/STUDY.png: the study's key metrics per setting, mean and spread over seeds, one row of panels per
+    data set; the PNG's Description names the digest of the records it was drawn from."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [question(path.stem) for path in sorted((RESULTS / "questions").glob(f"{study}@*.json"))]
+    panels = STUDY_PICTURES[study]
+    fig, axes = plt.subplots(len(records), len(panels), figsize=(3.6 * len(panels), 2.9 * len(records)), squeeze=False)
+    for row, r in zip(axes, records):
+        cells = [c for c in r["cells"] if any(c["summary"].get(m) for metric, _, _ in panels for m in as_tuple(metric))]
+        varying = [k for k in cells[0]["setting"] if len({str(c["setting"].get(k)) for c in cells}) > 1
+                   and not (k == "hidden" and "arch" in cells[0]["setting"])]  # the architecture names its sizes
+        labels = [" ".join(str(c["setting"].get(k)) for k in varying) for c in cells]
+        for ax, (metric, title, lower) in zip(row, panels):
+            if isinstance(metric, tuple):  # one setting's metrics side by side
+                found = [(PSNR_NAMES.get(m.split("_at_")[0], m), c["summary"][m]) for c in cells for m in metric
+                         if c["summary"].get(m)]
+            else:
+                found = [(label, c["summary"][metric]) for label, c in zip(labels, cells) if c["summary"].get(metric)]
+            names = [label for label, _ in found]
+            means = [m for _, (m, _, _) in found]
+            spreads = [sd or 0 for _, (_, sd, _) in found]
+            best = (min if lower else max)(means)
+            for x, (m, sd) in enumerate(zip(means, spreads)):  # points, not bars: a bar's zero would hide the gaps
+                ax.errorbar([x], [m], yerr=[sd], fmt="o", capsize=3, color="#1f5fa8" if m == best else "#8aa3c4")
+            ax.set_xlim(-0.6, len(found) - 0.4)
+            ax.grid(axis="y", alpha=0.3)
+            ax.set_xticks(range(len(found)), names, rotation=45 if len(found) > 4 else 0,
+                          ha="right" if len(found) > 4 else "center", fontsize=7)
+            if metric == "jacobian_frobenius_sq":
+                ax.set_yscale("log")
+            ax.set_title(f"{title} ({r['dataset']}), {'lower' if lower else 'higher'} is better", fontsize=8)
+            ax.tick_params(axis="y", labelsize=7)
+    fig.tight_layout()
+    out = DOCS / "studies" / f"{study}.png"
+    fig.savefig(out, dpi=110, metadata={"Description": f"drawn from benchmarks/results/questions/{study}@*.json, sha256 "
+                                                       f"{record_digest(study)}", "Software": "benchmarks/render_docs.py"})
+    plt.close(fig)
+    return out
+
+
+def drawn_from(picture: Path) -> str | None:
+    """The record digest a study picture was drawn from (None: no picture, or not one of ours)."""
+    if not picture.exists():
+        return None
+    from PIL import Image
+
+    with Image.open(picture) as image:
+        text = image.text.get("Description", "")
+    return text.rsplit("sha256 ", 1)[-1] if "sha256 " in text else None
+
+
+def stale_pictures() -> list[str]:
+    return [study for study in STUDY_PICTURES if drawn_from(DOCS / "studies" / f"{study}.png") != record_digest(study)]
+
+
+# ----- quality anchors ----------------------------------------------------------------------------------------------
+
+def anchors_records() -> dict:
+    return record("anchors.json")
+
+
+def curve_tail(r: dict, epochs: int) -> tuple[float, float]:
+    values = r["curve"]["values"][-epochs:]
+    return min(values), max(values)
+
+
+def per_epoch(r: dict) -> float:
+    return r["train_seconds"] / r["epochs_run"]
+
+
+def block_anchors_table() -> str:
+    return anchors_module().body(anchors_records()).strip()
+
+
+def block_anchors_figures() -> str:
+    return anchors_module().figure_rows(anchors_records()).strip()
+
+
+def block_anchors_burda() -> str:
+    r = anchors_records()["burda-vae"]
+    a = anchors_module()
+    spec = a.PROTOCOLS["burda-vae"]
+    values = r["curve"]["values"]
+    low = min(values)
+    return (f"**`burda-vae` ran its full published length** ({r['epochs_run']} epochs, all {r['test_images']} test "
+            f"images, K = {r['iw_samples']}) with aetrack's recipe, and measured **{r['value']:.2f} nats** against "
+            f"the paper's {spec.target:g} (target {spec.verdict(r['value'])}), on one seed. The published "
+            f"figure has a spread: {VEL} report {VEL_FC_VAE} nats for a reproduction of this network (an FC VAE, "
+            f"{r['epochs_published']} epochs), so this run ties with the paper inside that spread rather than beating "
+            f"it. The recipe keeps the network, the data and the {r['epochs_published']} epochs, and changes batch "
+            f"size, rate and schedule (the departures below); its training took {r['train_seconds'] / 3600:.1f} hours "
+            f"on {r['machine']}, {per_epoch(r):.1f} s an epoch. Its validation ELBO reached its lowest, "
+            f"{low:.2f} nats, at epoch {values.index(low) + 1}, as the cosine decay ran out: a shortened run of this "
+            "recipe would say little about the full one.")
+
+
+def block_anchors_cpu() -> str:
+    rows = anchors_records()
+    short = [(k, r) for k, r in sorted(rows.items(), key=lambda item: anchors_module().order(item[0]))
+             if r["epochs_run"] < r["epochs_published"] and "CPU" in r["machine"]]
+    epochs = "; ".join(f"`{k}` {per_epoch(r):.1f} s ({r['epochs_run']} of {r['epochs_published']} epochs run)"
+                       for k, r in short)
+    return ("The other runs are shorter than published: on two CPU cores those protocols take hours to days. Seconds "
+            f"of training per epoch, from each CPU row's record (training time over epochs run): {epochs}.")
+
+
+def block_anchors_gpu() -> str:
+    rows = anchors_records()
+    a = anchors_module()
+    parts = []
+    for key in ("iwae-50", "iwae-5"):
+        r = rows[key]
+        parts.append(f"`{key}` measured {r['value']:.2f} nats after {r['epochs_run']} epochs "
+                     f"({a.PROTOCOLS[key].verdict(r['value'])}; its curve, continued to {r['epochs_published']} "
+                     f"epochs, points to about {a.projected(r):.2f}, a projection only: the cosine schedule was "
+                     f"compressed into {r['epochs_run']} epochs)")
+    v = rows["vampprior-static"]
+    spec = a.PROTOCOLS["vampprior-static"]
+    parts.append(f"`vampprior-static` measured {v['value']:.2f} nats on all {v['test_images']} test images after "
+                 f"{v['epochs_run']} epochs (best epoch {v['best_epoch']}): below the standard prior's {spec.target:g}, "
+                 f"the target, and **{v['value'] - spec.paper:.2f} above the VampPrior paper's own {spec.paper:g}**, "
+                 "which it misses")
+    b = rows["best-one-layer"]
+    parts.append(f"`best-one-layer`, the conv recipe, measured {b['value']:.2f} after {b['epochs_run']} of its "
+                 f"{b['epochs_published']} epochs, and its curve, continued, flattens toward {a.projected(b):.2f}: "
+                 f"this recipe will not reach the target ({a.PROTOCOLS['best-one-layer'].verdict(b['value'])}), and "
+                 "the MLP rows already do better")
+    return "What the GPU rows say: " + "; ".join(parts) + "."
+
+
+def block_anchors_m2() -> str:
+    r = anchors_records()["m2-100"]
+    p = anchors_records()["m2-100@published"]
+    a = anchors_module()
+    low, high = curve_tail(r, 40)
+    fit = r["curve"]["fit"]
+    return (f"**M2 alone misses its target.** `m2-100` with aetrack's recipe (the published network and 100 labels; "
+            f"Adam's rate 2e-3 instead of 3e-4, cosine decay over {r['epochs_run']} epochs, the last epoch kept) "
+            f"measured **{r['value']:.2f} %** test error after {r['epochs_run']} epochs on {r['machine']} "
+            f"({r['train_seconds'] / 60:.0f} min of training), against the paper's 11.97 % (target "
+            f"{a.PROTOCOLS['m2-100'].verdict(r['value'])}). The published recipe's run measured {p['value']:.2f} % "
+            f"after {p['epochs_run']} epochs. Over the recipe's last 40 epochs, as the rate decayed to 1 %, the "
+            f"validation error stayed between {low:.2f} and {high:.2f} %; the power law fitted to the curve's second "
+            f"half has the exponent {fit['c']:.2f} (the fit allows up to 5): a curve that fell fast and is now flat, "
+            f"which continued to {r['epochs_published']} epochs moves the figure by {a.projected(r) - r['value']:+.2f} "
+            "points. Closing the gap needs another recipe (the paper's 1000 epochs at a constant rate, or Pyro's tuned "
+            "settings), not more epochs of this one; one seed.")
+
+
+def block_anchors_m1m2() -> str:
+    r = anchors_records()["m1m2-100"]
+    p = anchors_records()["m1m2-100@published"]
+    a = anchors_module()
+    low, high = curve_tail(r, 100)
+    curve = p["curve"]["values"]
+    best = min(curve)
+    return (f"**M1+M2 meets its target with aetrack's recipe.** `m1m2-100` measured **{r['value']:.2f} %** test error "
+            f"(all {r['test_images']} test images) after {r['epochs_run']} epochs on {r['machine']} "
+            f"({r['wall_seconds'] / 60:.0f} min), on an M1 of aetrack's burda-vae recipe trained for fewer epochs (the "
+            f"record's note gives its command): target {a.PROTOCOLS['m1m2-100'].verdict(r['value'])}, against the "
+            "paper's 3.33 %, one seed. The recipe changes two things from the published settings, both found by short runs on "
+            "the same M1: Adam's rate 2e-3 instead of 3e-4, with cosine decay over the run; and `--keep last`, so the "
+            f"model measured is the last epoch's and nothing is chosen on the validation labels. Its validation error "
+            f"stayed between {low:.2f} and {high:.2f} % over the last 100 epochs: more epochs of this recipe would add "
+            f"little. The published-recipe run (`m1m2-100@published`, {p['epochs_run']} epochs) measured "
+            f"{p['value']:.2f} %: it kept the epoch of the best validation loss ({p['best_epoch']}), while its "
+            f"validation error went on falling to {best:.2f} % at epoch {curve.index(best) + 1}. With the "
+            "cross-entropy weighted in the loss, the validation loss rises with the classifier's confidence while its "
+            "error still falls, which is why the recipe keeps the last epoch instead.")
+
+
+# ----- speed, start-up, evaluation, serving, tuning -----------------------------------------------------------------
+
+def block_startup() -> str:
+    s = record("startup.json")
+    c = s["commands"]
+    lines = [f"`python benchmarks/startup.py --runs {c['aetrack --help']['runs']}` on {s['machine']['cpus']} CPU cores, "
+             f"{s['when'][:16].replace('T', ' ')} UTC, load average {s['machine']['load_average'][0]}: median wall time "
+             "of fresh processes, after one warm-up run.", "",
+             "| command | median | min | max | target |", "| --- | ---: | ---: | ---: | ---: |"]
+    for name, v in c.items():
+        target = f"< {v['target_s']:g} s" if v["target_s"] is not None else ""
+        lines.append(f"| `{name}` | {v['median_s']:.2f} s | {v['min_s']:.2f} s | {v['max_s']:.2f} s | {target} |")
+    return "\n".join(lines)
+
+
+def each(values: list[float]) -> str:
+    return ", ".join(f"{v:.2f}" for v in values)
+
+
+def block_training_targets() -> str:
+    t = record("training-mnist.json")
+    s = record("startup.json")["commands"]
+    first = s["aetrack train (digits) to its first optimisation step"]
+    torch_s = s['python -c "import torch" (reference)']["median_s"]
+    mlp, conv, var, mem, prec = t["mlp"], t["conv"], t["variants"], t["memory"], t["precision"]
+    c28, c32 = conv["mnist 1x28x28"], conv["synthetic 3x32x32"]
+    met = lambda ok: "yes" if ok else "no"  # noqa: E731
+    rows = [
+        ("`aetrack train` (digits) at its first optimisation step within 4 s",
+         f"{first['median_s']:.2f} s (median of {first['runs']}; `import torch` alone {torch_s:.2f} s)",
+         met(first["median_s"] <= 4), "what remains is importing torch and MLflow, and creating the fresh sqlite store "
+         "the benchmark uses (a store that exists already skips that)"),
+        ("MLP VAE >= 3x the canonical loop", f"{mlp['speedup']['median']:.2f}x ({mlp['reference']} against "
+         f"{mlp['aetrack']} samples/s; repeats {each(mlp['speedup']['each'])})", met(mlp["speedup"]["median"] >= 3),
+         "on one thread the reference itself runs close to the matrix-product limit, so 3x would pass the limit: the "
+         "two targets agree only where the reference's Python data path dominates its step"),
+        ("MLP VAE >= 70 % of the bare matrix-product limit", f"{100 * mlp['fraction_of_matmul_limit']['median']:.0f} % "
+         f"of {mlp['matmul_limit']} samples/s", met(mlp["fraction_of_matmul_limit"]["median"] >= 0.7),
+         "what is left besides the products: Adam's update, the likelihood's passes, the row gather and the ReLUs"),
+        ("test loss no worse than the reference's by more than 1 nat (1 epoch)",
+         f"{mlp['test_loss_aetrack']:.2f} against {mlp['test_loss_reference']:.2f} nats",
+         met(mlp["test_loss_aetrack"] <= mlp["test_loss_reference"] + 1), ""),
+        ("conv VAE >= 2x a canonical conv loop", f"1x28x28: {c28['speedup']['median']:.2f}x (repeats "
+         f"{each(c28['speedup']['each'])}); 3x32x32: {c32['speedup']['median']:.2f}x (repeats "
+         f"{each(c32['speedup']['each'])})", met(min(c28["speedup"]["median"], c32["speedup"]["median"]) >= 2),
+         "convolution kernels are most of aetrack's conv step, and both loops run the same kernels"),
+        ("`cae` >= 50 % of `ae`", f"Hutchinson {var['cae_hutchinson_over_ae']['median']:.2f} (repeats "
+         f"{each(var['cae_hutchinson_over_ae']['each'])}); exact {var['cae_exact_over_ae']['median']:.2f}",
+         "with Hutchinson yes; exact no" if var["cae_hutchinson_over_ae"]["median"] >= 0.5 > var["cae_exact_over_ae"]["median"]
+         else met(var["cae_exact_over_ae"]["median"] >= 0.5),
+         "the exact norm needs one vector-Jacobian product per code unit; the estimate needs one"),
+        ("`m2` >= 3x its former throughput", f"{var['m2_over_before']['median']:.2f}x (repeats "
+         f"{each(var['m2_over_before']['each'])})", met(var["m2_over_before"]["median"] >= 3),
+         "summing over ten labels needs ten decoder passes per unlabelled image; more needs another estimator "
+         "(sampling labels), which changes results"),
+        ("peak memory of an MNIST epoch <= the canonical loop's", f"{mem['aetrack']} MB against {mem['reference']} MB",
+         met(mem["aetrack"] <= mem["reference"]), "aetrack's split copies the training rows while the pool still lives"),
+        ("`--precision`, `--compile` (CPU, 2 epochs)", f"bf16 {prec['bf16']['over_fp32']['median']:.2f}x fp32, test "
+         f"loss {prec['bf16']['test_neg_elbo']:.2f} against {prec['fp32']['test_neg_elbo']:.2f}; fp16 "
+         f"{prec['fp16']['over_fp32']['median']:.2f}x; `--compile` {prec['fp32 + compile']['over_fp32']['median']:.2f}x",
+         "partly", "bf16 helps on this CPU; fp16 has no fast arithmetic here; compile stays opt-in and off"),
+    ]
+    lines = [f"`{mlp['command']}` and its `--part` runs, one thread each side, on {t['machine']['cpus']} CPU cores "
+             f"(torch {t['machine']['torch']}); each figure is the median of paired, alternating repeats.", "",
+             "| target | measured | met? | why not |", "| --- | --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
+def block_binarize() -> str:
+    b = record("training-mnist.json")["binarize"]
+    return (f"Dynamic binarization draws u < p (`data.binary_draw`) instead of `torch.bernoulli`, whose CPU sampler "
+            f"costs more the greyer the pixels. The draw is {b['batch 20']['draw_speed-up']['median']:.2f}x faster at "
+            f"batch 20 and {b['batch 100']['draw_speed-up']['median']:.2f}x at batch 100 on MNIST rows; a whole epoch "
+            f"gains {b['batch 20']['epoch_speed-up']['median']:.2f}x and {b['batch 100']['epoch_speed-up']['median']:.2f}x, "
+            f"inside the repeats' spread (`{b['command']}`). Same law: each pixel's frequency over many draws is "
+            "within four standard errors of its grey level (tests/test_speed.py).")
+
+
+def block_logging() -> str:
+    lg = record("training-mnist.json")["logging"]
+    return (f"**What tracking costs training.** One MNIST epoch of the VAE inside an MLflow run that logs every 20 "
+            f"steps to an `mlflow server` over HTTP took {lg['tracked_seconds']:.2f} s, against {lg['bare_seconds']:.2f} s "
+            f"for the bare loop with no logging (ratio {lg['ratio']:.2f}: none that shows); after training, "
+            f"{lg['final_flush_seconds']:.1f} s went to waiting for the last batch of metrics.")
+
+
+def block_evaluation() -> str:
+    e = record("evaluation.json")
+    b = e["before"]
+    return "\n".join([
+        f"| K = {e['samples']}, MNIST VAE 784-{'-'.join(map(str, e['model']['hidden']))}-{e['model']['latent_dim']} "
+        f"({e['model']['epochs']} epoch), all {e['test_images']} test images in {len(e['parts'])} alternating parts "
+        "| seconds |", "| --- | ---: |",
+        f"| `nll_iw` (the estimate) | {e['estimate_s']:.0f} |",
+        f"| the bare decoder passes it needs (the same {e['decoder_calls']} calls, {e['decoder_rows']} rows, same batch "
+        f"shapes, replayed) | {e['reference_s']:.0f} |",
+        f"| **ratio**, median of the {len(e['parts'])} parts' ratios (target <= 2) | **{e['ratio_median']:.2f}** "
+        f"(ratio of the totals {e['ratio_of_totals']:.2f}) |",
+        f"| on the first {b['images']} images, one after the other: the former formula against `nll_iw` | "
+        f"{b['old_s']} against {b['new_s']} (**{b['speedup']:.1f}x**), both {b['new_nll_iw']} nats from the same draws |",
+        "", f"Measured {e['date']} on {e['machine']}, {e['torch_threads']} torch threads, load average "
+        f"{e['load_average_before'][0]} before and {e['load_average_after'][0]} after: the whole test set at K = "
+        f"{e['samples']} takes {e['estimate_s'] / 60:.1f} minutes, against about {b['old_s_extrapolated_to_all'] / 60:.0f} "
+        f"with the former formula (extrapolated from its {b['images']} images). Single parts' ratios ranged from "
+        f"{min(p['ratio'] for p in e['parts']):.2f} to {max(p['ratio'] for p in e['parts']):.2f} as other jobs came and "
+        "went; the median is what counts."])
+
+
+def block_priors() -> str:
+    p = record("priors.json")
+    return (f"Per MNIST test image at K = {p['samples']}, one thread: {p['seconds_per_image']['direct']:.2f} s as a "
+            f"tensor of every (draw, component) pair, {p['seconds_per_image']['matmul']:.2f} s by two matrix products, "
+            f"**{p['speed-up']['median']:.1f}x** (repeats {each(p['speed-up']['each'])}), estimates equal within "
+            f"{p['largest_difference_nats']:.0e} nats (`{p['command']}`, {p['images']} images, load average "
+            f"{p['load_average'][0]}).")
+
+
+def block_serving() -> str:
+    s = record("serving.json")
+    lines = [f"`{s['command']}`, {s['date']}: `mlflow models serve --env-manager local` (1 worker) on loopback, "
+             f"{s['clients']} concurrent clients, {s['rounds']} alternating rounds of {s['seconds']:g} s per cell; model "
+             f"`{s['model_uri']}` ({s['model']} on {s['dataset']}, {s['shape']}); {s['machine']}; load average "
+             f"{s['load_average_before'][0]} before, {s['load_average_after'][0]} after.", "",
+             "| n | model | req/s | images/s | p50 ms | p99 ms | throughput ratio |", "|---|---|---|---|---|---|---|"]
+    for row in s["results"]:
+        for name in ("identity", "aetrack"):
+            c = row[name]
+            ratio = f"**{row['ratio']:.2f}**" if name == "aetrack" else ""
+            lines.append(f"| {row['n']} | {name} | {c['req_per_s']} | {c['images_per_s']} | {c['p50_ms']} | "
+                         f"{c['p99_ms']} | {ratio} |")
+    verdicts = []
+    for row in s["results"]:
+        target = {1: 0.8, 64: 0.5}.get(row["n"])
+        if target is not None:
+            ok = s["target_met"][str(row["n"])]
+            verdicts.append(f"at n={row['n']}, at least {target:g}: **{'met' if ok else 'missed'}** ({row['ratio']:.2f})")
+    lines += ["", "The throughput ratio is aetrack's requests per second over the identity model's, each counted over "
+              f"all {s['rounds']} rounds: a ratio of totals, not a median of per-round ratios (the record keeps no "
+              "per-round figures). Targets: " + "; ".join(verdicts) + "."]
+    return "\n".join(lines)
+
+
+def block_serving_load() -> str:
+    s = record("serving-load.json")
+    lines = [f"`{s['command']}`, {s['date']}: {s['clients']} concurrent clients for {s['seconds']:g} s (after "
+             f"{s['warmup']:g} s of warm-up) on loopback; model `{s['model_uri']}`; {s['machine']}.", "",
+             "| request | requests | req/s | p50 ms | p99 ms |", "|---|---|---|---|---|"]
+    for name, k in s["kinds"].items():
+        lines.append(f"| {name} | {k['requests']} | {k['req_per_s']} | {k['p50_ms']} | {k['p99_ms']} |")
+    for key, label in (("good", "**all answered 200**"), ("all", "**all**")):
+        k = s[key]
+        lines.append(f"| {label} | {k['requests']} | {k['req_per_s']} | {k['p50_ms']} | {k['p99_ms']} |")
+    memory = s["server_memory_mb"]
+    lines += ["", f"Errors (a status other than the one expected, a failed connection or a timeout): "
+              f"**{s['error_count']}**. The server's memory: {memory['before']:.0f} MB before, {memory['after']:.0f} MB "
+              f"after, peak {memory['peak']:.0f} MB."]
+    return "\n".join(lines)
+
+
+def block_tuning_pruning() -> str:
+    p = record("tuning.json")["pruning"]
+    lines = [f"`{p['command']}` ({p['machine']['date']}, load average {p['machine']['load_average_1m']})", "",
+             "| pruner | best val_neg_elbo | best trial | epochs spent | pruned trials | wall time |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, r in p["results"].items():
+        share = round(100 * r["epochs_spent"] / r["epochs_budget"])
+        lines.append(f"| {name} | {r['best_value']:.3f} | #{r['best_trial']} | {r['epochs_spent']} / {r['epochs_budget']} "
+                     f"({share}%) | {r['pruned']} | {r['wall_s']:.0f} s |")
+    return "\n".join(lines)
+
+
+def block_tuning_workers() -> str:
+    w = record("tuning.json")["workers"]
+    lines = [f"`{w['command']}` ({w['machine']['date']})", "",
+             "| workers | threads each | trials / min | ratio to 1x1 | trials / min incl. start-up | CPU s per trial: "
+             "workers | CPU s per trial: server | load average at start |",
+             "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for r in w["results"].values():
+        lines.append(f"| {r['workers']} | {r['threads_per_worker']} | {r['trials_per_min']} | **{r['ratio_to_1x1']}** | "
+                     f"{r['trials_per_min_with_startup']} | {r['worker_cpu_s_per_trial']} | {r['server_cpu_s_per_trial']} "
+                     f"| {r['load_average_1m_at_start']} |")
+    one, two = w["results"]["1x1"], w["results"]["2x1"]
+    rounds = [b["trials_per_min"] / a["trials_per_min"] for a, b in zip(one["rounds"], two["rounds"])]
+    lines += ["", f"Two workers of one thread each finish **{two['ratio_to_1x1']}x** the trials per minute of one "
+              f"worker (the rounds, paired: {each(rounds)}): the target of 1.7x is "
+              f"**{'met' if two['ratio_to_1x1'] >= 1.7 else 'missed'}**, against a server of two processes, as "
+              "`aetrack server` starts it."]
+    return "\n".join(lines)
+
+
+def block_measured_figures() -> str:
+    """The performance page's one table: a row per record, with the command that reproduces it."""
+    d = defaults()
+    t = d["timing"]
+    s = recipe_stats()
+    e, p, sv, sl = record("evaluation.json"), record("priors.json"), record("serving.json"), record("serving-load.json")
+    tune = record("tuning.json")
+    tr = record("training-mnist.json")
+    st = record("startup.json")["commands"]
+    gaps = [row["gap_percent"] for row in d.get("convergence", {}).values()]
+    pr = tune["pruning"]["results"]
+    w = tune["workers"]["results"]
+    mlp = tr["mlp"]
+    rows = [
+        ("the default VAE (`aetrack train`, digits), test figures", f"`test/active_units` {t['test_active_units']:.0f} of "
+         f"8, `test/fcd` {t['test_fcd']:.1f}, `test/nll_iw` {t['test_nll_iw']:.2f} nats", "targets: at least 3 units, "
+         "FCD at most 60", "`python benchmarks/defaults.py --part timing`"),
+        ("default budget converged, every variant (digits)", f"best validation loss within {max(gaps):.2f} % of five "
+         "times longer", "the same variant, seed and warm-up, 5x the epochs", "`python benchmarks/defaults.py --part convergence`"),
+        ("cvae label accuracy, M2 test error (digits, defaults)",
+         f"{d['targets']['cvae']['test']['test_label_accuracy']:.3f}, {d['targets']['m2']['test']['test_error']:.3f}",
+         "targets 0.95 and 0.20", "`python benchmarks/defaults.py --part targets`"),
+        ("training recipes (VAE, digits, full budget)", f"the default: {nll(s, 'constant+bias+warmup (default)', 'auto')} "
+         "nats test NLL", f"former recipe {nll(s, 'old', 'auto')}; cosine {nll(s, 'cosine', 'auto')}",
+         "`python benchmarks/recipes.py`"),
+        (f"evaluation: `nll_iw` at K = {e['samples']}, MNIST VAE, all {e['test_images']} test images",
+         f"{e['estimate_s']:.0f} s", f"the same decoder passes bare: {e['reference_s']:.0f} s, **median ratio "
+         f"{e['ratio_median']:.2f}** (target <= 2)", "`python benchmarks/evaluation.py --data-dir DATA`"),
+        ("evaluation: a VampPrior's density at K = 5000, per MNIST test image", f"**{p['seconds_per_image']['matmul']:.2f} "
+         "s**", f"as one tensor: {p['seconds_per_image']['direct']:.2f} s, **{p['speed-up']['median']:.1f}x**",
+         f"`{p['command']}`"),
+    ]
+    for row in sv["results"]:
+        a, i = row["aetrack"], row["identity"]
+        rows.append((f"serving, n={row['n']} throughput", f"{a['req_per_s']} req/s, p50 {a['p50_ms']} ms",
+                     f"identity pyfunc: {i['req_per_s']} req/s, **ratio of totals {row['ratio']:.2f}**",
+                     "`python benchmarks/serving.py`"))
+    everything = sl.get("all", {})
+    rows += [
+        (f"serving under load: {sl['clients']} clients, {sl['seconds']:g} s", f"{everything.get('req_per_s')} req/s in "
+         f"all, p50 {everything.get('p50_ms')} ms, p99 {everything.get('p99_ms')} ms", "errors must be 0",
+         "`python benchmarks/serving_load.py`"),
+        ("tuning with the median pruner", f"best val_neg_elbo {pr['median']['best_value']:.3f} for "
+         f"{pr['median']['epochs_spent']} of {pr['median']['epochs_budget']} epochs", f"no pruning: "
+         f"{pr['none']['best_value']:.3f} for {pr['none']['epochs_spent']} epochs", f"`{tune['pruning']['command']}`"),
+        ("tuning, 2 workers against 1 (target >= 1.7x)", f"{w['2x1']['trials_per_min']} trials/min, "
+         f"**{w['2x1']['ratio_to_1x1']}x**", f"1 worker: {w['1x1']['trials_per_min']} trials/min",
+         f"`{tune['workers']['command']}`"),
+    ]
+    torch_s = st['python -c "import torch" (reference)']["median_s"]
+    for name, v in st.items():
+        if v["target_s"] is not None:
+            rows.append((f"start-up: `{name}`", f"{v['median_s']:.2f} s (median of {v['runs']})",
+                         f"target < {v['target_s']:g} s; `import torch` alone "
+                         f"{torch_s:.2f} s", "`python benchmarks/startup.py --runs 5`"))
+    rows += [
+        ("MLP VAE 784-400-20, MNIST, 1 epoch, one thread each side", f"{mlp['aetrack']} samples/s, "
+         f"**{mlp['speedup']['median']:.2f}x** the reference", f"canonical PyTorch-example loop: {mlp['reference']} "
+         "samples/s; target 3x", f"`{mlp['command']}`"),
+        ("peak resident memory of one MNIST training epoch", f"{tr['memory']['aetrack']} MB",
+         f"canonical loop {tr['memory']['reference']} MB (target: no more)", f"`{tr['memory']['command']}`"),
+        ("what tracking costs training (VAE, MNIST, 1 epoch)", f"{tr['logging']['tracked_seconds']:.2f} s",
+         f"bare loop: {tr['logging']['bare_seconds']:.2f} s, ratio {tr['logging']['ratio']:.2f}",
+         "`python benchmarks/training.py --data-dir DATA`"),
+    ]
+    lines = ["| what | figure | reference in the same run | command |", "| --- | --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
+    return "\n".join(lines) + "\n" + block_anchors_figures()
+
+
+# ----- the option reference -----------------------------------------------------------------------------------------
+
+def block_train_options() -> str:
+    """`aetrack train`'s options, in the groups of its --help, from the click command itself."""
+    import click
+
+    from aetrack.cli.train import train
+
+    ctx = click.Context(train, info_name="train")
+    lines = []
+    for group in train.option_groups:
+        lines += [f"**{group.title}**", "", "| option | default | what it does |", "| --- | --- | --- |"]
+        for option in group.options:
+            names = " / ".join(f"`{name}`" for name in [*option.opts, *option.secondary_opts])
+            default = option.get_default(ctx, call=False)
+            if isinstance(default, tuple):
+                default = ",".join(map(str, default))
+            shown = "" if default in (None, "", False) or option.is_flag and not option.secondary_opts else f"`{default}`"
+            if option.is_flag and option.secondary_opts:
+                shown = f"`{option.opts[0] if default else option.secondary_opts[0]}`"
+            choices = getattr(option.type, "choices", None)
+            text = (option.help or "").replace("|", "\\|")
+            if choices:
+                text += " One of " + ", ".join(f"`{c}`" for c in choices) + "."
+            if option.envvar:
+                text += f" Also `${option.envvar}`."
+            lines.append(f"| {names} | {shown} | {text} |")
+        lines.append("")
+    return "\n".join(lines).strip()
+
+
+BLOCKS = {
+    "defaults-job": block_defaults_job, "defaults-convergence": block_defaults_convergence,
+    "recipes": block_recipes, "recipes-all": block_recipes_all,
+    "anchors-table": block_anchors_table, "anchors-burda": block_anchors_burda, "anchors-cpu": block_anchors_cpu,
+    "anchors-gpu": block_anchors_gpu, "anchors-m2": block_anchors_m2, "anchors-m1m2": block_anchors_m1m2,
+    "startup": block_startup, "training-targets": block_training_targets, "binarize": block_binarize,
+    "logging": block_logging, "evaluation": block_evaluation, "priors": block_priors, "serving": block_serving,
+    "serving-load": block_serving_load, "tuning-pruning": block_tuning_pruning, "tuning-workers": block_tuning_workers,
+    "measured-figures": block_measured_figures, "train-options": block_train_options,
+}
+
+
+def render_block(name: str) -> str:
+    if name.startswith("questions:"):
+        return block_question(name.split(":", 1)[1])
+    if name not in BLOCKS:
+        raise KeyError(f"no block named {name!r} in benchmarks/render_docs.py")
+    return BLOCKS[name]()
+
+
+def render(text: str, cache: dict | None = None) -> str:
+    """`text` with every block's body rendered anew from its record."""
+    cache = {} if cache is None else cache
+
+    def fill(match: re.Match) -> str:
+        name = match["name"]
+        if name not in cache:
+            cache[name] = render_block(name).strip("\n") + "\n"
+        return match.group(1) + cache[name] + match.group(4)
+
+    return BLOCK.sub(fill, text)
+
+
+def pages() -> list[Path]:
+    return sorted(DOCS.rglob("*.md"))
+
+
+def stale_pages() -> list[str]:
+    """The pages whose blocks differ from what their records give."""
+    cache: dict = {}
+    return [str(page.relative_to(ROOT)) for page in pages() if render(page.read_text(), cache) != page.read_text()]
+
+
+def write_pages() -> list[str]:
+    """Render every page's blocks, and draw again the study pictures whose records changed."""
+    cache: dict = {}
+    written = [str(draw_study(study).relative_to(ROOT)) for study in stale_pictures()]
+    for page in pages():
+        text = page.read_text()
+        new = render(text, cache)
+        if new != text:
+            page.write_text(new)
+            written.append(str(page.relative_to(ROOT)))
+    return written
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--check", action="store_true", help="Only report the pages whose figures differ from the records.")
+    args = parser.parse_args()
+    if args.check:
+        stale = stale_pages() + [f"docs/studies/{study}.png" for study in stale_pictures()]
+        if stale:
+            sys.exit("stale figures (python benchmarks/render_docs.py rewrites them): " + ", ".join(stale))
+        return
+    print("rewritten: " + (", ".join(write_pages()) or "none"))
+
+
+if __name__ == "__main__":
+    main()
