@@ -19,7 +19,7 @@ from aetrack.samplers import generate  # noqa: E402
 MIN_GRID_WIDTH = 512  # MLflow's image cards and the compare report show a grid at up to this size: 8x8 digits need it
 IMAGE_ROWS = 8  # images per row in every grid of samples, reconstructions and interpolations
 PADDING = 2
-RECONSTRUCTION_ROWS = ("input", "reconstruction")
+RECONSTRUCTION_ROWS = ("input", "output")  # short labels: a picture near square fills MLflow's square card
 DENOISING_ROWS = ("noisy input", "output", "clean")
 
 
@@ -63,25 +63,28 @@ def font(size: int):
     return ImageFont.load_default(size=size)
 
 
+MARGIN = 10  # white space around a label or a title: text never touches the picture's edge
+
+
 def label(picture: Image.Image, row_height: int, row_labels: list[str], title: str | None) -> Image.Image:
     """`picture` with a white margin: each row's label on the left, vertically centred, and a title on top."""
     from PIL import ImageDraw
 
-    text = font(max(14, min(22, row_height // 3)))
+    text = font(max(16, min(24, row_height // 3)))
     measure = ImageDraw.Draw(Image.new("L", (1, 1)))
     left = max((measure.textbbox((0, 0), t, font=text)[2] for t in row_labels), default=0)
-    left = left + 16 if row_labels else 0
-    top = text.size + 14 if title else 0
-    wide = measure.textbbox((0, 0), title, font=text)[2] + 12 if title else 0
-    out = Image.new(picture.mode, (max(picture.width + left, left + wide), picture.height + top), "white")
+    left = left + 2 * MARGIN if row_labels else 0
+    top = text.size + 2 * MARGIN if title else 0
+    wide = measure.textbbox((0, 0), title, font=text)[2] + 2 * MARGIN if title else 0
+    out = Image.new(picture.mode, (max(picture.width + left, wide), picture.height + top), "white")
     out.paste(picture, (left, top))
     draw = ImageDraw.Draw(out)
     ink = "black" if picture.mode == "RGB" else 0
     for i, t in enumerate(row_labels):
         centre = top + PADDING + i * row_height + (row_height - PADDING) // 2
-        draw.text((left - 8, centre), t, font=text, fill=ink, anchor="rm")
+        draw.text((left - MARGIN, centre), t, font=text, fill=ink, anchor="rm")
     if title:
-        draw.text((left, 6), title, font=text, fill=ink)
+        draw.text((MARGIN, MARGIN), title, font=text, fill=ink)
     return out
 
 
@@ -107,9 +110,12 @@ def sample_grid(model, generator: torch.Generator, *, conditional: bool, num_cla
     return grid(generate(model, count, labels, generator, sampler=sampler), IMAGE_ROWS, row_labels=row_labels)
 
 
+FIGURE_DPI = 128  # a 5-inch figure is 640 pixels: at least MIN_GRID_WIDTH, full screen as in the report
+
+
 def figure_to_image(fig) -> Image.Image:
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
+    fig.savefig(buffer, format="png", dpi=FIGURE_DPI, bbox_inches="tight")
     plt.close(fig)
     buffer.seek(0)
     return Image.open(buffer).convert("RGB")
@@ -152,9 +158,13 @@ def latent_plots(z: np.ndarray, labels: np.ndarray, seed: int = 0) -> dict[str, 
 
 
 def curves(history: list[dict[str, float]], keys: list[str], title: str = "loss curves",
-           labels: list[str] | None = None) -> Image.Image:
-    fig, ax = plt.subplots(figsize=(6, 4))
+           labels: list[str] | None = None, warmup: int = 0) -> Image.Image:
+    """Each key's value per epoch on one chart (train and validation together); the first `warmup` epochs shaded
+    and named: the KL weight rises there, and the training loss with it. Near square, as MLflow's cards are."""
+    fig, ax = plt.subplots(figsize=(5.5, 5))
     epochs = [h["epoch"] for h in history]
+    if warmup > 0:
+        ax.axvspan(0.5, warmup + 0.5, color="orange", alpha=0.15, lw=0, label=f"KL warm-up (epochs 1-{warmup})")
     for key, text in zip(keys, labels or keys):
         ax.plot(epochs, [h[key] for h in history], marker="o" if len(epochs) <= 60 else None, label=text)
     ax.set_xlabel("epoch")

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,6 +121,24 @@ def kl_scale(config: TrainConfig, epoch: float) -> float:
     return min(1.0, epoch / config.kl_warmup) if config.kl_warmup else 1.0
 
 
+def bar_size() -> dict[str, int]:
+    """tqdm's size arguments: none (tqdm measures the terminal) unless the terminal says it has no size, as a pty
+    without a window size does (`script` started outside a terminal, `docker exec -t`, CI runners): tqdm then draws
+    nothing at all. There, $COLUMNS x $LINES, else 80 x 24."""
+    try:
+        size = os.get_terminal_size(sys.stderr.fileno())
+    except (AttributeError, OSError, ValueError):  # not a terminal (or no file at all): tqdm decides, or draws none
+        return {}
+    if size.columns and size.lines:
+        return {}
+    return {"ncols": size.columns or _number(os.environ.get("COLUMNS"), 80),
+            "nrows": size.lines or _number(os.environ.get("LINES"), 24)}
+
+
+def _number(text: str | None, default: int) -> int:
+    return int(text) if text and text.isdigit() and int(text) > 0 else default
+
+
 @torch.no_grad()
 def init_output_biases(model: torch.nn.Module, train_x: torch.Tensor) -> None:
     mean_image = train_x.float().mean(0)
@@ -183,7 +203,8 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
         order = torch.randperm(n_train, generator=generator, device=device)
         running: dict[str, torch.Tensor] = {}
         count, epoch_loss = 0, torch.zeros((), device=device)
-        bar = tqdm(range(per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=True if not progress else None, leave=False)  # None: no bar off a terminal
+        bar = tqdm(range(per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=True if not progress else None,
+                   leave=False, **bar_size())  # disable=None: no bar off a terminal
         for i in bar:
             x, y = draw(order[i * config.batch_size:(i + 1) * config.batch_size], generator)
             with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
@@ -219,8 +240,9 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
         val = evaluate_loss(model, data.val_x, data.val_y, max(config.batch_size, 512))
         metrics = {f"val_{k}": v for k, v in val.items()}
         metrics.update(epoch=epoch + 1, train_epoch_loss=float(epoch_loss) / per_epoch, epoch_time=elapsed,
-                       samples_per_sec=n_train / elapsed, lr=optimizer.param_groups[0]["lr"],
-                       kl_scale=kl_scale(config, epoch + 1))
+                       samples_per_sec=n_train / elapsed, kl_scale=kl_scale(config, epoch + 1))
+        if config.lr_schedule != "constant" or config.warmup_steps:  # a constant rate is the setting itself
+            metrics["lr"] = optimizer.param_groups[0]["lr"]
         history.epochs.append(metrics)
         if log:
             log(metrics, step)

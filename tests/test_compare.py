@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from mlflow.entities import Metric, Param
 from PIL import Image
 
-from aetrack.tracking import compare
+from aetrack.tracking import compare, figures
 from aetrack.cli import main
 from aetrack.config import TrainConfig
 
@@ -195,3 +195,61 @@ def test_unevaluated_runs_are_named_bars_only_compare_several_runs_and_each_metr
     text = (tmp_path / "report.html").read_text()
     assert "1 not evaluated" in text and "never-evaluated" in text and "<td class='missing'>not evaluated</td>" in text
     assert len(evaluated) == 2
+
+
+def log_history(client, run_id: str, histories: dict[str, list[float]]) -> None:
+    client.log_batch(run_id, metrics=[Metric(key, value, 0, epoch) for key, values in histories.items()
+                                      for epoch, value in enumerate(values, 1)])
+
+
+def test_the_runs_table_keeps_five_columns_however_many_settings_differ(tmp_path):
+    """One column per differing param made the table wider than a laptop screen, which cut off the red "not
+    evaluated" column; the summary showed Markdown's backticks in the HTML."""
+    client = mlflow.MlflowClient()
+    experiment_id = client.create_experiment("wide")
+    settings = [dict(model="vae", hidden=(512, 256), latent_dim=16, epochs=546, prior="vamp", beta=4.0),
+                dict(model="cvae", latent_dim=8, epochs=30, lr=3e-4, batch_size=64),
+                dict(model="ae", epochs=30, hidden=(1024, 512, 256), likelihood="gaussian")]
+    for i, values in enumerate(settings):
+        run_id = client.create_run(experiment_id, run_name=f"run-{i}").info.run_id
+        client.log_batch(run_id, params=[Param(k, v) for k, v in TrainConfig(**values).to_params().items()],
+                         metrics=[Metric("test/fcd", 10.0 + i, 0, 0)] if i != 1 else [])
+        client.set_terminated(run_id)
+    report = compare.build_report(client.search_runs([experiment_id], order_by=["attributes.start_time ASC"]))
+    assert len(report.varying) >= 6
+    header, body = compare.runs_table(report)
+    assert header == ["#", "run", "run id", "settings that differ", "test metrics"]
+    vae, cvae, ae = (cells[3].split(", ") for cells in body)
+    assert vae[0] == "model=vae" and {"beta=4.0", "prior=vamp", "hidden=512,256", "epochs=546"} <= set(vae)
+    assert "lr=0.0003" in cvae and "batch_size=64" in cvae
+    assert "likelihood=gaussian" in ae and not any(item.startswith(("beta=", "prior=")) for item in ae)  # not an ae's
+    assert [cells[-1] for cells in body] == ["1", "not evaluated", "1"]
+
+    text = compare.write_html(report, "wide", tmp_path).read_text()
+    assert "<code>aetrack evaluate RUN_ID</code>" in text and "`" not in text
+    assert text.count("<span class='setting'>beta=4.0</span>") == 1  # each name=value whole; the cell wraps between
+
+
+def test_loss_curves_draw_only_comparable_losses_together():
+    """A VAE's -ELBO, a CVAE's -log p(x|y) bound and an AE's reconstruction loss (each run's loss/val) shared one
+    "lower is better" axis, where the AE looked best. Now: the reconstruction term of every model on one panel, and
+    each kind of bound on its own."""
+    client = mlflow.MlflowClient()
+    experiment_id = client.create_experiment("curves")
+    ids = {}
+    for model in ("vae", "cvae", "ae"):
+        ids[model] = log_run(client, experiment_id, model, model=model, latent_dim=2)
+        parts = {"val/recon_loss": [30.0, 28.0, 27.0]}
+        if model != "ae":
+            parts.update({"val/neg_elbo": [33.0, 31.0, 30.0], "val/kl": [3.0, 3.0, 3.0]})
+        log_history(client, ids[model], {"loss/val": parts.get("val/neg_elbo", parts["val/recon_loss"]), **parts})
+    report = compare.build_report(client.search_runs([experiment_id], order_by=["attributes.start_time ASC"]))
+    panels = figures.loss_panels(client, report.rows)
+    drawn = {(metric, title.splitlines()[0]): sorted(row.name for row, _ in lines)
+             for (metric, title), lines in panels.items()}
+    assert drawn == {("val/recon_loss", "reconstruction term −log p(x|z)"): ["ae", "cvae", "vae"],
+                     ("val/neg_elbo", "−ELBO, a bound on −log p(x)"): ["vae"],
+                     ("val/neg_elbo", "conditional −ELBO, a bound on −log p(x|y)"): ["cvae"]}
+    assert all(history == [(1, 30.0), (2, 28.0), (3, 27.0)] for _, history in panels[next(iter(panels))])
+    picture = figures.loss_curves(client, report.rows)
+    assert picture.width > 2.5 * picture.height  # the three panels side by side, one row

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 
 import mlflow
@@ -312,3 +313,22 @@ def test_evaluate_gives_one_line_errors():
     assert result.output.strip().splitlines()[-1].startswith("Error: MlflowException: Run with id=0123456789abcdef")
     result = runner.invoke(main, ["evaluate", "x", "--noise-levels", "a,b"])
     assert result.exit_code == 2 and "--noise-levels" in result.output
+
+
+# --- what `aetrack evaluate` says --------------------------------------------------------------
+
+
+def test_evaluate_help_names_the_metrics_as_they_are_logged():
+    """The metrics are logged as test/<name> (MLflow's groups): --help named them test_<name>."""
+    text = CliRunner().invoke(main, ["evaluate", "--help"], terminal_width=200).output
+    assert not re.search(r"\btest_[a-z]", text), text
+    logged = EVERY_MODEL.union(*EXPECTED.values())
+    named = set(re.findall(r"\btest/([a-z_]+)", text))
+    assert named == {name for name in logged if "_at_" not in name}  # every one, and no other
+
+
+def test_a_count_prints_as_a_whole_number():
+    result = ev.Evaluation(metrics={"neg_elbo": 27.25, "active_units": 6}, notes={"active_units": "of 8"})
+    lines = {line.split()[0]: line.split()[1:] for line in ev.format_table(result).splitlines()[1:]}
+    assert lines["test/active_units"] == ["6", "of", "8"]  # not 6.0000
+    assert lines["test/neg_elbo"] == ["27.2500"]

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 
 from aetrack.cli import main
+from aetrack.tracking.run import run_params
 from aetrack.config import TrainConfig
 from aetrack.models import REGISTRY
 from aetrack.tracking.artifacts import model_uri_of
@@ -53,13 +54,12 @@ def test_every_variant_trains_and_lands_in_mlflow(name, mlflow_server):
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED"
 
-    # Params: the settings that apply to the variant, flat, under the CLI names; they rebuild the config.
+    # Params: what the run is and the settings it changed, flat, under the CLI names; they rebuild the config.
     config = TrainConfig.from_params(run.data.params)
     assert config.model == name and config.hidden == (32,) and config.latent_dim == 2 and config.epochs == 2
-    scopes = {f.metadata["scope"] for f in dataclasses.fields(TrainConfig)} - {None}
-    for field in dataclasses.fields(TrainConfig):
-        assert (field.name in run.data.params) == (field.metadata["scope"] in REGISTRY[name].scopes | {None}), field.name
-    assert scopes >= REGISTRY[name].scopes
+    assert run.data.params == run_params(config)
+    assert {"model", "dataset", "hidden", "latent_dim", "epochs"} <= run.data.params.keys()
+    assert "seed" not in run.data.params and "lr" not in run.data.params  # defaults: MLflow prints params on cards
     assert run.info.run_name.startswith(f"{name}-") and run.info.run_name.endswith("-z2-digits"), run.info.run_name
     assert f"**{name}**" in run.data.tags["mlflow.note.content"]
     assert run.data.tags["model"] == name and run.data.tags["dataset"] == "digits"
@@ -67,22 +67,23 @@ def test_every_variant_trains_and_lands_in_mlflow(name, mlflow_server):
 
     # Metric histories: the batch loss every few optimiser steps; per epoch (step = epoch) the training and
     # validation losses and the validation loss's parts.
-    step_loss = client.get_metric_history(run_id, "steps/loss")
+    step_loss = client.get_metric_history(run_id, "per_step/loss")
     steps_per_epoch = -(-int(1797 * 0.8 * 0.9) // 64)
     assert len(step_loss) >= 2 * steps_per_epoch // 5
     assert [m.step for m in step_loss] == sorted(m.step for m in step_loss)
     assert [m.step for m in client.get_metric_history(run_id, "loss/val")] == [1, 2]
     assert [m.step for m in client.get_metric_history(run_id, "loss/train")] == [1, 2]
-    assert len(client.get_metric_history(run_id, "steps/recon_loss")) == len(step_loss)
-    for key in ("system/epoch_time", "system/samples_per_sec", "optim/lr", "val/recon_loss", "val/best_loss",
-                "val/best_epoch"):
+    assert len(client.get_metric_history(run_id, "per_step/recon_loss")) == len(step_loss)
+    for key in ("system/epoch_time", "system/samples_per_sec", "val/recon_loss", "val/best_loss", "val/best_epoch"):
         assert key in run.data.metrics, key
+    # A constant rate is the param `lr`: as a chart MLflow draws it on a -0.5 ... 0.5 axis that reads as 0.
+    assert "optim/lr" not in run.data.metrics
     if REGISTRY[name].generative:
-        assert "steps/kl" in run.data.metrics and "val/kl" in run.data.metrics
+        assert "per_step/kl" in run.data.metrics and "val/kl" in run.data.metrics
     if name == "m2":
-        assert "steps/classifier_loss" in run.data.metrics and "val/error" in run.data.metrics
+        assert "per_step/classifier_loss" in run.data.metrics and "val/error" in run.data.metrics
     if name in ("sae", "cae"):
-        assert "steps/penalty" in run.data.metrics
+        assert "per_step/penalty" in run.data.metrics
 
     # Images with steps: per-epoch reconstructions (and samples) from step 0, final pictures at one step.
     keys = image_keys(client, run_id)
@@ -165,3 +166,18 @@ def test_mlflow_run_uses_one_run_with_the_metrics(tmp_path):
     assert "progress/reconstructions" in image_keys(client, run.info.run_id)
     assert run.info.run_name == "vae-mog-z2-digits"  # MLflow's random name, replaced
     assert client.search_model_versions("name='aetrack-digits-vae'")[0].run_id == run.info.run_id
+
+
+def test_mlflow_prints_no_view_run_lines_of_its_own(mlflow_server, tmp_path, monkeypatch):
+    """MLflow printed "🏃 View run ... / 🧪 View experiment ..." at the end of every run against a tracking server:
+    once per trial of a study, beside aetrack's own "look at it" line."""
+    monkeypatch.delenv("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", raising=False)
+    result = CliRunner().invoke(main, ["tune", "--model", "ae", "--hidden", "16", "--latent-dim", "2", "--epochs", "1",
+                                       "--n-trials", "2", "--param", "lr=float:1e-3:1e-2:log", "--no-register",
+                                       "--threads", "1", "--storage", f"sqlite:///{tmp_path}/optuna.db",
+                                       "--tracking-uri", mlflow_server, "--experiment", "quiet-urls"])
+    assert result.exit_code == 0, result.output
+    client = MlflowClient(mlflow_server)
+    experiments = [e.experiment_id for e in client.search_experiments() if e.name.startswith("quiet-urls")]
+    assert len(client.search_runs(experiments)) >= 3  # the study's run and its two trials ended: MLflow had its chances
+    assert "View run" not in result.output and "View experiment" not in result.output, result.output

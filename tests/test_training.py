@@ -3,7 +3,10 @@ bias, gradient clipping, and a default VAE that does not collapse."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
+import re
 
 import pytest
 import torch
@@ -60,6 +63,13 @@ def test_learning_rate_schedule_reaches_its_final_value(schedule, final):
     assert rate(199) == pytest.approx(final)
     factors = [rate(step) for step in range(10, 200)]
     assert all(a >= b - 1e-12 for a, b in zip(factors, factors[1:]))  # never rises after warm-up
+
+
+def test_only_a_rate_that_moves_is_recorded_per_epoch(digits):
+    constant = TrainConfig(model="ae", hidden=(32,), latent_dim=4, epochs=2, patience=0)
+    assert all("lr" not in epoch for epoch in fit(constant, digits, progress=False)[1].epochs)
+    warming = dataclasses.replace(constant, warmup_steps=5)
+    assert all("lr" in epoch for epoch in fit(warming, digits, progress=False)[1].epochs)
 
 
 def test_fit_ends_at_the_schedules_final_learning_rate(digits):
@@ -250,3 +260,36 @@ def test_progress_prints_about_fifty_epoch_lines_however_long_the_run(digits, ca
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch ") and "val_loss" in line]
     assert 50 <= len(lines) <= 52
     assert lines[0].startswith("epoch 1:") and lines[-1].startswith("epoch 300:")
+
+
+def test_the_progress_bar_shows_on_a_terminal_that_reports_no_size(tmp_path):
+    """A pty without a window size (`script` started outside a terminal, `docker exec -t`, CI) says 0 x 0: tqdm drew
+    a bar of no width there, i.e. nothing, for epochs of any length. The bar must show on every terminal."""
+    pty = pytest.importorskip("pty")
+    import os
+    import subprocess
+    import sys
+
+    leader, follower = pty.openpty()
+    assert tuple(os.get_terminal_size(follower)) == (0, 0)
+    code = ("from aetrack import data; from aetrack.config import TrainConfig; from aetrack.training import fit; "
+            "fit(TrainConfig(model='ae', hidden=(16,), latent_dim=2, epochs=2, batch_size=256), data.load('digits'), "
+            "progress=True)")
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    child = subprocess.Popen([sys.executable, "-c", code], stdin=follower, stdout=follower, stderr=follower, env=env,
+                             cwd=tmp_path)
+    os.close(follower)
+    output = bytearray()
+    while True:
+        try:
+            chunk = os.read(leader, 4096)
+        except OSError:  # EIO: the child closed the terminal
+            break
+        if not chunk:
+            break
+        output += chunk
+    os.close(leader)
+    assert child.wait(timeout=120) == 0, output.decode(errors="replace")[-2000:]
+    text = output.decode(errors="replace")
+    assert "epoch 1: val_loss" in text  # the epoch lines, as before
+    assert re.search(r"epoch 1/2: +\d+%\|", text), text[:1000]  # and the bar, with its percentage

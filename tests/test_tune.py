@@ -20,7 +20,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from aetrack.cli import main
-from aetrack.tuning.report import crown
+from aetrack.tracking.registry import crown
 from aetrack.tuning.space import config_value, parse_param
 from aetrack.tuning.storage import StudyStorage, TrialBudgetSpent, open_storage, used_trials
 from conftest import aetrack_command, stop
@@ -315,7 +315,11 @@ def test_the_median_pruner_stops_hopeless_trials_early(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- the champion
 
-def test_the_champion_alias_moves_only_to_a_better_version(tmp_path):
+def champion_of(client, name: str) -> str:
+    return str(client.get_model_version_by_alias(name, "champion").version)
+
+
+def test_the_champion_alias_moves_only_to_a_version_better_than_every_other(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/registry.db")
     experiment_id = client.create_experiment("champion")
     client.create_registered_model("champ")
@@ -329,12 +333,52 @@ def test_the_champion_alias_moves_only_to_a_better_version(tmp_path):
         client.log_metric(run_id, "val/best_epoch", 2)
         return str(client.create_model_version("champ", f"runs:/{run_id}/model", run_id).version)
 
-    first, worse, better = version(30.0), version(31.0), version(29.0)
-    assert crown(client, "champ", first, 30.0, "val_neg_elbo", minimize=True).crowned
-    kept = crown(client, "champ", worse, 31.0, "val_neg_elbo", minimize=True)
+    first, worse = version(30.0), version(31.0)
+    # No champion yet (a store from before `train` crowned): the best of every version takes it, not the newcomer.
+    outcome = crown(client, "champ", "val_neg_elbo", candidate=worse)
+    assert champion_of(client, "champ") == first and not outcome.crowned and outcome.version == first
+    kept = crown(client, "champ", "val_neg_elbo", candidate=worse)
     assert not kept.crowned and kept.version == first and kept.previous_value == 30.0
-    assert str(client.get_model_version_by_alias("champ", "champion").version) == first
-    moved = crown(client, "champ", better, 29.0, "val_neg_elbo", minimize=True)
-    assert moved.crowned and moved.previous == first
-    assert str(client.get_model_version_by_alias("champ", "champion").version) == better
-    assert str(client.get_model_version("champ", first).version) == first  # the old champion keeps its version
+    better = version(29.0)
+    moved = crown(client, "champ", "val_neg_elbo", candidate=better)
+    assert moved.crowned and moved.previous == first and champion_of(client, "champ") == better
+    # Chosen by hand: it stays until a newcomer beats every version, not merely the one chosen.
+    client.set_registered_model_alias("champ", "champion", worse)
+    middling = version(29.5)
+    assert not crown(client, "champ", "val_neg_elbo", candidate=middling).crowned
+    assert champion_of(client, "champ") == worse
+    best = version(28.0)
+    assert crown(client, "champ", "val_neg_elbo", candidate=best).crowned and champion_of(client, "champ") == best
+    # A figure where higher is better ranks the other way round: the highest of all takes the alias.
+    assert crown(client, "champ", "val_neg_elbo", candidate=worse, minimize=False).crowned
+    assert champion_of(client, "champ") == worse
+
+
+@pytest.mark.slow
+def test_a_short_tune_after_the_default_train_leaves_the_champion_on_the_best_version(tmp_path):
+    """Issue 22's sequence: `aetrack train` registers a converged version, then a 2-epoch `aetrack tune` registers
+    its best trial. The trial's version is worse on val/neg_elbo, so @champion stays on train's version, also when
+    the store predates crowning at train (no alias at all); both versions carry the same tag names."""
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    model = ["--model", "vae", "--hidden", "32", "--latent-dim", "2", "--batch-size", "64", "--log-every", "10"]
+    trained = CliRunner().invoke(main, ["train", *model, "--epochs", "40", "--patience", "0", "--quiet",
+                                        "--tracking-uri", uri], catch_exceptions=False)
+    assert trained.exit_code == 0, trained.output
+    assert "champion:         models:/aetrack-digits-vae@champion -> version 1" in trained.output
+    client = MlflowClient(uri)
+    client.delete_registered_model_alias("aetrack-digits-vae", "champion")  # as the issue found it: no alias
+    result = tune(["--model", "vae", "--hidden", "32", "--latent-dim", "2", "--batch-size", "64", "--log-every", "10",
+                   "--param", "lr=float:1e-4:2e-4:log", "--threads", "1", "--n-trials", "1", "--epochs", "2",
+                   "--tracking-uri", uri, "--storage", f"sqlite:///{tmp_path}/optuna.db"])
+    assert result.exit_code == 0, result.output
+    versions = {str(v.version): v for v in client.search_model_versions("name = 'aetrack-digits-vae'")}
+    assert sorted(versions) == ["1", "2"]
+    assert champion_of(client, "aetrack-digits-vae") == "1", result.output
+    assert "version 1 is better on val_neg_elbo" in result.output
+    assert versions["1"].tags.keys() & versions["2"].tags.keys() >= {"val/best_loss"}
+    assert not any("_" in key and "/" not in key and key.startswith("val") for v in versions.values() for key in v.tags)
+    # The trials are in the study's own experiment, named by what they try; the training runs' charts stay clean.
+    trials = client.search_runs([client.get_experiment_by_name("aetrack-tuning").experiment_id],
+                                "tags.mlflow.parentRunId != ''")
+    assert [r.info.run_name.split(": ")[0] for r in trials] == ["trial 0"] and "lr=" in trials[0].info.run_name
+    assert len(client.search_runs([client.get_experiment_by_name("aetrack").experiment_id])) == 1

@@ -21,7 +21,7 @@ from aetrack.models import REGISTRY
 from aetrack.tracking import describe, registry
 from aetrack.tracking import metric_names as names
 from aetrack.tracking.evaluate import evaluate_run
-from aetrack.tracking.run import TrackingOptions, run_params, train_tracked
+from aetrack.tracking.run import resolved_tags, TrackingOptions, run_params, train_tracked
 from aetrack.tracking.studies import STUDIES
 from aetrack.tuning.space import available_metrics, default_metric
 
@@ -65,17 +65,29 @@ def test_a_second_run_of_the_same_setting_gets_a_suffix_and_run_name_overrides(t
 # --------------------------------------------------------------------------------------------------- params
 
 @pytest.mark.parametrize("name", sorted(REGISTRY))
-def test_params_are_the_settings_that_apply_and_rebuild_the_config(name):
+def test_params_are_the_settings_that_differ_from_the_defaults_and_rebuild_the_config(name):
+    """MLflow prints every param above each image card: a run logs its identity and what it changed, no more."""
     config = TrainConfig(model=name, latent_dim=3)
-    params = run_params(config, config.resolve(1000))
-    for field in dataclasses.fields(TrainConfig):
-        scope = field.metadata["scope"]
-        assert (field.name in params) == (scope is None or scope in REGISTRY[name].scopes), field.name
-    assert ("resolved_kl_warmup" in params) == ("variational" in REGISTRY[name].scopes)  # kl_warmup: auto
-    assert "resolved_epochs" in params and "resolved_patience" in params
+    params = run_params(config)
+    assert params == {"model": name, "dataset": "digits", "latent_dim": "3"}
+    assert TrainConfig.from_params(params) == config  # the settings left out are the defaults
+    assert resolved_tags(config, config.resolve(1000)).keys() == (
+        {"aetrack.resolved.epochs", "aetrack.resolved.patience"}
+        | ({"aetrack.resolved.kl_warmup"} if "variational" in REGISTRY[name].scopes else set()))
     explicit = TrainConfig(model=name, epochs=5, patience=2)
-    assert "resolved_epochs" not in run_params(explicit, explicit.resolve(1000))  # epochs=5 says it all
-    assert TrainConfig.from_params(params) == config  # the settings left out are the defaults the variant ignores
+    assert "aetrack.resolved.epochs" not in resolved_tags(explicit, explicit.resolve(1000))  # epochs=5 says it all
+
+
+@pytest.mark.parametrize(("changed", "logged"), [
+    (dict(model="vae", prior_components=5), {}),                           # idle under the normal prior
+    (dict(model="vae", prior="mog", prior_components=5), {"prior": "mog", "prior_components": "5"}),
+    (dict(model="vae", train_samples=5), {}),                              # idle under the ELBO
+    (dict(model="vae", objective="iwae", train_samples=5), {"objective": "iwae", "train_samples": "5"}),
+    (dict(model="sae", sparsity_target=0.1), {}),                          # idle under L1
+    (dict(model="ae", beta=4.0), {}),                                      # not an ae's setting at all
+])
+def test_a_setting_its_other_settings_leave_idle_is_not_logged(changed, logged):
+    assert run_params(TrainConfig(**changed)) == {"model": changed["model"], "dataset": "digits", **logged}
 
 
 def test_mlproject_parameters_are_settings_every_variant_logs():

@@ -35,6 +35,7 @@ def compare(experiment, run_ids, by, metrics, output, run_name, no_log, tracking
 
     from aetrack.cli.options import ui_hint
     from aetrack.tracking.compare import COMPARISONS_SUFFIX, build_report, publish, select_runs
+    from aetrack.tracking import describe
 
     use_tracking_uri(tracking_uri)
     client = mlflow.MlflowClient()
@@ -47,6 +48,6 @@ def compare(experiment, run_ids, by, metrics, output, run_name, no_log, tracking
         home = client.get_run(run_id).info.experiment_id
         click.echo(f"compared {len(report.rows)} runs; report logged to run {run_id} in the experiment "
                    f"{experiment}{COMPARISONS_SUFFIX}, as comparison/report.html and comparison/report.md")
-        click.echo(f"look at it: {ui_hint(mlflow.get_tracking_uri(), f'#/experiments/{home}/runs/{run_id}/artifacts')}")
+        click.echo(f"look at it: {ui_hint(mlflow.get_tracking_uri(), describe.ui_page(home, run_id, 'artifacts'))}")
     if output:
         click.echo(f"local copy: {paths[0]} and {paths[1]}")

@@ -15,8 +15,8 @@ from aetrack.config import DEFAULT_NOISE_LEVELS
 @click.command()
 @click.argument("target", metavar="RUN_ID_OR_MODEL_URI")
 @click.option("--iw-samples", type=click.IntRange(1), default=None,
-              help="Importance samples K for test_nll_iw [default: about 1e6 / test images, 50..5000; 5000 is the published protocol].")
-@click.option("--nll-images", type=click.IntRange(1), default=None, help="Estimate test_nll_iw on the first N test images only [default: all].")
+              help="Importance samples K for test/nll_iw [default: about 1e6 / test images, 50..5000; 5000 is the published protocol].")
+@click.option("--nll-images", type=click.IntRange(1), default=None, help="Estimate test/nll_iw on the first N test images only [default: all].")
 @click.option("--samples", type=click.IntRange(2), default=None, help="Generated images scored by FCD and KID [default: test set size, at most 10000].")
 @click.option("--baseline", default=None, metavar="RUN_ID", help="dae: a plain autoencoder's run to denoise the same noisy images.")
 @click.option("--noise-levels", default=",".join(f"{v:g}" for v in DEFAULT_NOISE_LEVELS), show_default=True,
@@ -32,15 +32,15 @@ from aetrack.config import DEFAULT_NOISE_LEVELS
 @friendly_errors
 def evaluate(target, iw_samples, nll_images, samples, baseline, noise_levels, reference, seed, device, data_dir, download,
              tracking_uri, as_json, no_log):
-    """Test-set metrics and pictures of a trained run, logged to it as test_* metrics.
+    """Test-set metrics and pictures of a trained run, logged to it as test/* metrics.
 
     \b
-    Every model: test_recon_loss (nats/image, the model's likelihood), test_mse, test_psnr,
-      test_probe_accuracy, test_knn_accuracy, test_jacobian_frobenius_sq.
-    Autoencoders: test_mean_activation, test_fraction_near_zero.
-    vae/cvae/m2: test_neg_elbo, test_elbo_recon_loss, test_kl, test_nll_iw, test_active_units, KL per unit.
-    Every model that generates (AEs through their fitted latent mixture): test_fcd, test_kid.
-    cvae/m2: test_label_accuracy, test_cas.   m2: test_error.   dae: PSNR per noise level.
+    Every model: test/recon_loss (nats/image, the model's likelihood), test/mse, test/psnr,
+      test/probe_accuracy, test/knn_accuracy, test/jacobian_frobenius_sq.
+    Autoencoders: test/mean_activation, test/fraction_near_zero.
+    vae/cvae/m2: test/neg_elbo, test/elbo_recon_loss, test/kl, test/nll_iw, test/active_units, KL per unit.
+    Every model that generates (AEs through their fitted latent mixture): test/fcd, test/kid.
+    cvae/m2: test/label_accuracy, test/cas.   m2: test/error.   dae: PSNR per noise level.
     """
     try:
         levels = tuple(float(v) for v in noise_levels.split(",") if v.strip())

@@ -49,11 +49,16 @@ def tune(ctx, data_dir, download, tracking_uri, experiment, run_name, register, 
     if not space.params:
         raise click.UsageError("nothing to search: every parameter is fixed (see --show-space)")
     from aetrack.tracking.run import RunStopped, registered_name
-    from aetrack.tuning.study import tune_study
+    from aetrack.tuning.study import tune_study, tuning_experiment
 
     use_tracking_uri(tracking_uri)
     registered_model = (registered_model or registered_name(base)) if register else None
+    if ctx.get_parameter_source("experiment") == click.core.ParameterSource.DEFAULT:
+        experiment = tuning_experiment(experiment)  # trials' short curves stay out of the training runs' charts
     tracking = TrackingOptions(experiment, run_name or None, checkpoint_dir=checkpoint_dir)
+    from aetrack.tracking import access
+
+    access.check_training(experiment, registered_model)  # with logins: one line before any trial, not a 403 after
     try:
         tune_study(base, space, search, data_dir=data_dir or None, download=download, tracking=tracking,
                    registered_model=registered_model, echo=(lambda line: None) if quiet else click.echo, summary=click.echo)

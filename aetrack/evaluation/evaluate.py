@@ -201,7 +201,9 @@ def format_table(evaluation: Evaluation) -> str:
         if "_at_" in name:  # one per noise level: the table below shows them
             continue
         note = evaluation.notes.get(name, "")
-        lines.append(f"{'test/' + name:32} {value:12.4f}  {note}".rstrip())
+        # A count (active units) is a whole number: 6, not 6.0000.
+        shown = f"{value:12d}" if isinstance(value, int) else f"{value:12.4f}"
+        lines.append(f"{'test/' + name:32} {shown}  {note}".rstrip())
     for title, rows in evaluation.tables.items():
         lines += ["", f"{title}: {evaluation.notes.get(title, '')}", "  ".join(f"{k:>14}" for k in rows[0])]
         lines += ["  ".join(f"{v:14.3f}" for v in row.values()) for row in rows]

@@ -2,8 +2,8 @@
 as base64, so the MLflow UI shows it as it is) and as Markdown (pictures beside it). It fits a laptop screen:
 a table of the runs (what differs, whether each was evaluated), a table of test metrics (one row per metric,
 one column per run, the better value in bold, which way is better), the metrics in a few figures (against
-`--by`, or one bar per run where several runs have a metric), the runs' validation loss curves and their sample
-grids side by side.
+`--by`, or one bar per run where several runs have a metric), the runs' validation loss curves (one panel per kind
+of loss: only comparable quantities share an axis) and their sample grids side by side.
 
 The report is logged as the artifacts `comparison/report.html`, `comparison/report.md` and
 `comparison/images/` of a new run, tagged `aetrack.kind=comparison`, in the experiment `<experiment>-comparisons`:
@@ -137,7 +137,7 @@ def applies(param: str, rows: list[Row]) -> bool:
 
 
 def caption(row: Row, varying: list[str]) -> str:
-    settings = ", ".join(f"{k}={row.params[k]}" for k in varying if k in row.params)
+    settings = ", ".join(differences(row, varying))
     return f"{row.name}" + (f" ({settings})" if settings else "")
 
 
@@ -168,11 +168,20 @@ def _value(value: float | None) -> str:
 NOT_EVALUATED = "not evaluated"
 
 
+def differences(row: Row, varying: list[str]) -> list[str]:
+    """The run's settings that differ between the runs, as `name=value`, the model first; a param that its variant
+    does not take (an ae's beta) is left out."""
+    order = sorted(varying, key=lambda k: (k != "model", k))
+    known = row.params.get("model") in REGISTRY
+    return [f"{k}={row.params[k]}" for k in order if k in row.params and (applies(k, [row]) or not known)]
+
+
 def runs_table(report: Report) -> tuple[list[str], list[list[str]]]:
-    """One row per run: its number (the metric table's column), name, id, the params that differ, and whether it was
-    evaluated (a run without test metrics is named, not left as blank cells)."""
-    header = ["#", "run", "run id", *report.varying, "test metrics"]
-    body = [[str(i), row.name, row.run_id, *(row.params.get(k, "") for k in report.varying),
+    """One row per run: its number (the metric table's column), name, id, the params that differ (in one cell, so
+    that the table keeps to the page however many differ) and whether it was evaluated (a run without test metrics
+    is named, not left as blank cells)."""
+    header = ["#", "run", "run id", "settings that differ", "test metrics"]
+    body = [[str(i), row.name, row.run_id, ", ".join(differences(row, report.varying)),
              f"{sum(m in row.metrics for m in report.metrics)}" if row.evaluated else NOT_EVALUATED]
             for i, row in enumerate(report.rows, 1)]
     return header, body
@@ -218,7 +227,7 @@ def _figures(report: Report) -> list[tuple[str, str, object]]:
     figures = [(f"{group.capitalize()} metrics{against}", f"{_slug(group)}.png", picture)
                for group, picture in report.plots.items()]
     if report.curves is not None:
-        figures.append((f"Validation loss per epoch ({names.VAL_LOSS})", "loss-curves.png", report.curves))
+        figures.append(("Validation losses per epoch, one panel per kind of loss", "loss-curves.png", report.curves))
     return figures
 
 
@@ -250,6 +259,11 @@ def write_markdown(report: Report, title: str, folder: Path) -> Path:
     return path
 
 
+def inline_markdown(text: str) -> str:
+    """`text` as HTML, its `code` spans (Markdown, as the run's description shows them) as <code>."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
 def _img(picture, alt: str) -> str:
     data = base64.b64encode(_png(picture)).decode("ascii")
     return f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">'
@@ -263,6 +277,9 @@ STYLE = (
     "table{border-collapse:collapse;font-size:13px}td,th{border:1px solid #ddd;padding:3px 7px;text-align:right;"
     "white-space:nowrap}th{background:#f3f3f3}td.text,th.text{text-align:left}td.id{font-family:monospace;"
     "font-size:11px;color:#666}td.best{font-weight:bold;background:#eaf3fb}td.missing{color:#b00;text-align:left}"
+    "td.settings{white-space:normal;font-size:12px}.setting{white-space:nowrap;margin-right:.6em}"
+    "td.name{white-space:normal;overflow-wrap:anywhere}"
+    "code{font-size:.92em;background:#f3f3f3;padding:0 3px;border-radius:3px}"
     "img{max-width:100%}.samples{display:grid;grid-template-columns:repeat(auto-fill,minmax(330px,1fr));gap:14px}"
     "figure{margin:0}figcaption{font-size:12px;margin-top:3px}.note{color:#555;font-size:13px}"
 )
@@ -272,15 +289,17 @@ def write_html(report: Report, title: str, folder: Path) -> Path:
     """report.html: one file, every picture inlined, at most PAGE_WIDTH pixels wide."""
     esc = html.escape
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{esc(title)}</title><style>{STYLE}</style>"
-             f"</head><body><h1>{esc(title)}</h1><p>{esc(summary(report))}</p>"]
+             f"</head><body><h1>{esc(title)}</h1><p>{inline_markdown(summary(report))}</p>"]
     header, body = runs_table(report)
-    text_columns = {1, 2, *range(3, 3 + len(report.varying))}
     parts.append("<div class='scroll'><table id='runs'><tr>" + "".join(
-        f"<th class='{'text' if i in text_columns else ''}'>{esc(h)}</th>" for i, h in enumerate(header)) + "</tr>")
-    for cells in body:
-        classes = ["", "text", "text id", *(["text"] * len(report.varying)),
-                   "missing" if cells[-1] == NOT_EVALUATED else ""]
-        parts.append("<tr>" + "".join(f"<td class='{c}'>{esc(v)}</td>" for c, v in zip(classes, cells)) + "</tr>")
+        f"<th class='{'text' if i in (1, 2, 3) else ''}'>{esc(h)}</th>" for i, h in enumerate(header)) + "</tr>")
+    for row, cells in zip(report.rows, body):
+        # Each name=value stays whole; the cell wraps between them.
+        settings = " ".join(f"<span class='setting'>{esc(item)}</span>" for item in differences(row, report.varying))
+        missing = cells[-1] == NOT_EVALUATED
+        parts.append(f"<tr><td>{esc(cells[0])}</td><td class='text name'>{esc(cells[1])}</td>"
+                     f"<td class='text id'>{esc(cells[2])}</td><td class='text settings'>{settings}</td>"
+                     f"<td class='{'missing' if missing else ''}'>{esc(cells[-1])}</td></tr>")
     parts.append("</table></div>")
     if report.common:
         parts.append("<p class='note'>Settings shared by every run: " + ", ".join(

@@ -9,6 +9,7 @@ import dataclasses
 from aetrack.config import TrainConfig
 from aetrack.models import REGISTRY
 from aetrack.tracking import metric_names as names
+from aetrack.tracking import tags
 
 NOTE = "mlflow.note.content"  # MLflow's own tag: the description of a run or an experiment
 RUN_NAME = "mlflow.runName"
@@ -22,6 +23,46 @@ SCOPE_LABELS = {
     "semi_supervised": lambda c: f"{c.labeled}labels" + ("-M1codes" if c.features else ""),
 }
 SCOPE_ORDER = tuple(SCOPE_LABELS)
+
+
+# Settings of a variant's own groups that its other settings can leave idle: a mixture's components under a normal
+# prior, K importance samples under the ELBO, the KL-sparsity target under L1, drawing M1's codes without M1.
+IDLE_UNLESS = {
+    "prior_components": lambda c: c.prior in ("mog", "vamp"),
+    "train_samples": lambda c: c.objective != "elbo",
+    "sparsity_target": lambda c: c.sparsity == "kl",
+    "feature_draws": lambda c: bool(c.features),
+}
+IDENTITY = ("model", "dataset")  # logged always: what the run is, in the runs table and on each image card
+DEFAULT_PARAMS = TrainConfig().to_params()
+
+
+def applies(config: TrainConfig, name: str) -> bool:
+    """Whether setting `name` applies to `config.model` (an option of no group, or of one of its groups) and is not
+    left idle by the config's other settings (`IDLE_UNLESS`)."""
+    scope = TrainConfig.__dataclass_fields__[name].metadata["scope"]
+    in_scope = scope is None or scope in REGISTRY[config.model].scopes
+    return in_scope and IDLE_UNLESS.get(name, lambda c: True)(config)
+
+
+def run_params(given: TrainConfig) -> dict[str, str]:
+    """The params a run logs: its identity, and each setting that applies to its variant and differs from aetrack's
+    default. MLflow's image cards print every param above the picture (33 of them hid it), so defaults stay out:
+    `TrainConfig.from_params` fills them back, and the model's config.json holds every setting."""
+    return {k: v for k, v in given.to_params().items() if k in IDENTITY or (applies(given, k) and v != DEFAULT_PARAMS[k])}
+
+
+def resolved_tags(given: TrainConfig, resolved: TrainConfig) -> dict[str, str]:
+    """What each `auto` setting that applies resolved to (`aetrack.resolved.epochs` where epochs = auto)."""
+    return {tags.RESOLVED.format(name): str(getattr(resolved, name)) for name in ("epochs", "patience", "kl_warmup")
+            if applies(given, name) and getattr(given, name) is None}
+
+
+def full_params(params: dict[str, str]) -> dict[str, str]:
+    """A run's params with the defaults it left out filled in, for each setting that applies to it: what readers
+    (compare, studies) group and label runs by."""
+    config = TrainConfig.from_params(params)
+    return {**{k: v for k, v in DEFAULT_PARAMS.items() if applies(config, k)}, **params}
 
 
 def base_run_name(config: TrainConfig) -> str:
@@ -62,7 +103,8 @@ def variant_settings(config: TrainConfig) -> str:
 
 
 def run_description(config: TrainConfig, *, train_images: int, val_images: int, best_val_loss: float, best_epoch: int,
-                    epochs_run: int, stopped_early: bool, registered: str | None = None) -> str:
+                    epochs_run: int, stopped_early: bool, registered: str | None = None,
+                    ranked: tuple[str, float] | None = None) -> str:
     """The run's description (Markdown): what was trained on what, and how well."""
     variant = REGISTRY[config.model]
     own = variant_settings(config)
@@ -75,10 +117,18 @@ def run_description(config: TrainConfig, *, train_images: int, val_images: int, 
         f"Best validation loss **{best_val_loss:.4f}** at epoch {best_epoch} of {epochs_run}"
         + (f" (stopped early; budget {config.epochs})" if stopped_early else f" (budget {config.epochs})") + ".",
     ]
+    if ranked:  # tuning reports it and the champion is chosen on it: the loss above may weigh the KL by beta
+        lines.append(f"At that epoch `{ranked[0]}` **{ranked[1]:.4f}** (what ranks models for `@champion` and "
+                     f"what `aetrack tune` optimises).")
+    if config.model in WARMED_UP and (config.kl_warmup or 0) > 0:
+        lines.append(f"KL warm-up: the KL weight rises from 0 to beta over epochs 1-{config.kl_warmup}, so `loss/train` "
+                     "rises while it does (`optim/kl_scale`); early stopping waits for its end.")
     if registered:
         lines.append(f"Registered as `{registered}`.")
     return "  \n".join(lines)
 
+
+WARMED_UP = tuple(name for name, variant in REGISTRY.items() if "variational" in variant.scopes)
 
 # The test figures a description and a model version's tags show, in this order, where the run has them.
 KEY_TEST_METRICS = ("recon_loss", "psnr", "nll_iw", "neg_elbo", "fcd", "label_accuracy", "error", "probe_accuracy")
@@ -108,19 +158,58 @@ def note_evaluation(client, run_id: str) -> None:
     tag_versions_of_run(client, run_id, run.data.metrics, description=note)
 
 
+CHART_SECTIONS = ("Chart sections, x axis the epoch in each but `per_step`: `loss` (train and val), `optim` (the KL "
+                  "weight during warm-up, a learning rate that a schedule moves), `progress` (pictures, from epoch 0), "
+                  "`result` (pictures of the kept weights, loss curves with train and val together), `system`, `val` "
+                  "(the validation loss's parts); `per_step`: the training loss over the last `--log-every` optimiser "
+                  "steps, x axis the optimiser step; `test`: after `aetrack evaluate`.")
+
+
 def experiment_description(name: str) -> str:
     return (f"Autoencoders trained by `aetrack train --experiment {name}`; compare them with "
-            f"`aetrack compare --experiment {name}` (reports go to `{name}-comparisons`).  \n"
-            "Run names: variant, its settings, latent size, data set (`vae-normal-z8-digits`). Chart sections: "
-            "`loss` (train and val per epoch), `progress` (pictures per epoch, from 0), `result` (pictures of the "
-            "kept weights), `steps` (per optimiser step), `test` (after `aetrack evaluate`), `val` (the loss's parts).")
+            f"`aetrack compare --experiment {name}` (reports go to `{name}-comparisons`, tuning trials to "
+            f"`{name}-tuning`).  \n"
+            "Run names: variant, its settings, latent size, data set (`vae-normal-z8-digits`). Params: the settings "
+            "that differ from aetrack's defaults (every setting is in the model's config.json).  \n" + CHART_SECTIONS)
 
 
-def describe_experiment(client, experiment_id: str) -> None:
-    """Give an experiment aetrack made a description, unless someone already wrote one."""
-    experiment = client.get_experiment(experiment_id)
+# MLflow 3.17's UI shows an experiment as GenAI or model training by its "workflow type", from the link's query or
+# the browser's last choice (GenAI when new), before the experiment's kind tag: aetrack's links say it.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+
+
+def ui_page(experiment_id: str, run_id: str | None = None, tab: str | None = None) -> str:
+    """The UI's fragment for an experiment's runs table, a run, or a run's tab, in the model-training view:
+    `#/experiments/1/runs/ID?workflowType=machine_learning`."""
+    path = f"#/experiments/{experiment_id}/runs" + (f"/{run_id}" if run_id else "") + (f"/{tab}" if tab else "")
+    return f"{path}?{MODEL_TRAINING_VIEW}"
+
+
+# MLflow 3 opens an experiment on the page of its kind (its own tag): GenAI's overview of traces and token costs
+# unless the experiment says it holds model training, whose page is the runs table.
+EXPERIMENT_KIND, MODEL_TRAINING = "mlflow.experimentKind", "custom_model_development"
+
+
+def open_experiment(client, name: str, description: str | None = None) -> str:
+    """The id of experiment `name` (created where missing), marked as model training and described unless someone
+    already described it. MLflow's active experiment is left as it was."""
+    from mlflow.exceptions import MlflowException  # here: `aetrack study --list` reads this module; MLflow is slow
+
+    experiment = client.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            client.create_experiment(name, tags={EXPERIMENT_KIND: MODEL_TRAINING,
+                                                 NOTE: description or experiment_description(name)})
+        except MlflowException:  # another process created it first
+            pass
+        experiment = client.get_experiment_by_name(name)
+    if experiment.lifecycle_stage == "deleted":
+        raise MlflowException(f"experiment {name!r} is deleted; restore it (mlflow experiments restore) or use another")
+    if experiment.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
     if not experiment.tags.get(NOTE):
-        client.set_experiment_tag(experiment_id, NOTE, experiment_description(experiment.name))
+        client.set_experiment_tag(experiment.experiment_id, NOTE, description or experiment_description(name))
+    return experiment.experiment_id
 
 
 def registered_model_description(name: str, config: TrainConfig) -> str:

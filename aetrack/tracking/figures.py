@@ -1,5 +1,6 @@
 """The compare report's figures: metrics grouped by what they measure, one panel per metric titled with the way
-that is better (against `--by`, or one bar per run), and the compared runs' validation loss curves."""
+that is better (against `--by`, or one bar per run), and the compared runs' validation loss curves, one panel per
+kind of loss."""
 
 from __future__ import annotations
 
@@ -104,27 +105,83 @@ def line_panel(ax, rows: list[Row], metric: str, by: str, others: list[str]) -> 
     ax.set_xlabel(by, fontsize=8)
 
 
+# What each validation curve measures, so that only like is drawn with like: every model's reconstruction term, and
+# the bound of the generative ones, apart for the conditional ones (a bound on -log p(x|y), which knows the label,
+# is not a bound on -log p(x)). A run's own loss (loss/val) mixes these with penalties, beta and KL warm-up: an AE's
+# reconstruction loss would look better than a VAE's -ELBO on one axis.
+RECONSTRUCTION = ("val/recon_loss", "reconstruction term −log p(x|z)")
+BOUND = ("val/neg_elbo", "−ELBO, a bound on −log p(x)")
+CONDITIONAL_BOUND = ("val/neg_elbo", "conditional −ELBO, a bound on −log p(x|y)")
+
+
+def loss_kinds(row: Row) -> list[tuple[str, str]]:
+    """(metric, what it is) of the validation curves `row` is drawn in: its reconstruction term, and its bound if
+    it generates; a run of an unknown model (or older, without the parts) gets its own loss in a panel of its model."""
+    from aetrack.models import REGISTRY
+
+    variant = REGISTRY.get(row.params.get("model", ""))
+    if variant is None:
+        return [own_loss(row)]
+    kinds = [RECONSTRUCTION]
+    if variant.generative:
+        kinds.append(CONDITIONAL_BOUND if variant.conditional else BOUND)
+    return kinds
+
+
+def own_loss(row: Row) -> tuple[str, str]:
+    return names.VAL_LOSS, f"{row.params.get('model', '?')}'s training loss"
+
+
+def loss_panels(client, rows: list[Row]) -> dict[tuple[str, str], list[tuple[Row, list[tuple[int, float]]]]]:
+    """(metric, title) -> the runs drawn on that panel with their (epoch, value) history: one panel per kind of loss
+    (see `loss_kinds`), per data set and likelihood where the runs differ in them (nats compare within one only)."""
+    settings = {row.run_id: tuple(row.params.get(k, "") for k in ("dataset", "likelihood")) for row in rows}
+    several = len(set(settings.values())) > 1
+    panels: dict[tuple[str, str], list[tuple[Row, list[tuple[int, float]]]]] = {}
+    for row in rows:
+        curves = [(metric, what, history) for metric, what in loss_kinds(row)
+                  if (history := client.get_metric_history(row.run_id, metric))]
+        if not curves:  # logged before the loss's parts were: its own loss, on a panel of its model
+            metric, what = own_loss(row)
+            curves = [(metric, what, client.get_metric_history(row.run_id, metric))]
+        for metric, what, history in curves:
+            if history:
+                title = f"{what}\n({metric}, {', '.join(settings[row.run_id])})" if several else f"{what}\n({metric})"
+                panels.setdefault((metric, title), []).append((row, sorted((m.step, m.value) for m in history)))
+    return panels
+
+
 def loss_curves(client, rows: list[Row], limit: int = 12):
-    """The validation loss per epoch of (up to `limit` of) the compared runs, one line each; None without history."""
+    """The validation losses per epoch of (up to `limit` of) the compared runs, one panel per kind of loss
+    (`loss_panels`), one line per run, a run's colour the same in every panel; None without history."""
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    histories = [(row, client.get_metric_history(row.run_id, names.VAL_LOSS)) for row in rows[:limit]]
-    histories = [(row, sorted((m.step, m.value) for m in h)) for row, h in histories if h]
-    if not histories:
+    rows = rows[:limit]
+    panels = loss_panels(client, rows)
+    if not panels:
         return None
-    fig, ax = plt.subplots(figsize=(PANEL[0] * COLUMNS, 3.6))
-    for row, history in histories:
-        ax.plot([s for s, _ in history], [v for _, v in history], label=run_label(rows, row), linewidth=1.2)
-    # The first epochs' losses dwarf the rest: show the range where the runs differ.
-    finals = [v for _, h in histories for _, v in h[len(h) // 10:]]
-    low, high = min(finals), max(finals)
-    ax.set_ylim(low - 0.05 * (high - low or 1), high + 0.2 * (high - low or 1))
-    ax.set_xlabel("epoch")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_ylabel(f"{names.VAL_LOSS} (lower is better)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2 if len(histories) > 6 else 1)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    columns = min(COLUMNS, len(panels))
+    lines = -(-len(panels) // columns)
+    fig, axes = plt.subplots(lines, columns, figsize=(PANEL[0] * COLUMNS, 3.6 * lines), squeeze=False)
+    for ax, ((metric, title), histories) in zip(axes.flat, panels.items()):
+        for row, history in histories:
+            ax.plot([s for s, _ in history], [v for _, v in history], label=run_label(rows, row), linewidth=1.2,
+                    color=colours[rows.index(row) % len(colours)])
+        # The first epochs' losses dwarf the rest: show the range where the runs differ.
+        finals = [v for _, h in histories for _, v in h[len(h) // 10:]]
+        low, high = min(finals), max(finals)
+        ax.set_ylim(low - 0.05 * (high - low or 1), high + 0.2 * (high - low or 1))
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel("nats per image (lower is better)" if metric != names.VAL_LOSS else "lower is better", fontsize=8)
+        ax.tick_params(labelsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2 if len(histories) > 6 else 1)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
     fig.tight_layout()
     return images.figure_to_image(fig)
 

@@ -4,6 +4,7 @@ that a dead process left RUNNING, stopping on SIGINT/SIGTERM, and logging that w
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import queue
 import signal
@@ -12,6 +13,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 from typing import Callable
 
 import mlflow
@@ -19,6 +21,7 @@ from mlflow.entities import Metric
 
 from aetrack.config import UserError
 from aetrack.tracking import metric_names as names
+from aetrack.tracking.pictures import log_picture
 from aetrack.tracking import tags as tag
 
 # A server that does not answer at start is an error within this many seconds (MLflow alone retries for ~250 s).
@@ -75,23 +78,57 @@ def owner_alive(tags: dict[str, str]) -> bool | None:
     return tags.get(tag.PID_STARTED, "") == _started(pid)
 
 
-def close_dead_runs(experiment_id: str, echo: Callable[[str], None] = print) -> list[str]:
-    """Mark FAILED every RUNNING run of this experiment whose aetrack process on this host is gone (killed, crashed),
-    with a tag saying so; returns their ids."""
+# A running job's MetricBuffer writes the HEARTBEAT tag at most this often (whenever training logs); a RUNNING run whose
+# heartbeat is older than STALE_AFTER is dead, whatever host it ran on (a pod that never returns), and is closed.
+HEARTBEAT_SECONDS = 60
+STALE_AFTER = 15 * 60
+
+
+def close_dead_runs(experiment_id: str, echo: Callable[[str], None] = print, now: float | None = None) -> list[str]:
+    """Mark FAILED every RUNNING run of this experiment whose aetrack process is gone: on this host, a process that
+    no longer exists (killed, crashed); on any host, a heartbeat older than STALE_AFTER. A tag says why; returns
+    their ids."""
     client = mlflow.MlflowClient()
-    host = socket.gethostname().replace("'", "")
-    runs = client.search_runs([experiment_id], f"attributes.status = 'RUNNING' and tags.`{tag.HOST}` = '{host}'",
-                              max_results=200)
+    host, now = socket.gethostname(), time.time() if now is None else now
+    runs = client.search_runs([experiment_id], "attributes.status = 'RUNNING'", max_results=1000)
     closed = []
     for run in runs:
-        if owner_alive(run.data.tags) is False:
-            reason = (f"process {run.data.tags[tag.PID]} on {host} ended without closing the run (killed or crashed); "
-                      f"closed by a later aetrack command at {time.strftime('%Y-%m-%d %H:%M:%S')}")
-            client.set_tag(run.info.run_id, tag.END_REASON, reason)
-            client.set_terminated(run.info.run_id, "FAILED")
-            echo(f"closed run {run.info.run_id} as FAILED: its process {run.data.tags[tag.PID]} is gone")
-            closed.append(run.info.run_id)
+        tags, when = run.data.tags, time.strftime('%Y-%m-%d %H:%M:%S')
+        beat = tags.get(tag.HEARTBEAT, "")
+        silent = now - int(beat) if beat.isdigit() else None
+        if tags.get(tag.HOST) == host and owner_alive(tags) is False:
+            reason = (f"process {tags[tag.PID]} on {host} ended without closing the run (killed or crashed); "
+                      f"closed by a later aetrack command at {when}")
+            said = f"its process {tags[tag.PID]} is gone"
+        elif silent is not None and silent > STALE_AFTER:
+            reason = (f"no heartbeat from process {tags.get(tag.PID, '?')} on {tags.get(tag.HOST, '?')} for "
+                      f"{silent / 60:.0f} min (the limit is {STALE_AFTER // 60} min); closed by a later aetrack command "
+                      f"on {host} at {when}")
+            said = f"no heartbeat from {tags.get(tag.HOST, '?')} for {silent / 60:.0f} min"
+        else:
+            continue
+        client.set_tag(run.info.run_id, tag.END_REASON, reason)
+        client.set_terminated(run.info.run_id, "FAILED")
+        echo(f"closed run {run.info.run_id} as FAILED: {said}")
+        closed.append(run.info.run_id)
     return closed
+
+
+def claim_run_name(client, run, next_name: Callable[[], str], tries: int = 10) -> str:
+    """Two runs started at once can pick the same free name (each looks before either exists). After its run exists,
+    each process looks again: of runs sharing a name, the first started keeps it, unless it took the name after a
+    clash, and the others move to `next_name()` and look again. Returns the name the run ends with."""
+    name, moved = run.info.run_name, False
+    for attempt in range(tries + 1):
+        plain = name.replace("'", "")  # a quote would end the filter's string
+        same = client.search_runs([run.info.experiment_id], f"attributes.run_name = '{plain}'", max_results=100)
+        others = [r for r in same if r.info.run_id != run.info.run_id]
+        first = min(same or [run], key=lambda r: (r.info.start_time, r.info.run_id))
+        if not others or (not moved and first.info.run_id == run.info.run_id):
+            return name
+        name, moved = next_name() if attempt < tries else f"{name}-{run.info.run_id[:6]}", True
+        client.set_tag(run.info.run_id, "mlflow.runName", name)
+    return name
 
 
 # ----- signals ---------------------------------------------------------------------------------------------------
@@ -172,14 +209,23 @@ class MetricBuffer:
     A request that fails (the server is away) is retried until it goes through; a line says that logging is
     waiting, and another when it has caught up. A metric keeps the timestamp of its first attempt, so a retried
     batch that had in fact arrived is an exact duplicate, which MLflow's store drops. On `--resume`, `skip` holds
-    each key's last logged step: the steps the resumed run computes again are not logged twice."""
+    each key's last logged step: the steps the resumed run computes again are not logged twice.
+
+    With `journal` (a file beside the checkpoint), every point is also appended there before the training loop goes
+    on, and so before the epoch's checkpoint is written: after a SIGKILL, while the queue was behind the server, the
+    resumed run sends from it what the server never got (`recovery.send_unsent`). Every HEARTBEAT_SECONDS at most,
+    while training logs, the run's HEARTBEAT tag is queued too."""
 
     def __init__(self, run_id: str, *, limit: int = 900, skip: dict[str, int] | None = None,
-                 echo: Callable[[str], None] = print, warn_after: float = 10.0):  # MLflow takes <= 1000 metrics a batch
+                 echo: Callable[[str], None] = print, warn_after: float = 10.0,  # MLflow takes <= 1000 metrics a batch
+                 journal: Path | None = None):
         self.run_id, self.limit, self.skip, self.echo, self.warn_after = run_id, limit, skip or {}, echo, warn_after
+        self.journal, self.next_beat = journal, 0.0
+        if journal is not None:
+            journal.parent.mkdir(parents=True, exist_ok=True)
         self.client = mlflow.MlflowClient()
         self.pending: list[Metric] = []
-        self.sent = 0
+        self.sent = self.pictures = 0
         self.items: queue.Queue = queue.Queue()
         self.busy_since: float | None = None
         self.current: tuple | None = None
@@ -194,10 +240,19 @@ class MetricBuffer:
         epoch_level = names.EPOCH in metrics
         if epoch_level:
             step = int(metrics[names.EPOCH])
+        fresh = []
         for key, value in metrics.items():
             name = names.logged(key)
             if key != names.EPOCH and step > self.skip.get(name, -1):
-                self.pending.append(Metric(name, float(value), now, step))
+                fresh.append(Metric(name, float(value), now, step))
+        self.pending += fresh
+        if self.journal is not None and fresh:  # one write, closed: in the kernel's hands before training goes on
+            with open(self.journal, "a", encoding="utf-8") as file:
+                file.write("".join(json.dumps([m.key, m.value, m.timestamp, m.step, epoch_level]) + "\n" for m in fresh))
+        if time.monotonic() >= self.next_beat:
+            self.next_beat = time.monotonic() + HEARTBEAT_SECONDS
+            beat = str(int(time.time()))
+            self.items.put(("heartbeat", lambda: self.client.set_tag(self.run_id, tag.HEARTBEAT, beat), []))
         # Epoch-end metrics close a batch, so the UI is never more than an epoch behind.
         if len(self.pending) >= self.limit or epoch_level:
             self.flush(wait=False)
@@ -205,7 +260,8 @@ class MetricBuffer:
 
     def image(self, picture, key: str, step: int) -> None:
         self.flush(wait=False)  # keep the order: metrics logged before the picture go first
-        self.items.put((f"picture {key}", lambda: self.client.log_image(self.run_id, picture, key=key, step=step), []))
+        mark, self.pictures = not self.pictures, self.pictures + 1
+        self.items.put((f"picture {key}", lambda: log_picture(self.client, self.run_id, picture, key, step, mark=mark), []))
         self._check_waiting()
 
     def flush(self, wait: bool = True, timeout: float | None = None) -> bool:

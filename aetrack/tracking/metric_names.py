@@ -3,9 +3,10 @@ view makes one section per group, in alphabetical order, so the names put the lo
 
 - `loss/train`, `loss/val`: the training loss (mean over the epoch's batches) and the validation loss, per epoch
   (step = epoch, the same steps as the per-epoch pictures), so runs with different batch sizes line up;
-- `optim/lr`, `optim/kl_scale`: per epoch;
-- `steps/<part>`: the training loss and its parts averaged over the last `--log-every` batches, step = the
-  optimiser step;
+- `optim/lr`, `optim/kl_scale`: per epoch (the learning rate only where a schedule or warm-up moves it: a
+  constant one is the param `lr`, and MLflow draws a constant series on a -0.5 ... 0.5 axis that reads as 0);
+- `per_step/<part>`: the training loss and its parts averaged over the last `--log-every` batches, step = the
+  optimiser step (the one section whose x axis is not the epoch, and its name says so);
 - `test/<name>`: written by `aetrack evaluate`;
 - `val/<part>`: the validation loss's parts per epoch; `val/best_loss` and `val/best_epoch` once at the end;
 - `system/epoch_time`, `system/samples_per_sec`: per epoch, in the run page's "System metrics" tab.
@@ -32,12 +33,12 @@ EPOCH = "epoch"                      # the training loop's epoch number: the ste
 BEST_VAL_LOSS, BEST_EPOCH = "val/best_loss", "val/best_epoch"
 EPOCH_TIME = "system/epoch_time"
 TEST_PREFIX = "test/"
-GROUPS = {"train": "steps", "val": "val", "test": "test"}  # the loop's key prefix -> its MLflow group
+GROUPS = {"train": "per_step", "val": "val", "test": "test"}  # the loop's key prefix -> its MLflow group
 
 
 def logged(key: str) -> str:
     """The MLflow name of the training loop's key `key` (`val_neg_elbo` -> `val/neg_elbo`, `val_loss` ->
-    `loss/val`, `train_kl` -> `steps/kl`, `train_epoch_loss` -> `loss/train`); a name with a `/` is already one."""
+    `loss/val`, `train_kl` -> `per_step/kl`, `train_epoch_loss` -> `loss/train`); a name with a `/` is already one."""
     if "/" in key:
         return key
     if key in EPOCH_KEYS:
@@ -46,6 +47,15 @@ def logged(key: str) -> str:
     if rest and group in GROUPS:
         return f"{GROUPS[group]}/{rest}"
     return key
+
+
+def champion_metric(variant) -> str:
+    """The validation figure that ranks a variant's models (the training loop's key): classifier error for M2, the
+    negative ELBO (beta = 1, whatever beta trained with) for VAEs, else the reconstruction loss. Not the validation
+    loss, which beta and the IWAE objective change. `aetrack tune` optimises it unless told otherwise."""
+    if variant.semi_supervised:
+        return "val_error"
+    return "val_neg_elbo" if variant.generative else "val_recon_loss"
 
 
 def test(name: str) -> str:

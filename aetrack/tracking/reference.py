@@ -10,8 +10,8 @@ import mlflow
 
 from aetrack.evaluation.reference import EPOCHS, RECIPE, Classifier, load_folder, save_folder, train_classifier
 from aetrack.serving.reference import ARTIFACT
+from aetrack.tracking import describe, tags
 from aetrack.tracking import metric_names as names
-from aetrack.tracking import tags
 from aetrack.tracking.artifacts import log_reference, with_model_folder
 
 EXPERIMENT = "aetrack-reference-classifiers"
@@ -53,8 +53,8 @@ def reference_classifier(dataset: str, *, data_dir: str | None = None, download:
 
 def register(classifier: Classifier, data, client: mlflow.MlflowClient) -> str:
     name = registered_name(data.name)
-    experiment = client.get_experiment_by_name(EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(EXPERIMENT)
+    experiment_id = describe.open_experiment(client, EXPERIMENT, "Reference classifiers that score generated samples "
+                                             "(FCD, KID, label accuracy), one registered model per data set.")
     nested = mlflow.active_run() is not None
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=nested), tempfile.TemporaryDirectory() as tmp:
         mlflow.log_params({"dataset": data.name, "recipe": RECIPE, "epochs": EPOCHS.get(data.name, 5),

@@ -3,11 +3,14 @@ generation through the same pyfunc model that a server runs."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
 
 import mlflow
 
 from aetrack.tracking import metric_names as names
+from aetrack.tracking import tags
+from aetrack.tracking.metric_names import champion_metric  # noqa: F401 (re-exported)
 
 KEY_METRICS = (names.BEST_VAL_LOSS, *(names.test(m) for m in ("recon_loss", "neg_elbo", "nll_iw", "fcd",
                                                                "label_accuracy", "error")))
@@ -39,6 +42,69 @@ def tag_versions_of_run(client, run_id: str, metrics: dict[str, float], descript
             client.set_model_version_tag(version.name, version.version, key, value)
         if description:
             client.update_model_version(version.name, version.version, description=description)
+
+
+CHAMPION = "champion"
+
+
+def run_score(client, run_id: str, metric: str) -> float | None:
+    """A run's `metric` (the training loop's key) at its kept epoch, the one its model was saved from: what a
+    tuning trial's objective is, and what ranks versions for the champion. None when the run did not log it."""
+    run = client.get_run(run_id)
+    if run.data.tags.get(tags.OPTUNA_METRIC) == metric and "objective" in run.data.metrics:
+        return run.data.metrics["objective"]
+    best_epoch = run.data.metrics.get(names.BEST_EPOCH)
+    for m in client.get_metric_history(run_id, names.logged(metric)):  # epoch metrics: step = epoch
+        if m.step == best_epoch:
+            return m.value
+    return None
+
+
+@dataclass(frozen=True)
+class Crowning:
+    model: str
+    version: str | None       # the champion after the decision
+    crowned: bool             # whether the candidate took (or already held) the alias
+    candidate: str | None     # the version the command registered
+    value: float | None       # the candidate's score
+    previous: str | None = None
+    previous_value: float | None = None
+    note: str = ""
+
+
+def crown(client, model: str, metric: str, *, candidate: str | None = None, minimize: bool = True) -> Crowning:
+    """Point `@champion` of `model` at its best version on `metric` (`run_score`: each version's run, at its kept
+    epoch), never at a worse one. With no champion, the best of all versions takes the alias. With one, the alias
+    moves only to `candidate` (the version this command registered), and only when it beats every version on
+    `metric`, the champion included: a champion chosen by hand (`aetrack promote`) stays until something better
+    than everything comes."""
+    from mlflow.exceptions import MlflowException
+
+    scores = {}
+    for version in client.search_model_versions(f"name = '{model}'"):
+        if version.run_id and (score := run_score(client, version.run_id, metric)) is not None:
+            scores[str(version.version)] = score
+    try:
+        holder = str(client.get_model_version_by_alias(model, CHAMPION).version)
+    except MlflowException:
+        holder = None
+    sign = 1 if minimize else -1
+    # The best score; among equals the champion, else the oldest version: an equal newcomer takes nothing.
+    best = min(scores, key=lambda v: (sign * scores[v], v != holder, int(v)), default=None)
+    value, held = scores.get(candidate), scores.get(holder)
+    if holder is not None and holder == best:
+        return Crowning(model, holder, candidate == holder, candidate, value, holder, held,
+                        "already champion" if candidate == holder else "the champion is at least as good; it stays")
+    if holder is None and best is not None:
+        client.set_registered_model_alias(model, CHAMPION, best)
+        return Crowning(model, best, candidate == best, candidate, value, None, None,
+                        "" if candidate == best else f"version {best} is better on {metric}")
+    if holder is not None and best == candidate and held is not None:
+        client.set_registered_model_alias(model, CHAMPION, best)
+        return Crowning(model, best, True, candidate, value, holder, held)
+    why = (f"the champion logged no {metric} to compare with; it stays" if holder is not None and held is None
+           else f"version {best} is better on {metric}; the champion stays" if best is not None else f"no version logged {metric}")
+    return Crowning(model, holder, False, candidate, value, holder, held, why)
 
 
 def promote(client, name: str, version: str, alias: str) -> None:

@@ -26,7 +26,8 @@ from aetrack.config import TrackingOptions, TrainConfig  # noqa: F401 (TrackingO
 from aetrack.data import Splits
 from aetrack.images import IMAGE_ROWS
 from aetrack.models import REGISTRY, build_model
-from aetrack.tracking import artifacts, describe, lifecycle, recovery
+from aetrack.tracking import artifacts, describe, lifecycle, recovery, registry
+from aetrack.tracking.describe import applies, resolved_tags, run_params  # noqa: F401 (re-exported)
 from aetrack.tracking import metric_names as names
 from aetrack.tracking import tags as tag
 from aetrack.tracking.artifacts import log_generator
@@ -56,6 +57,7 @@ class RunResult:
     registered_version: str | None = None
     history: History = field(default_factory=History)
     logged_model_uri: str | None = None  # the logged model itself (models:/m-...), registrable
+    crowning: registry.Crowning | None = None  # where `@champion` stands after the model was registered
 
 
 def registered_name(config: TrainConfig) -> str:
@@ -149,7 +151,10 @@ def final_pictures(model, data: Splits, history: History, seed: int, max_points:
     pictures.update(images.latent_plots(z.cpu().numpy(), y.cpu().numpy(), seed))
     if history.epochs:
         keys = ["train_epoch_loss"] + [k for k in history.epochs[0] if k.startswith("val_")]
-        pictures["loss_curves"] = images.curves(history.epochs, keys, labels=[names.logged(k) for k in keys])
+        trained = history.config
+        warmup = trained.kl_warmup if trained and "variational" in REGISTRY[trained.model].scopes else 0
+        pictures["loss_curves"] = images.curves(history.epochs, keys, labels=[names.logged(k) for k in keys],
+                                                warmup=min(warmup or 0, len(history.epochs)))
     return pictures
 
 
@@ -169,22 +174,6 @@ def log_dataset(data: Splits, data_dir: str | None) -> None:
             if attempt == 2:
                 raise
             time.sleep(0.5 * (attempt + 1))
-
-
-def applies(config: TrainConfig, name: str) -> bool:
-    """Whether setting `name` applies to `config.model` (an option of no group, or of one of its groups)."""
-    scope = TrainConfig.__dataclass_fields__[name].metadata["scope"]
-    return scope is None or scope in REGISTRY[config.model].scopes
-
-
-def run_params(given: TrainConfig, resolved: TrainConfig) -> dict[str, str]:
-    """The params a run logs: the settings that apply to its variant, as given, and what each `auto` resolved to
-    (`resolved_epochs` beside `epochs` = `auto`). `TrainConfig.from_params` fills the others from their defaults,
-    which is what the variant ignored."""
-    params = {k: v for k, v in given.to_params().items() if applies(given, k)}
-    params.update({f"resolved_{name}": str(getattr(resolved, name)) for name in ("epochs", "patience", "kl_warmup")
-                   if applies(given, name) and getattr(given, name) is None})
-    return params
 
 
 RANDOM_NAME = re.compile(r"^[a-z]+-[a-z]+-\d{1,4}$")  # MLflow's own run names: `angry-bug-231`
@@ -207,10 +196,13 @@ def describe_run(run_id: str, config: TrainConfig, data: Splits, history: Histor
                  version) -> None:
     """The run's description, and its model version's description and tags."""
     client = mlflow.MlflowClient()
+    ranked_by = names.champion_metric(REGISTRY[config.model])
+    kept = history.epochs[history.best_epoch - 1] if history.best_epoch >= 1 else {}
     text = describe.run_description(
         config, train_images=len(data.train_y), val_images=len(data.val_y), best_val_loss=history.best_val_loss,
         best_epoch=history.best_epoch, epochs_run=len(history.epochs), stopped_early=history.stopped_early,
-        registered=None if version is None else f"models:/{registered}/{version}")
+        registered=None if version is None else f"models:/{registered}/{version}",
+        ranked=(names.logged(ranked_by), kept[ranked_by]) if ranked_by in kept else None)
     client.set_tag(run_id, describe.NOTE, text)
     if version is not None:
         describe_version(client, registered, str(version), client.get_run(run_id), text)
@@ -244,8 +236,7 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
             if parent_run_id:
                 experiment_id = mlflow.get_run(parent_run_id).info.experiment_id
             elif "MLFLOW_RUN_ID" not in os.environ:
-                experiment_id = mlflow.set_experiment(options.experiment).experiment_id
-                describe.describe_experiment(mlflow.MlflowClient(), experiment_id)
+                experiment_id = describe.open_experiment(mlflow.MlflowClient(), options.experiment)
                 lifecycle.close_dead_runs(experiment_id, say)
             run = mlflow.start_run(run_name=pick_run_name(config, options, experiment_id), experiment_id=experiment_id,
                                    parent_run_id=parent_run_id, tags=tags)
@@ -254,7 +245,7 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
         log = None
         try:
             if resume:
-                recovery.send_unsent(run_id, folder)
+                recovery.send_unsent(run_id, folder, resume)
                 resumed = mlflow.get_run(run_id).data.tags.get(tag.RESUMED, "")
                 mlflow.set_tags({**lifecycle.owner_tags(), tag.RESUMED: ",".join(filter(None, [resumed, str(resume["epoch"])]))})
                 with contextlib.suppress(mlflow.exceptions.MlflowException):
@@ -262,19 +253,24 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
                 say(f"resuming run {run_id} after epoch {resume['epoch']} of {config.epochs}")
             else:
                 rename_random_run(run, config, options)
+                if not options.run_name and experiment_id is not None:  # runs started at once get distinct names
+                    lifecycle.claim_run_name(mlflow.MlflowClient(), run,
+                                             lambda: describe.run_name(config, mlflow.MlflowClient(), experiment_id))
                 # The settings as given (`mlflow run` logs its entry point's parameters under the same names, and a
-                # logged param cannot change), and what `auto` resolved to beside them.
-                mlflow.log_params(run_params(given, config))
+                # logged param cannot change); what `auto` resolved to goes in tags.
+                mlflow.log_params(run_params(given))
                 mlflow.set_tags({
                     tag.MODEL: config.model,
                     tag.MODEL_FAMILY: "variational" if variant.generative else "autoencoder",
                     tag.DATASET: config.dataset,
                     tag.VERSION: aetrack.__version__,
                     **({tag.GIT_COMMIT: commit} if (commit := git_commit()) else {}),
+                    **resolved_tags(given, config),
                     **lifecycle.owner_tags(),
                 })
                 log_dataset(data, data_dir)
-            log = MetricBuffer(run_id, skip=recovery.last_steps(run_id) if resume else None, echo=say)
+            log = MetricBuffer(run_id, skip=recovery.last_steps(run_id) if resume else None, echo=say,
+                               journal=folder / recovery.JOURNAL)
             epoch_images = EpochImages(data, config, log)
             if not resume:
                 epoch_images.log_initial(config, data)
@@ -360,5 +356,9 @@ def _finish(run, model, history: History, config: TrainConfig, data: Splits, opt
     persist(lambda: mlflow.set_tags(end_tags), "the run's tags")
     version = getattr(logged, "registered_model_version", None)  # absent when nothing was registered
     attempt("the run's description", lambda: describe_run(run_id, config, data, history, name, version))
+    crowning = None
+    if version is not None:
+        crowning = attempt("crowning the champion", lambda: registry.crown(
+            mlflow.MlflowClient(), name, names.champion_metric(variant), candidate=str(version)))
     return RunResult(run_id, run.info.experiment_id, mlflow.get_tracking_uri(), f"runs:/{run_id}/{config.model}",
-                     name, None if version is None else str(version), history, logged.model_uri)
+                     name, None if version is None else str(version), history, logged.model_uri, crowning)

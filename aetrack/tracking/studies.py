@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from aetrack.config import TrainConfig
+from aetrack.tracking import describe
 from aetrack.tracking import metric_names as names
 from aetrack.tracking import tags
 
@@ -145,7 +146,7 @@ def run_study(study: Study, *, dataset: str = "digits", seeds: int = 3, experime
 
     experiment = experiment or f"study-{study.name}-{dataset}"
     client = mlflow.MlflowClient()
-    experiment_id = mlflow.set_experiment(experiment).experiment_id
+    experiment_id = describe.open_experiment(client, experiment, f"`aetrack study {study.name}`: {study.question}")
     cells = [Cell(setting) for setting in study.grid]
     loaded: dict[int, object] = {}
     baseline_runs: dict[int, str] = {}
@@ -189,7 +190,8 @@ def run_study(study: Study, *, dataset: str = "digits", seeds: int = 3, experime
 
 def finished_run(client, experiment_id: str, study: str, key: str, seed: int) -> str | None:
     """The id of this setting's finished run for `seed` in the study's experiment, if one exists."""
-    runs = client.search_runs([experiment_id], f"tags.`{tags.STUDY}` = '{study}' and attributes.status = 'FINISHED' "
-                              f"and params.seed = '{seed}'", max_results=1000)
-    matching = [r for r in runs if r.data.tags.get(tags.SETTING) == key]
+    runs = client.search_runs([experiment_id], f"tags.`{tags.STUDY}` = '{study}' and attributes.status = 'FINISHED'",
+                              max_results=1000)
+    # A run logs only the settings it changed: seed 0, the default, is no param.
+    matching = [r for r in runs if r.data.tags.get(tags.SETTING) == key and TrainConfig.from_params(r.data.params).seed == seed]
     return matching[0].info.run_id if matching else None

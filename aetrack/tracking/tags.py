@@ -17,9 +17,11 @@ ROLE = "aetrack_role"
 MODEL, DATASET, MODEL_FAMILY = "model", "dataset", "model_family"
 VERSION, GIT_COMMIT = "aetrack_version", "git_commit"
 STOPPED_EARLY = "stopped_early"
+RESOLVED = "aetrack.resolved.{}"  # what an `auto` setting resolved to: aetrack.resolved.epochs
 REGISTERED_VERSION = "registered_version"
 # Which process runs it (to close runs a dead process left RUNNING), how it ended, what went wrong on the way.
 HOST, PID, PID_STARTED = "aetrack.host", "aetrack.pid", "aetrack.pid_started"
+HEARTBEAT = "aetrack.heartbeat"  # Unix seconds of the run's last sign of life: runs of any host are closed on it
 END_REASON, RESUMED, WARNINGS = "aetrack.end_reason", "aetrack.resumed_at_epochs", "aetrack.warnings"
 
 # `aetrack study`: which study and setting a run belongs to, and whether it was evaluated.

@@ -18,7 +18,8 @@ from optuna.trial import TrialState
 
 from aetrack import checkpoints
 from aetrack.config import TrainConfig
-from aetrack.tracking import tags
+from aetrack.tracking import describe, tags
+from aetrack.tracking.registry import describe_version
 from aetrack.tracking.run import train_tracked
 from aetrack.tuning.space import SearchSpace
 from aetrack.tuning.storage import retry_later, retry_of
@@ -63,7 +64,8 @@ class Objective:
         if retried is not None:
             marks[tags.OPTUNA_RETRY_OF] = str(retried)
         report = ReportEpochs(trial, self.metric)
-        options = dataclasses.replace(self.tracking, run_name=f"trial {trial.number}", register=False, registered_model=None)
+        options = dataclasses.replace(self.tracking, run_name=trial_name(trial.number, trial.params), register=False,
+                                      registered_model=None)
         try:
             result = train_tracked(config, self.data, options, data_dir=self.data_dir, progress=False,
                                    callbacks=(report,), parent_run_id=self.parent_run_id, tags=marks)
@@ -93,7 +95,9 @@ class Objective:
             # a version, the registry holds the chain of improvements, and no two workers register one trial.
             uri = result.logged_model_uri or result.model_uri
             version = str(mlflow.register_model(uri, self.registered_model, tags={
-                tags.OPTUNA_STUDY: trial.study.study_name, tags.OPTUNA_TRIAL: str(trial.number), self.metric: f"{value:.6g}"}).version)
+                tags.OPTUNA_STUDY: trial.study.study_name, tags.OPTUNA_TRIAL: str(trial.number)}).version)
+            run = client.get_run(result.run_id)  # the version's tags and description, as `aetrack train` writes them
+            describe_version(client, self.registered_model, version, run, run.data.tags.get(describe.NOTE, ""))
             trial.set_user_attr("registered_version", version)
             client.set_tag(result.run_id, tags.REGISTERED_VERSION, version)
         client.set_tag(result.run_id, tags.OPTUNA_STATE, "complete")
@@ -111,6 +115,12 @@ class Objective:
         client.set_terminated(run.info.run_id, "KILLED" if state == "pruned" else "FAILED")
         # A trial is never resumed (the study retries it as a new trial): its checkpoint is of no use.
         shutil.rmtree(checkpoints.path_for(self.tracking.checkpoint_dir, run.info.run_id).parent, ignore_errors=True)
+
+
+def trial_name(number: int, params: dict) -> str:
+    """`trial 3: latent_dim=12 lr=0.0031 prior=mog`: what the trial tries, in the runs table and on its cards."""
+    tried = " ".join(f"{k}={v:.2g}" if isinstance(v, float) else f"{k}={v}" for k, v in params.items())
+    return f"trial {number}: {tried}" if tried else f"trial {number}"
 
 
 def shared_threads(study: optuna.Study) -> int:

@@ -6,18 +6,16 @@ from __future__ import annotations
 
 import time
 import warnings
-from dataclasses import dataclass
 from typing import Callable
 
 import mlflow
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from aetrack.tracking import metric_names as names
 from aetrack.tracking import tags
+from aetrack.tracking.registry import CHAMPION, Crowning, crown  # noqa: F401 (CHAMPION, Crowning: re-exported)
 from aetrack.tuning.space import SearchSpace
 
-CHAMPION = "champion"
 STATE_WORDS = {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned", TrialState.FAIL: "failed",
                TrialState.RUNNING: "running", TrialState.WAITING: "waiting"}
 FAILURES_IN_A_ROW = 3  # a worker whose trials keep failing stops, rather than spend the budget on failures
@@ -95,64 +93,17 @@ def log_study(client, study: optuna.Study, parent_run_id: str, space: SearchSpac
     return logged
 
 
-def run_score(client, run_id: str, metric: str) -> float | None:
-    """A run's `metric` at its best epoch (what a trial's objective is); None when it did not log it."""
-    run = client.get_run(run_id)
-    if run.data.tags.get(tags.OPTUNA_METRIC) == metric and "objective" in run.data.metrics:
-        return run.data.metrics["objective"]
-    best_epoch = run.data.metrics.get(names.BEST_EPOCH)
-    for m in client.get_metric_history(run_id, names.logged(metric)):  # epoch metrics: step = epoch
-        if m.step == best_epoch:
-            return m.value
-    return None
-
-
-@dataclass(frozen=True)
-class Crowning:
-    model: str
-    version: str          # the champion after the decision
-    crowned: bool         # whether this study's best took (or already held) the alias
-    candidate: str        # this study's best version
-    value: float
-    previous: str | None = None
-    previous_value: float | None = None
-    note: str = ""
-
-
-def crown(client, model: str, version: str, value: float, metric: str, minimize: bool) -> Crowning:
-    """Move the `champion` alias to `version` when it beats the current champion on `metric`."""
-    from mlflow.exceptions import MlflowException
-
-    score = None
-    try:
-        current = client.get_model_version_by_alias(model, CHAMPION)
-    except MlflowException:
-        current = None
-    if current is not None and str(current.version) == version:
-        return Crowning(model, version, True, version, value, version, value, "already champion")
-    if current is not None:
-        score = run_score(client, current.run_id, metric)
-        if score is None:
-            return Crowning(model, str(current.version), False, version, value, str(current.version), None,
-                            f"the champion logged no {metric} to compare with; it stays")
-        if not (value < score if minimize else value > score):
-            return Crowning(model, str(current.version), False, version, value, str(current.version), score,
-                            "the champion is at least as good; it stays")
-    client.set_registered_model_alias(model, CHAMPION, version)
-    return Crowning(model, version, True, version, value, None if current is None else str(current.version),
-                    None if current is None else score)
-
-
 def crown_best(client, study: optuna.Study, model: str, metric: str) -> Crowning | None:
-    """Crown the study's best registered trial. Workers that finish together may crown from different views of
-    the study; each re-reads the study after moving the alias, and the best one (it only improves) ends up there."""
+    """Crown the study's best registered trial (`registry.crown`: only when it beats every version of the model).
+    Workers that finish together may crown from different views of the study; each re-reads the study after
+    moving the alias, and the best one (it only improves) ends up there."""
     minimize = study.direction == optuna.study.StudyDirection.MINIMIZE
     outcome = None
     for _ in range(3):
         best = best_trial(study)
         if best is None or "registered_version" not in best.user_attrs:
             return outcome
-        outcome = crown(client, model, best.user_attrs["registered_version"], best.value, metric, minimize)
+        outcome = crown(client, model, metric, candidate=best.user_attrs["registered_version"], minimize=minimize)
         if best_trial(study).number == best.number:
             return outcome
     return outcome

@@ -16,6 +16,7 @@ from typing import Any
 
 from aetrack.config import ConfigError, TrainConfig, field_scope, parse_value
 from aetrack.models import Variant
+from aetrack.tracking.metric_names import champion_metric
 from aetrack.tuning import TuningError
 
 TYPES = typing.get_type_hints(TrainConfig)
@@ -236,10 +237,8 @@ def load_space_file(path: str) -> dict:
 
 
 def default_metric(variant: Variant) -> str:
-    """The validation loss that suits the model: classifier error for M2, negative ELBO for VAEs, else reconstruction."""
-    if variant.semi_supervised:
-        return "val_error"
-    return "val_neg_elbo" if variant.generative else "val_recon_loss"
+    """What a study optimises unless told: the figure that ranks the variant's models for the champion."""
+    return champion_metric(variant)
 
 
 def available_metrics(config: TrainConfig, data) -> list[str]:

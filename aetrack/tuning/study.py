@@ -21,8 +21,8 @@ from optuna.trial import TrialState
 
 from aetrack.config import TrainConfig, TuneConfig
 from aetrack.models import REGISTRY
-from aetrack.tracking import tags
-from aetrack.tracking.run import TrackingOptions, git_commit
+from aetrack.tracking import describe, tags
+from aetrack.tracking.run import TrackingOptions, git_commit, run_params
 from aetrack.tuning import TuningError
 from aetrack.tuning.objective import WORKER, Objective
 from aetrack.tuning.report import (CHAMPION, FAILURES_IN_A_ROW, STATE_WORDS, Crowning, TrialLines, best_trial, crown_best,
@@ -37,6 +37,22 @@ OBJECTIVE_KEY = "aetrack_objective"      # study user attribute: what the study 
 def no_interrupt_traceback(record: logging.LogRecord) -> bool:
     """Optuna logs a stopped trial with its traceback; a signal is not a failure worth one."""
     return not (record.exc_info and isinstance(record.exc_info[1], KeyboardInterrupt))
+
+
+TUNING_SUFFIX = "-tuning"
+
+
+def tuning_experiment(experiment: str) -> str:
+    """Where `aetrack tune` puts a study unless told: `aetrack-tuning` beside `aetrack`. A trial's few epochs would
+    otherwise overlay the training runs in every chart of their experiment; the champion is shared all the same."""
+    return experiment + TUNING_SUFFIX
+
+
+def tuning_description(name: str) -> str:
+    return (f"Optuna studies of `aetrack tune`: a parent run per study, a child run per trial, named by what it tries "
+            f"(`trial 3: latent_dim=12 lr=0.0031`). The best trial's model is registered and becomes "
+            f"`@champion` only when it beats every version of the model on the study's metric.  \n"
+            + describe.CHART_SECTIONS)
 
 
 def tune_study(base: TrainConfig, space: SearchSpace, tune: TuneConfig, *, data_dir: str | None = None,
@@ -79,11 +95,11 @@ def tune_study(base: TrainConfig, space: SearchSpace, tune: TuneConfig, *, data_
     reuse_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
     client = mlflow.MlflowClient()
     experiment_id = (client.get_run(reuse_run_id).info.experiment_id if reuse_run_id
-                     else mlflow.set_experiment(tracking.experiment).experiment_id)
+                     else describe.open_experiment(client, tracking.experiment, tuning_description(tracking.experiment)))
     marks = {**tags.study_parent(study_name), tags.OPTUNA_STORAGE: redact(tune.storage), tags.MODEL: base.model,
              tags.DATASET: base.dataset, tags.OPTUNA_METRIC: metric, tags.VERSION: aetrack.__version__,
              **({tags.GIT_COMMIT: commit} if (commit := git_commit()) else {})}
-    params = {**{k: v for k, v in base.to_params().items() if k not in {p.name for p in space.params}},
+    params = {**{k: v for k, v in run_params(base).items() if k not in {p.name for p in space.params}},
               "n_trials": str(n_trials), "sampler": tune.sampler, "pruner": tune.pruner, "metric": metric,
               "direction": tune.direction, "study_name": study_name, "search_space": json.dumps(space.as_dict())}
     parent_run_id, created = claim_parent_run(client, study, storage, experiment_id=experiment_id,
@@ -142,7 +158,7 @@ def finish(client, study: optuna.Study, parent_run_id: str, space: SearchSpace, 
         else:
             summary(f"champion:    models:/{outcome.model}@{CHAMPION} stays version {outcome.version} "
                     f"(this study's best, version {outcome.candidate}: {outcome.note})")
-    uri, page = mlflow.get_tracking_uri(), f"#/experiments/{parent.experiment_id}/runs/{parent_run_id}"
+    uri, page = mlflow.get_tracking_uri(), describe.ui_page(parent.experiment_id, parent_run_id)
     look = f"{uri}/{page}" if uri.startswith("http") else f"mlflow ui --backend-store-uri {uri}   (then open {page})"
     summary(f"parent run:  {parent_run_id}\nlook at it:  {look}")
     return outcome
