@@ -438,6 +438,48 @@ def test_a_run_without_a_heartbeat_for_too_long_is_closed_from_any_host(tmp_path
                     f"{silent / 60:.0f} min"]
 
 
+@pytest.mark.slow
+def test_compare_evaluate_and_tune_close_a_silent_run_of_their_experiment(tmp_path):
+    """Not only `train`: every command that works on an experiment closes its runs whose heartbeat stopped."""
+    from click.testing import CliRunner
+
+    from aetrack.cli import main
+    from aetrack.evaluation import Settings
+    from aetrack.tracking import compare, lifecycle
+    from aetrack.tracking.evaluate import evaluate_run
+    from aetrack.tracking.run import TrackingOptions, train_tracked
+
+    uri = f"sqlite:///{tmp_path}/pods.db"
+    mlflow.set_tracking_uri(uri)
+    client = mlflow.MlflowClient()
+    config = TrainConfig(model="ae", hidden=(16,), latent_dim=2, epochs=1)
+    trained = train_tracked(config, datasets.load_for(config), TrackingOptions(
+        experiment="pods", register=False, checkpoint_dir=str(tmp_path / "ck")), progress=False)
+
+    def silent_run() -> str:
+        old = str(int(time.time() - lifecycle.STALE_AFTER - 60))
+        return client.create_run(trained.experiment_id, tags={tag.HOST: "pod-that-never-returns", tag.PID: "7",
+                                                               tag.HEARTBEAT: old}).info.run_id
+
+    def status(run_id: str) -> str:
+        return client.get_run(run_id).info.status
+
+    gone = silent_run()
+    compare.select_runs(client, "pods", echo=lambda _: None)
+    assert status(gone) == "FAILED"
+    gone = silent_run()
+    evaluate_run(trained.run_id, Settings(iw_samples=2, nll_images=16, samples=64), use_reference=False,
+                 echo=lambda _: None)
+    assert status(gone) == "FAILED"
+    gone = silent_run()
+    result = CliRunner().invoke(main, ["tune", "--model", "ae", "--hidden", "16", "--latent-dim", "2", "--epochs", "1",
+                                       "--n-trials", "1", "--param", "lr=float:1e-3:2e-3", "--no-register",
+                                       "--experiment", "pods", "--tracking-uri", uri,
+                                       "--storage", f"sqlite:///{tmp_path}/optuna.db"], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert status(gone) == "FAILED" and f"closed run {gone} as FAILED" in result.output
+
+
 def test_a_training_run_records_its_heartbeat(tmp_path):
     from aetrack.tracking.run import TrackingOptions, train_tracked
 

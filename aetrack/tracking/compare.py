@@ -21,11 +21,13 @@ import re
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import mlflow
 
 from aetrack.config import ConfigError, TrainConfig
 from aetrack.models import REGISTRY
+from aetrack.tracking import describe, lifecycle
 from aetrack.tracking import metric_names as names
 from aetrack.tracking import tags
 from aetrack.tracking.figures import (bar_panel, better_label, group_order, line_panel, loss_curves,  # noqa: F401
@@ -64,10 +66,12 @@ class Report:
     curves: object = None                                            # validation loss curves, PIL image
 
 
-def select_runs(client, experiment: str, run_ids: list[str] | None = None) -> tuple[str, list]:
+def select_runs(client, experiment: str, run_ids: list[str] | None = None,
+                echo: Callable[[str], None] = print) -> tuple[str, list]:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise ConfigError(f"no experiment named {experiment!r}")
+    lifecycle.close_dead_runs(found.experiment_id, echo)  # a run left RUNNING by a dead process is not compared
     if run_ids:
         runs = [client.get_run(run_id) for run_id in run_ids]
         stray = [r.info.run_id for r in runs if r.info.experiment_id != found.experiment_id]
@@ -97,7 +101,7 @@ def comparison_experiment(client, experiment_id: str) -> str:
 
 
 def build_report(runs, *, by: str | None = None, metrics: tuple[str, ...] = (), client=None) -> Report:
-    rows = [Row(r.info.run_id, r.info.run_name or r.info.run_id[:8], dict(r.data.params),
+    rows = [Row(r.info.run_id, r.info.run_name or r.info.run_id[:8], describe.full_params(r.data.params),
                 {k: v for k, v in r.data.metrics.items() if names.is_test(k)}) for r in runs]
     keys = sorted(k for k in {k for row in rows for k in row.params} - IGNORED_PARAMS
                   if applies(k, rows) and not k.startswith(RESOLVED))

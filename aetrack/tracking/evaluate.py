@@ -14,6 +14,7 @@ from aetrack import data as datasets
 from aetrack.config import ConfigError
 from aetrack.evaluation import Evaluation, Settings, evaluate_model
 from aetrack.models import REGISTRY
+from aetrack.tracking import lifecycle
 from aetrack.tracking import metric_names as names
 from aetrack.tracking.artifacts import LoggedModel, load_logged
 from aetrack.tracking.describe import note_evaluation
@@ -38,6 +39,7 @@ def evaluate_run(target: str, settings: Settings = Settings(), *, use_reference:
                  echo: Callable[[str], None] = print) -> tuple[LoggedModel, Evaluation]:
     """Load a logged model and its data set, evaluate it, and (with `log`) log the result to its run."""
     logged = load_logged(target, device)
+    lifecycle.close_dead_runs(mlflow.MlflowClient().get_run(logged.run_id).info.experiment_id, echo)
     config = logged.info.config
     variant = REGISTRY[config.model]
     data = datasets.load_for(config, data_dir=data_dir, download=download, device=device)

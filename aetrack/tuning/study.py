@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 
 from aetrack.config import TrainConfig, TuneConfig
 from aetrack.models import REGISTRY
-from aetrack.tracking import describe, tags
+from aetrack.tracking import describe, lifecycle, tags
 from aetrack.tracking.run import TrackingOptions, git_commit, run_params
 from aetrack.tuning import TuningError
 from aetrack.tuning.objective import WORKER, Objective
@@ -102,6 +102,7 @@ def tune_study(base: TrainConfig, space: SearchSpace, tune: TuneConfig, *, data_
     params = {**{k: v for k, v in run_params(base).items() if k not in {p.name for p in space.params}},
               "n_trials": str(n_trials), "sampler": tune.sampler, "pruner": tune.pruner, "metric": metric,
               "direction": tune.direction, "study_name": study_name, "search_space": json.dumps(space.as_dict())}
+    lifecycle.close_dead_runs(experiment_id, echo)  # trials of workers that died (on any host) end FAILED
     parent_run_id, created = claim_parent_run(client, study, storage, experiment_id=experiment_id,
                                               run_name=tracking.run_name, tags=marks, params=params,
                                               reuse_run_id=reuse_run_id)
