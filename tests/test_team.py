@@ -129,6 +129,10 @@ def test_two_users_and_a_reader_each_work_in_their_own_space_or_a_shared_one(aut
                       cwd=tmp_path)
         assert own.returncode == 0, own.stderr[-2000:]
         assert aetrack(bob, "promote", "bob-digits-vae", "1", cwd=tmp_path).returncode == 0
+        tuned = aetrack(bob, "tune", *TINY[:-1], "--n-trials", "1", "--experiment", "bob-aetrack", "--registered-model",
+                        "bob-digits-vae", "--storage", f"sqlite:///{tmp_path}/bob-optuna.db", cwd=tmp_path)
+        assert tuned.returncode == 0, tuned.stderr[-2000:]
+        assert "champion:" in tuned.stdout  # his study registered its best trial and judged it against his versions
 
         # The admin shares the experiment with Bob; Alice's model is still hers: refused before training.
         grant(url, admin, "bob", "experiment", experiment_id)
