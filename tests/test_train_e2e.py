@@ -152,8 +152,8 @@ def test_mlflow_run_uses_one_run_with_the_metrics(tmp_path):
     uri = f"sqlite:///{tmp_path}/project.db"
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     command = [str(Path(sys.executable).parent / "mlflow"), "run", str(REPO), "--env-manager", "local",
-               "--experiment-name", "project", "-P", "epochs=2", "-P", "latent_dim=2", "-P", "hidden=32",
-               "-P", "set=prior=mog,prior_components=3"]
+               "--experiment-name", "project", "-P", "epochs=2", "-P", "latent_dim=2",
+               "-P", "set=hidden=32,prior=mog,prior_components=3"]
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     client = MlflowClient(uri)
