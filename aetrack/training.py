@@ -178,7 +178,8 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
     With `checkpoint`, a finished epoch is saved there (after the callbacks, so that the random state is the one the
     next epoch starts from): the first, then one whenever CHECKPOINT_SECONDS have passed since the last save, and the
     last finished one whenever fit ends, however it ends (a signal's KeyboardInterrupt too). `resume` is such a
-    checkpoint (`checkpoints.load`): training goes on from its epoch and, with the same data, ends with the same weights as a run that was never stopped."""
+    checkpoint (`checkpoints.load`): training goes on from its epoch and, with the same data, ends with the same
+    weights as a run that was never stopped."""
     torch.manual_seed(config.seed)
     device = data.train_images.device
     n_train = len(data.train_y)

@@ -573,3 +573,41 @@ def test_a_sigkill_while_logging_is_behind_leaves_no_gap_after_resume(tmp_path, 
         for pid in paused:
             os.kill(pid, signal.SIGCONT)
         stop(server_process)
+
+
+def test_a_new_local_store_is_copied_not_migrated_and_holds_what_mlflow_would_have_written(tmp_path, monkeypatch):
+    """MLflow migrates every new sqlite store (~2 s); aetrack copies an empty store that MLflow migrated once."""
+    import sqlite3
+
+    import mlflow.store.db.utils as db_utils
+
+    from aetrack.cli.options import use_tracking_uri
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # the Default experiment's artifact folder is MLflow's, relative to here
+    previous = mlflow.get_tracking_uri()
+    migrations = []
+    upgrade = db_utils._upgrade_db
+    monkeypatch.setattr(db_utils, "_upgrade_db", lambda engine: (migrations.append(engine), upgrade(engine)))
+
+    def dump(uri: str) -> list[str]:
+        mlflow.set_tracking_uri(uri)
+        mlflow.MlflowClient().search_experiments()
+        with sqlite3.connect(uri[len("sqlite:///"):]) as db:
+            lines = list(db.iterdump())
+        # One row differs by nature, the Default experiment's creation time; statements, and a table's constraints,
+        # come in no fixed order (MLflow's own stores differ so from one another).
+        return sorted(str(sorted(part.strip(" ,") for part in re.sub(
+            r"'Default','([^']*)','active',\d+,\d+", r"'Default','\1','active',T,T", line).split("\n")))
+            for line in lines)
+
+    try:
+        by_mlflow = dump(f"sqlite:///{tmp_path / 'plain.db'}")  # MLflow alone (no aetrack command set it up)
+        use_tracking_uri(f"sqlite:///{tmp_path / 'first.db'}")  # builds the cached empty store once
+        migrations.clear()
+        use_tracking_uri(f"sqlite:///{tmp_path / 'second.db'}")
+        by_aetrack = dump(f"sqlite:///{tmp_path / 'second.db'}")
+        assert migrations == []  # a second new store costs a file copy, no migration
+        assert by_aetrack == by_mlflow
+    finally:
+        mlflow.set_tracking_uri(previous)
