@@ -9,6 +9,7 @@ share of `fit` on digits, and a new local sqlite store's set-up.
   empty store migrated once, `aetrack/tracking/store.py`) and to an existing one, each in a fresh process.
 
     python benchmarks/surroundings.py --data-dir /work/shared/data
+    python benchmarks/surroundings.py --part checkpoints --epochs 60   (that part again, one torch thread)
 """
 
 from __future__ import annotations
@@ -75,6 +76,9 @@ def checkpoint_share(epochs: int, repeats: int) -> dict:
     from aetrack import checkpoints, data as datasets, training
     from aetrack.config import TrainConfig
 
+    import torch
+
+    torch.set_num_threads(1)  # as benchmarks/training.py: on a loaded 2-core machine, torch's threads wait on each other
     config = TrainConfig(epochs=epochs, patience=0)
     splits = datasets.load_for(config)
     writes = []
@@ -90,7 +94,10 @@ def checkpoint_share(epochs: int, repeats: int) -> dict:
             return seconds(lambda: training.fit(config, splits, progress=False, checkpoint=path, run_id="r")), len(writes)
 
     fit(-1)  # warm-up: the first fit of a process pays one-time costs
-    runs = {kind: [fit(every) for _ in range(repeats)] for kind, every in (("bare", -1), ("every", 0.0), ("throttled", None))}
+    runs = {"bare": [], "every": [], "throttled": []}
+    for _ in range(repeats):  # alternating: a shared machine's load drifts
+        for kind, every in (("bare", -1), ("every", 0.0), ("throttled", None)):
+            runs[kind].append(fit(every))
     bare, every, throttled = (statistics.median(t for t, _ in runs[kind]) for kind in ("bare", "every", "throttled"))
     every_writes, throttled_writes = runs["every"][0][1], runs["throttled"][0][1]
     training.CHECKPOINT_SECONDS, checkpoints.save = throttle, save
@@ -122,16 +129,24 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--epochs", type=int, default=100, help="digits epochs of each fit (checkpoint share)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--part", choices=["all", "checkpoints"], default="all",
+                        help="checkpoints: measure that part again, keep the rest of the record")
     args = parser.parse_args()
     from aetrack.tracking.run import git_commit
 
     load_before = os.getloadavg()[0]
-    record = {"git_commit": git_commit(), "pictures": pictures(args.data_dir),
-              "checkpoints": checkpoint_share(args.epochs, args.repeats), "store": store(args.repeats),
-              "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
-                          "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                          "load_average_1m_before": round(load_before, 2),
-                          "load_average_1m_after": round(os.getloadavg()[0], 2)}}
+    if args.part == "checkpoints":
+        record = json.loads(FILE.read_text())
+        record["checkpoints"] = {**checkpoint_share(args.epochs, args.repeats), "git_commit": git_commit(),
+                                 "load_average_1m_before": round(load_before, 2),
+                                 "load_average_1m_after": round(os.getloadavg()[0], 2)}
+    else:
+        record = {"git_commit": git_commit(), "pictures": pictures(args.data_dir),
+                  "checkpoints": checkpoint_share(args.epochs, args.repeats), "store": store(args.repeats),
+                  "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                              "load_average_1m_before": round(load_before, 2),
+                              "load_average_1m_after": round(os.getloadavg()[0], 2)}}
     RESULTS.mkdir(exist_ok=True)
     FILE.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
