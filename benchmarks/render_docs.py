@@ -477,7 +477,8 @@ def block_surroundings() -> str:
     return "\n".join([
         f"`python benchmarks/surroundings.py --data-dir /work/shared/data` at commit {str(r['git_commit'])[:7]}, "
         f"{m['cores']} CPU cores, {m['date']}, load average {m['load_average_1m_before']} before and "
-        f"{m['load_average_1m_after']} after.", "",
+        f"{m['load_average_1m_after']} after (another job shared the machine: compare within a row, not with other "
+        "pages); the checkpoint row again with `--part checkpoints --epochs 60`.", "",
         "| what | before | now | how |", "| --- | ---: | ---: | --- |",
         f"| t-SNE picture of the latent space, MNIST VAE 784-400-20 after one epoch ({pic['epoch_s']:.2f} s) | "
         f"{pic['tsne_all_codes_s']:.2f} s (t-SNE alone, all {pic['codes']} codes) | {pic['latent_plots_s']:.2f} s "
@@ -486,7 +487,8 @@ def block_surroundings() -> str:
         "shows |",
         f"| all end-of-run pictures (`final_pictures`), same model | | {pic['final_pictures_s']:.2f} s | "
         "interpolation, PCA, t-SNE, loss curves |",
-        f"| checkpoints, share of `fit` on digits ({ck['epochs']} epochs, median of {ck['repeats']}; "
+        f"| checkpoints, share of `fit` on digits ({ck['epochs']} epochs, one torch thread, median of {ck['repeats']} "
+        f"alternating runs, load average {ck.get('load_average_1m_before', m['load_average_1m_before'])}; "
         f"{ck['fit_without_s']:.2f} s without) | {100 * ck['share_every_epoch']:.1f} % ({ck['writes_every_epoch']} "
         f"writes, every epoch) | {100 * ck['share_throttled']:.1f} % ({ck['writes_throttled']} writes) | the first "
         f"epoch, then at most one every {ck['checkpoint_seconds']:g} s, and always the last finished epoch at the end "
