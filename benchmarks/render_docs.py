@@ -490,7 +490,8 @@ def block_surroundings() -> str:
         f"| checkpoints, share of `fit` on digits ({ck['epochs']} epochs, one torch thread, median of {ck['repeats']} "
         f"alternating runs, load average {ck.get('load_average_1m_before', m['load_average_1m_before'])}; "
         f"{ck['fit_without_s']:.2f} s without) | {100 * ck['share_every_epoch']:.1f} % ({ck['writes_every_epoch']} "
-        f"writes, every epoch) | {100 * ck['share_throttled']:.1f} % ({ck['writes_throttled']} writes) | the first "
+        f"writes, every epoch) | {100 * ck['share_throttled']:.1f} % ({ck['writes_throttled']} writes"
+        f"{'; faster than without: the runs spread more than the checkpoints cost' if ck['share_throttled'] < 0 else ''}) | the first "
         f"epoch, then at most one every {ck['checkpoint_seconds']:g} s, and always the last finished epoch at the end "
         "or on a signal |",
         f"| a new local sqlite store, first access (median of {st['repeats']} fresh processes) | "
