@@ -3,6 +3,7 @@ data and callbacks, and returns a history. Tracking and tuning wrap it."""
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import os
@@ -116,6 +117,25 @@ def unpack(packed: dict) -> list[dict[str, float]]:
     return [{k: int(v) if k == "epoch" else v for k, v in zip(keys, row)} for row in packed["values"].tolist()]
 
 
+CHECKPOINT_SECONDS = 5.0  # between two checkpoints at least (a digits epoch is ~50 ms, a save ~20 ms); always the
+# first epoch (a run killed after it can be resumed) and the last
+
+
+def frozen(tree):
+    """`tree` with every tensor copied: a state_dict() hands out the live tensors, which the next step changes."""
+    if isinstance(tree, torch.Tensor):
+        return tree.detach().clone()
+    if isinstance(tree, dict):
+        return {key: frozen(value) for key, value in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(frozen(value) for value in tree)
+    return tree
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    checkpoints.save(path, {**state, "history": pack(state["history"])})
+
+
 def kl_scale(config: TrainConfig, epoch: float) -> float:
     """The KL warm-up factor in [0, 1] at a (fractional) epoch: linear over --kl-warmup epochs (Bowman et al. 2016)."""
     return min(1.0, epoch / config.kl_warmup) if config.kl_warmup else 1.0
@@ -155,9 +175,11 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
     """Train `config.model` on `data`; returns the model at its best validation loss and the history.
     `auto` settings are resolved first (`TrainConfig.resolve`); callbacks see the resolved config through `history.config`.
 
-    With `checkpoint`, every finished epoch is saved there (after the callbacks, so that the random state is the one
-    the next epoch starts from); `resume` is such a checkpoint (`checkpoints.load`): training goes on from its epoch
-    and, with the same data, ends with the same weights as a run that was never stopped."""
+    With `checkpoint`, a finished epoch is saved there (after the callbacks, so that the random state is the one the
+    next epoch starts from): the first, then one whenever CHECKPOINT_SECONDS have passed since the last save, and the
+    last finished one whenever fit ends, however it ends (a signal's KeyboardInterrupt too). `resume` is such a
+    checkpoint (`checkpoints.load`): training goes on from its epoch and, with the same data, ends with the same
+    weights as a run that was never stopped."""
     torch.manual_seed(config.seed)
     device = data.train_images.device
     n_train = len(data.train_y)
@@ -197,83 +219,98 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
         if config.patience and stale >= config.patience:  # stopped after its last checkpoint, before it could end
             start, history.stopped_early = config.epochs, True
 
-    for epoch in range(start, config.epochs):
-        model.train()
-        started = time.perf_counter()
-        order = torch.randperm(n_train, generator=generator, device=device)
-        running: dict[str, torch.Tensor] = {}
-        count, epoch_loss = 0, torch.zeros((), device=device)
-        bar = tqdm(range(per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=True if not progress else None,
-                   leave=False, **bar_size())  # disable=None: no bar off a terminal
-        for i in bar:
-            x, y = draw(order[i * config.batch_size:(i + 1) * config.batch_size], generator)
-            with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                out = forward(x, y, kl_scale=kl_scale(config, epoch + i / per_epoch))
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(out.loss).backward()
-            if config.grad_clip:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            scaler.step(optimizer)
-            scaler.update()
-            schedule.step()
-            step += 1
-            epoch_loss += out.loss.detach()
-            for name, value in {"loss": out.loss, **out.parts}.items():
-                running[name] = running.get(name, 0.0) + value.detach()
-            count += 1
-            # Only every log_every steps do values leave the device: no sync on the hot path.
-            if step % config.log_every == 0 or i == per_epoch - 1:
-                metrics = {f"train_{k}": float(v) / count for k, v in running.items()}
-                running, count = {}, 0
-                bar.set_postfix(loss=f"{metrics['train_loss']:.3f}")
-                if not math.isfinite(metrics["train_loss"]):
-                    if best_state is not None:
-                        model.load_state_dict(best_state)
-                    model.eval()
-                    raise Diverged(f"training loss became {metrics['train_loss']} at step {step} (epoch {epoch + 1}); "
-                                   "try a lower --lr", model, history)
-                if log:
-                    log(metrics, step)
-        bar.close()
-        elapsed = time.perf_counter() - started
-        val = evaluate_loss(model, data.val_x, data.val_y, max(config.batch_size, 512))
-        metrics = {f"val_{k}": v for k, v in val.items()}
-        metrics.update(epoch=epoch + 1, train_epoch_loss=float(epoch_loss) / per_epoch, epoch_time=elapsed,
-                       samples_per_sec=n_train / elapsed, kl_scale=kl_scale(config, epoch + 1))
-        if config.lr_schedule != "constant" or config.warmup_steps:  # a constant rate is the setting itself
-            metrics["lr"] = optimizer.param_groups[0]["lr"]
-        history.epochs.append(metrics)
-        if log:
-            log(metrics, step)
-        warming_up = epoch + 1 < config.kl_warmup  # the objective still changes: a worse loss is no reason to stop
-        if val["loss"] < history.best_val_loss:
-            history.best_val_loss, history.best_epoch, stale = val["loss"], epoch + 1, 0
-            best_state = copy.deepcopy(model.state_dict())
-        elif not warming_up:
-            stale += 1
-        if not warming_up:
-            learning_rate.epoch_end(val["loss"])
-        for callback in callbacks:
-            callback.on_epoch_end(epoch + 1, model, metrics)
-        if checkpoint is not None:
-            rng = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
-            if device.type == "cuda":
-                rng["cuda"] = torch.cuda.get_rng_state_all()
-            checkpoints.save(checkpoint, {
-                "run_id": run_id, "config": config.to_params(), "epoch": epoch + 1, "step": step, "stale": stale,
-                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "best_model": None if history.best_epoch == epoch + 1 else best_state,  # else the same weights twice
-                "best_val_loss": history.best_val_loss, "best_epoch": history.best_epoch, "history": pack(history.epochs),
-                "learning_rate": learning_rate.state_dict(), "scaler": scaler.state_dict(), "rng": rng})
-        # About 50 lines for a whole run, however many epochs the budget has (546 on digits).
-        stopping = bool(config.patience) and stale >= config.patience
-        if progress and (epoch == 0 or (epoch + 1) % max(1, config.epochs // 50) == 0 or stopping):
-            tqdm.write(f"epoch {epoch + 1}: val_loss {val['loss']:.4f}  best {history.best_val_loss:.4f} (epoch {history.best_epoch})"
-                       f"  ({elapsed:.1f}s, {n_train / elapsed:.0f} samples/s)")
-        if stopping:
-            history.stopped_early = True
-            break
+    params, unsaved, saved_at = config.to_params(), None, -math.inf  # the first epoch is saved: a kill can resume
+    try:
+        for epoch in range(start, config.epochs):
+            model.train()
+            started = time.perf_counter()
+            order = torch.randperm(n_train, generator=generator, device=device)
+            running: dict[str, torch.Tensor] = {}
+            count, epoch_loss = 0, torch.zeros((), device=device)
+            bar = tqdm(range(per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=True if not progress else None,
+                       leave=False, **bar_size())  # disable=None: no bar off a terminal
+            for i in bar:
+                x, y = draw(order[i * config.batch_size:(i + 1) * config.batch_size], generator)
+                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+                    out = forward(x, y, kl_scale=kl_scale(config, epoch + i / per_epoch))
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(out.loss).backward()
+                if config.grad_clip:
+                    scaler.unscale_(optimizer)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                scaler.step(optimizer)
+                scaler.update()
+                schedule.step()
+                step += 1
+                epoch_loss += out.loss.detach()
+                for name, value in {"loss": out.loss, **out.parts}.items():
+                    running[name] = running.get(name, 0.0) + value.detach()
+                count += 1
+                # Only every log_every steps do values leave the device: no sync on the hot path.
+                if step % config.log_every == 0 or i == per_epoch - 1:
+                    metrics = {f"train_{k}": float(v) / count for k, v in running.items()}
+                    running, count = {}, 0
+                    bar.set_postfix(loss=f"{metrics['train_loss']:.3f}")
+                    if not math.isfinite(metrics["train_loss"]):
+                        if best_state is not None:
+                            model.load_state_dict(best_state)
+                        model.eval()
+                        raise Diverged(f"training loss became {metrics['train_loss']} at step {step} (epoch {epoch + 1}); "
+                                       "try a lower --lr", model, history)
+                    if log:
+                        log(metrics, step)
+            bar.close()
+            elapsed = time.perf_counter() - started
+            val = evaluate_loss(model, data.val_x, data.val_y, max(config.batch_size, 512))
+            metrics = {f"val_{k}": v for k, v in val.items()}
+            metrics.update(epoch=epoch + 1, train_epoch_loss=float(epoch_loss) / per_epoch, epoch_time=elapsed,
+                           samples_per_sec=n_train / elapsed, kl_scale=kl_scale(config, epoch + 1))
+            if config.lr_schedule != "constant" or config.warmup_steps:  # a constant rate is the setting itself
+                metrics["lr"] = optimizer.param_groups[0]["lr"]
+            history.epochs.append(metrics)
+            if log:
+                log(metrics, step)
+            warming_up = epoch + 1 < config.kl_warmup  # the objective still changes: a worse loss is no reason to stop
+            if val["loss"] < history.best_val_loss:
+                history.best_val_loss, history.best_epoch, stale = val["loss"], epoch + 1, 0
+                best_state = copy.deepcopy(model.state_dict())
+            elif not warming_up:
+                stale += 1
+            if not warming_up:
+                learning_rate.epoch_end(val["loss"])
+            for callback in callbacks:
+                callback.on_epoch_end(epoch + 1, model, metrics)
+            if checkpoint is not None:
+                rng = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
+                if device.type == "cuda":
+                    rng["cuda"] = torch.cuda.get_rng_state_all()
+                # A copy of this epoch's state (the next epoch changes the live tensors), written every CHECKPOINT_SECONDS
+                # at most, and whenever fit ends: at the end, on a signal (KeyboardInterrupt) or on an error.
+                unsaved = {
+                    "run_id": run_id, "config": params, "epoch": epoch + 1, "step": step, "stale": stale,
+                    "model": frozen(model.state_dict()), "optimizer": frozen(optimizer.state_dict()),
+                    "best_model": None if history.best_epoch == epoch + 1 else best_state,  # else the same weights twice
+                    "best_val_loss": history.best_val_loss, "best_epoch": history.best_epoch, "history": list(history.epochs),
+                    "learning_rate": learning_rate.state_dict(), "scaler": scaler.state_dict(), "rng": rng}
+                if time.monotonic() - saved_at >= CHECKPOINT_SECONDS:
+                    save_checkpoint(checkpoint, unsaved)
+                    unsaved, saved_at = None, time.monotonic()
+            # About 50 lines for a whole run, however many epochs the budget has (546 on digits).
+            stopping = bool(config.patience) and stale >= config.patience
+            if progress and (epoch == 0 or (epoch + 1) % max(1, config.epochs // 50) == 0 or stopping):
+                tqdm.write(f"epoch {epoch + 1}: val_loss {val['loss']:.4f}  best {history.best_val_loss:.4f} (epoch {history.best_epoch})"
+                           f"  ({elapsed:.1f}s, {n_train / elapsed:.0f} samples/s)")
+            if stopping:
+                history.stopped_early = True
+                break
+
+    except BaseException:
+        if unsaved is not None:  # the last finished epoch: a stopped run resumes from it
+            with contextlib.suppress(Exception):  # the error that ended training is the one to report
+                save_checkpoint(checkpoint, unsaved)
+        raise
+    if unsaved is not None:
+        save_checkpoint(checkpoint, unsaved)
 
     if config.keep == "last" and history.epochs:  # the weights as trained: the last epoch is the one kept
         history.best_epoch, history.best_val_loss = len(history.epochs), history.epochs[-1]["val_loss"]

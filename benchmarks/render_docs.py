@@ -471,6 +471,35 @@ def block_logging() -> str:
             f"{lg['final_flush_seconds']:.1f} s went to waiting for the last batch of metrics.")
 
 
+def block_surroundings() -> str:
+    r = record("surroundings.json")
+    pic, ck, st, m = r["pictures"], r["checkpoints"], r["store"], r["machine"]
+    return "\n".join([
+        f"`python benchmarks/surroundings.py --data-dir /work/shared/data` at commit {str(r['git_commit'])[:7]}, "
+        f"{m['cores']} CPU cores, {m['date']}, load average {m['load_average_1m_before']} before and "
+        f"{m['load_average_1m_after']} after (another job shared the machine: compare within a row, not with other "
+        "pages); the checkpoint row again with `--part checkpoints --epochs 60`.", "",
+        "| what | before | now | how |", "| --- | ---: | ---: | --- |",
+        f"| t-SNE picture of the latent space, MNIST VAE 784-400-20 after one epoch ({pic['epoch_s']:.2f} s) | "
+        f"{pic['tsne_all_codes_s']:.2f} s (t-SNE alone, all {pic['codes']} codes) | {pic['latent_plots_s']:.2f} s "
+        f"(PCA and t-SNE pictures) | t-SNE of at most {pic['tsne_points']} codes sampled per label, "
+        f"{pic['tsne_iterations']} iterations, Barnes-Hut angle {pic['tsne_angle']:g}; the title says how many codes it "
+        "shows |",
+        f"| all end-of-run pictures (`final_pictures`), same model | | {pic['final_pictures_s']:.2f} s | "
+        "interpolation, PCA, t-SNE, loss curves |",
+        f"| checkpoints, share of `fit` on digits ({ck['epochs']} epochs, one torch thread, median of {ck['repeats']} "
+        f"alternating runs, load average {ck.get('load_average_1m_before', m['load_average_1m_before'])}; "
+        f"{ck['fit_without_s']:.2f} s without) | {100 * ck['share_every_epoch']:.1f} % ({ck['writes_every_epoch']} "
+        f"writes, every epoch) | {100 * ck['share_throttled']:.1f} % ({ck['writes_throttled']} writes"
+        f"{'; faster than without: the runs spread more than the checkpoints cost' if ck['share_throttled'] < 0 else ''}) | the first "
+        f"epoch, then at most one every {ck['checkpoint_seconds']:g} s, and always the last finished epoch at the end "
+        "or on a signal |",
+        f"| a new local sqlite store, first access (median of {st['repeats']} fresh processes) | "
+        f"{st['new_store_s']:.2f} s | {st['new_aetrack_store_s']:.2f} s | an empty store migrated once by MLflow, "
+        f"cached and copied; an existing store takes {st['existing_store_s']:.2f} s |",
+    ])
+
+
 def block_evaluation() -> str:
     e = record("evaluation.json")
     b = e["before"]
@@ -682,7 +711,8 @@ BLOCKS = {
     "anchors-table": block_anchors_table, "anchors-burda": block_anchors_burda, "anchors-cpu": block_anchors_cpu,
     "anchors-gpu": block_anchors_gpu, "anchors-m2": block_anchors_m2, "anchors-m1m2": block_anchors_m1m2,
     "startup": block_startup, "training-targets": block_training_targets, "binarize": block_binarize,
-    "logging": block_logging, "evaluation": block_evaluation, "priors": block_priors, "serving": block_serving,
+    "logging": block_logging, "surroundings": block_surroundings, "evaluation": block_evaluation,
+    "priors": block_priors, "serving": block_serving,
     "serving-load": block_serving_load, "tuning-pruning": block_tuning_pruning, "tuning-workers": block_tuning_workers,
     "measured-figures": block_measured_figures, "train-options": block_train_options,
 }

@@ -28,6 +28,9 @@ from aetrack.cli.main import main
 from aetrack.config import ConfigError, TrainConfig
 from aetrack.tracking import metric_names as names
 from aetrack.tracking import tags as tag
+from aetrack import training
+from aetrack.tracking import lifecycle
+from aetrack.tracking.lifecycle import Interrupted
 from aetrack.training import Diverged, fit
 from conftest import aetrack_command, free_port, start_mlflow_server, stop
 
@@ -59,6 +62,48 @@ def test_resumed_fit_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, mod
     timing = {"epoch_time", "samples_per_sec"}
     assert [{k: v for k, v in e.items() if k not in timing} for e in history.epochs] == \
         [{k: v for k, v in e.items() if k not in timing} for e in whole_history.epochs]
+    for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def saves(monkeypatch) -> list[int]:
+    """The epochs `fit` writes checkpoints of, in order (the writes themselves still happen)."""
+    written, save = [], checkpoints.save
+    monkeypatch.setattr(checkpoints, "save", lambda path, state: (written.append(state["epoch"]), save(path, state)))
+    return written
+
+
+def test_a_fast_run_checkpoints_once_per_interval_and_always_its_last_epoch(tmp_path, monkeypatch):
+    config = TrainConfig(hidden=(32,), latent_dim=2, epochs=8, patience=0)
+    splits = datasets.load_for(config)
+    written = saves(monkeypatch)
+    monkeypatch.setattr(training, "CHECKPOINT_SECONDS", 3600.0, raising=False)
+    fit(config, splits, progress=False, checkpoint=tmp_path / "last.pt", run_id="r1")
+    assert written == [1, 8]  # no interval passed: only the first epoch (a kill can resume) and the end
+    assert checkpoints.load(tmp_path / "last.pt", "r1")["epoch"] == 8
+    written.clear()
+    monkeypatch.setattr(training, "CHECKPOINT_SECONDS", 0.0, raising=False)
+    fit(config, splits, progress=False, checkpoint=tmp_path / "every.pt", run_id="r1")
+    assert written == list(range(1, 9))  # epochs longer than the interval: every one
+
+
+def test_a_sigterm_mid_epoch_writes_the_last_finished_epoch_and_resume_is_exact(tmp_path, monkeypatch):
+    config = TrainConfig(hidden=(32,), latent_dim=4, epochs=6, patience=0, log_every=2)
+    splits = datasets.load_for(config)
+    whole, _ = fit(config, splits, progress=False)
+    written = saves(monkeypatch)
+    monkeypatch.setattr(training, "CHECKPOINT_SECONDS", 3600.0, raising=False)
+    per_epoch = config.resolve(len(splits.train_y)).steps_per_epoch(len(splits.train_y))
+
+    def log(metrics, step):  # a SIGTERM in the middle of epoch 5, as `timeout` or `docker stop` sends it
+        if step == 4 * per_epoch + 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    path = tmp_path / "last.pt"
+    with pytest.raises(Interrupted), lifecycle.stop_on_signals(lambda line: None):
+        fit(config, splits, progress=False, checkpoint=path, run_id="r1", log=log)
+    assert written == [1, 4]  # the first epoch, then at the signal: the last finished epoch, not the half-trained fifth
+    resumed, _ = fit(config, splits, progress=False, checkpoint=path, run_id="r1", resume=checkpoints.load(path, "r1"))
     for (name, a), b in zip(whole.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
 
@@ -507,32 +552,53 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def wait_for_checkpoint(path: Path, run_id: str, epoch: int, timeout: float = 120) -> int:
+    """The epoch of the checkpoint at `path` once it is at least `epoch` (checkpoints come every CHECKPOINT_SECONDS)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.is_file() and (saved := checkpoints.load(path, run_id)["epoch"]) >= epoch:
+            return saved
+        time.sleep(0.05)
+    raise AssertionError(f"no checkpoint of epoch {epoch} or later at {path} after {timeout} s")
+
+
 @pytest.mark.slow
-def test_a_sigkill_while_logging_is_behind_leaves_no_gap_after_resume(tmp_path):
+@pytest.mark.parametrize("server", ["behind", "ahead"])
+def test_a_sigkill_while_logging_is_behind_leaves_no_gap_after_resume(tmp_path, server):
+    """A SIGKILL loses the epochs after the last checkpoint (at most CHECKPOINT_SECONDS of them): the resumed run trains
+    them again. Whether the server lacked checkpointed epochs (it hung: the journal has them) or already had epochs
+    past the checkpoint (logging runs ahead of checkpoints), every epoch ends on the server exactly once."""
     root = tmp_path / "server"
     root.mkdir()
-    url, server = start_mlflow_server(root)
-    paused = []
+    url, server_process = start_mlflow_server(root)
+    paused, epochs = [], 300  # at ~50 ms an epoch, the first checkpoint comes after ~100 epochs
     try:
-        process = train_process(url, tmp_path, "--epochs", "40", "--patience", "0", "--seed", "5")
-        wait_for_epoch(process, 3)
-        paused = descendants(server.pid)
-        for pid in paused:  # the server hangs: the queue falls behind while training goes on and checkpoints
-            os.kill(pid, signal.SIGSTOP)
-        wait_for_epoch(process, 14)
-        process.kill()  # SIGKILL: nothing in the process gets to flush anything
-        finish(process)
-        for pid in paused:
-            os.kill(pid, signal.SIGCONT)
-        paused = []
+        process = train_process(url, tmp_path, "--epochs", str(epochs), "--patience", "0", "--seed", "5")
+        wait_for_epoch(process, 6)  # a line every epochs // 50 epochs
         mlflow.set_tracking_uri(url)
         client = mlflow.MlflowClient()
         experiment = client.get_experiment_by_name("reliability")
         run_id = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time DESC"],
                                     max_results=1)[0].info.run_id
+        if server == "behind":
+            paused = descendants(server_process.pid)
+            for pid in paused:  # the server hangs: the queue falls behind while training goes on and checkpoints
+                os.kill(pid, signal.SIGSTOP)
+        saved = wait_for_checkpoint(tmp_path / "checkpoints" / run_id / "last.pt", run_id, 14)
+        while server == "ahead" and len(history(client, run_id, names.VAL_LOSS)) <= saved:
+            saved = wait_for_checkpoint(tmp_path / "checkpoints" / run_id / "last.pt", run_id, saved)
+        time.sleep(0.5)  # epochs past the checkpoint, which the kill loses
+        process.kill()  # SIGKILL: nothing in the process gets to flush anything
+        finish(process)
+        for pid in paused:
+            os.kill(pid, signal.SIGCONT)
+        paused = []
         saved = checkpoints.load(tmp_path / "checkpoints" / run_id / "last.pt", run_id)["epoch"]
         on_server = history(client, run_id, names.VAL_LOSS)
-        assert saved >= 14 and len(on_server) < saved  # the kill came while the server lacked checkpointed epochs
+        if server == "behind":
+            assert saved >= 14 and len(on_server) < saved  # the kill came while the server lacked checkpointed epochs
+        else:
+            assert len(on_server) > saved  # the server has epochs that no checkpoint holds
 
         resumed = subprocess.run([*aetrack_command(), "train", "--resume", run_id, "--tracking-uri", url, "--quiet"],
                                  capture_output=True, text=True, cwd=tmp_path, timeout=300)
@@ -540,12 +606,50 @@ def test_a_sigkill_while_logging_is_behind_leaves_no_gap_after_resume(tmp_path):
         assert "closed run" not in resumed.stderr or run_id in resumed.stderr
         assert client.get_run(run_id).info.status == "FINISHED"
         val_steps = history(client, run_id, names.VAL_LOSS)
-        assert val_steps == list(range(1, 41))  # every epoch exactly once
+        assert val_steps == list(range(1, epochs + 1))  # every epoch exactly once
         train_steps = history(client, run_id, names.logged("train_loss"))
         assert len(train_steps) == len(set(train_steps))
         per_epoch = 11  # digits: 1294 training examples, batch 128, a point every 20 steps and at each epoch's end
-        assert train_steps == sorted({s for s in range(1, 40 * per_epoch + 1) if s % 20 == 0 or s % per_epoch == 0})
+        assert train_steps == sorted({s for s in range(1, epochs * per_epoch + 1) if s % 20 == 0 or s % per_epoch == 0})
     finally:
         for pid in paused:
             os.kill(pid, signal.SIGCONT)
-        stop(server)
+        stop(server_process)
+
+
+def test_a_new_local_store_is_copied_not_migrated_and_holds_what_mlflow_would_have_written(tmp_path, monkeypatch):
+    """MLflow migrates every new sqlite store (~2 s); aetrack copies an empty store that MLflow migrated once."""
+    import sqlite3
+
+    import mlflow.store.db.utils as db_utils
+
+    from aetrack.cli.options import use_tracking_uri
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)  # the Default experiment's artifact folder is MLflow's, relative to here
+    previous = mlflow.get_tracking_uri()
+    migrations = []
+    upgrade = db_utils._upgrade_db
+    monkeypatch.setattr(db_utils, "_upgrade_db", lambda engine: (migrations.append(engine), upgrade(engine)))
+
+    def dump(uri: str) -> list[str]:
+        mlflow.set_tracking_uri(uri)
+        mlflow.MlflowClient().search_experiments()
+        with sqlite3.connect(uri[len("sqlite:///"):]) as db:
+            lines = list(db.iterdump())
+        # One row differs by nature, the Default experiment's creation time; statements, and a table's constraints,
+        # come in no fixed order (MLflow's own stores differ so from one another).
+        return sorted(str(sorted(part.strip(" ,") for part in re.sub(
+            r"'Default','([^']*)','active',\d+,\d+", r"'Default','\1','active',T,T", line).split("\n")))
+            for line in lines)
+
+    try:
+        by_mlflow = dump(f"sqlite:///{tmp_path / 'plain.db'}")  # MLflow alone (no aetrack command set it up)
+        use_tracking_uri(f"sqlite:///{tmp_path / 'first.db'}")  # builds the cached empty store once
+        migrations.clear()
+        use_tracking_uri(f"sqlite:///{tmp_path / 'second.db'}")
+        by_aetrack = dump(f"sqlite:///{tmp_path / 'second.db'}")
+        assert migrations == []  # a second new store costs a file copy, no migration
+        assert by_aetrack == by_mlflow
+    finally:
+        mlflow.set_tracking_uri(previous)

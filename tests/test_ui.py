@@ -184,3 +184,40 @@ def test_tiles_are_torchvisions_grid_without_importing_torchvision(shape, nrow):
 
     x = torch.rand(shape)
     assert torch.equal(tile(x, nrow, 2, 0.5), make_grid(x, nrow=nrow, padding=2, pad_value=0.5))
+
+
+def test_the_tsne_picture_embeds_at_most_its_share_of_codes_with_every_label_and_says_so(monkeypatch):
+    """t-SNE's cost grows with the codes it embeds (2000 MNIST codes took 14 s): it sees a sample per label."""
+    import numpy as np
+    import sklearn.manifold
+
+    fed, drawn = [], {}
+
+    class Recorded:  # t-SNE itself is scikit-learn's concern; what it is fed is aetrack's
+        def __init__(self, *args, **kwargs):
+            self.kwargs = kwargs
+
+        def fit_transform(self, codes):
+            fed.append((codes, self.kwargs))
+            return codes[:, :2]
+
+    def scatter(points, labels, title):
+        drawn[title] = labels
+        return title
+
+    monkeypatch.setattr(sklearn.manifold, "TSNE", Recorded)
+    monkeypatch.setattr(images, "latent_scatter", scatter)
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10), [1800, 900, 300, 200, 100, 60, 30, 6, 3, 1])  # one label with a single code
+    codes = rng.normal(size=(len(labels), 64)) + labels[:, None]
+    plots = images.latent_plots(codes, labels, seed=1)
+    (embedded, settings), = fed
+    assert len(embedded) <= 1000 and embedded.shape[1] <= 50
+    title = plots["latent_tsne"]
+    assert f"t-SNE of {len(embedded)} of {len(codes)} codes" in title
+    assert set(drawn[title]) == set(range(10))  # every label, the rarest too
+    counts = np.bincount(drawn[title], minlength=10)
+    assert abs(counts[0] / len(embedded) - 1800 / len(codes)) < 0.01  # shares kept
+    again = images.stratified(labels, images.TSNE_POINTS, 1)
+    assert np.array_equal(again, images.stratified(labels, images.TSNE_POINTS, 1))  # the same codes for the same seed
+    assert settings["max_iter"] == images.TSNE_ITERATIONS

@@ -122,9 +122,12 @@ def use_tracking_uri(uri: str | None) -> None:
 
     from aetrack.tracking.lifecycle import check_server
 
+    from aetrack.tracking import store
+
     if uri:
         mlflow.set_tracking_uri(uri)
     check_server(mlflow.get_tracking_uri())
+    store.prepare(mlflow.get_tracking_uri())  # a new local store: copied, not migrated (seconds)
 
 
 def ui_hint(tracking_uri: str, page: str) -> str:

@@ -23,7 +23,8 @@ from aetrack.models import REGISTRY
               help="Register generative models in the MLflow registry.")
 @click.option("--registered-model", default=None, help="Registry name (default aetrack-<dataset>-<model>).")
 @click.option("--checkpoint-dir", default=TrackingOptions.checkpoint_dir, show_default=True,
-              help="Where each epoch's checkpoint goes (<dir>/<run id>/last.pt); removed when the run finishes.")
+              help="Where the checkpoint goes (<dir>/<run id>/last.pt): the first epoch, then one every few "
+                   "seconds, and the last finished epoch at the end or on a signal; removed when the run finishes.")
 @click.option("--resume", "resume_run", default=None, metavar="RUN_ID",
               help="Go on with a stopped (KILLED or FAILED) run from its last checkpoint, with the run's own settings.")
 @settings_option

@@ -1,0 +1,156 @@
+"""What a user waits for beyond the optimisation steps (issue 24): the end-of-run pictures on MNIST, checkpoints as a
+share of `fit` on digits, and a new local sqlite store's set-up.
+
+- pictures: `final_pictures` of the canonical VAE (784-400-20) after one MNIST epoch, and `latent_plots` alone as it
+  was (scikit-learn's t-SNE on all 2000 validation codes, 1000 iterations) and as it is (a sample per label);
+- checkpoints: the same digits `fit` without a checkpoint, with one every epoch (CHECKPOINT_SECONDS = 0, as before)
+  and with the throttle; the share is (with - without) / without, each the median of --repeats runs;
+- store: MLflow's first access to a new `sqlite:///` store (as MLflow makes it, and as aetrack does: a copy of an
+  empty store migrated once, `aetrack/tracking/store.py`) and to an existing one, each in a fresh process.
+
+    python benchmarks/surroundings.py --data-dir /work/shared/data
+    python benchmarks/surroundings.py --part checkpoints --epochs 60   (that part again, one torch thread)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+FILE = RESULTS / "surroundings.json"
+STORE = """
+import sys, time
+import mlflow
+from aetrack.tracking import store
+mlflow.set_tracking_uri(sys.argv[1])
+started = time.perf_counter()
+if sys.argv[2:] == ["aetrack"]:
+    store.prepare(sys.argv[1])
+mlflow.MlflowClient().search_experiments(max_results=1)
+print(time.perf_counter() - started)
+"""
+
+
+def seconds(call) -> float:
+    started = time.perf_counter()
+    call()
+    return time.perf_counter() - started
+
+
+def pictures(data_dir: str) -> dict:
+    import numpy as np
+    import torch
+    from sklearn.manifold import TSNE
+
+    from aetrack import data as datasets, images
+    from aetrack.config import TrainConfig
+    from aetrack.tracking.run import final_pictures
+    from aetrack.training import fit
+
+    config = TrainConfig(dataset="mnist", hidden=(400,), latent_dim=20, epochs=1)
+    splits = datasets.load_for(config, data_dir=data_dir)
+    model, history = fit(config, splits, progress=False)
+    images.latent_plots(np.random.default_rng(0).normal(size=(50, 3)), np.arange(50) % 2)  # imports, once
+    with torch.no_grad():
+        z = model.encode(splits.val_x[:2000], splits.val_y[:2000]).numpy()
+    y = splits.val_y[:2000].numpy()
+    before = seconds(lambda: TSNE(2, perplexity=30.0, init="pca", random_state=0).fit_transform(z))
+    now = seconds(lambda: images.latent_plots(z, y, 0))
+    total = seconds(lambda: final_pictures(model, splits, history, 0))
+    return {"codes": len(z), "tsne_points": images.TSNE_POINTS, "tsne_iterations": images.TSNE_ITERATIONS,
+            "tsne_angle": images.TSNE_ANGLE, "tsne_all_codes_s": round(before, 2),
+            "latent_plots_s": round(now, 2), "final_pictures_s": round(total, 2), "epoch_s": round(history.epochs[0]["epoch_time"], 2)}
+
+
+def checkpoint_share(epochs: int, repeats: int) -> dict:
+    from aetrack import checkpoints, data as datasets, training
+    from aetrack.config import TrainConfig
+
+    import torch
+
+    torch.set_num_threads(1)  # as benchmarks/training.py: on a loaded 2-core machine, torch's threads wait on each other
+    config = TrainConfig(epochs=epochs, patience=0)
+    splits = datasets.load_for(config)
+    writes = []
+    save = checkpoints.save
+    checkpoints.save = lambda path, state: (writes.append(state["epoch"]), save(path, state))
+    throttle = training.CHECKPOINT_SECONDS
+
+    def fit(every: float | None) -> tuple[float, int]:
+        writes.clear()
+        training.CHECKPOINT_SECONDS = throttle if every is None else every
+        with tempfile.TemporaryDirectory() as tmp:
+            path = None if every == -1 else Path(tmp) / "last.pt"
+            return seconds(lambda: training.fit(config, splits, progress=False, checkpoint=path, run_id="r")), len(writes)
+
+    fit(-1)  # warm-up: the first fit of a process pays one-time costs
+    runs = {"bare": [], "every": [], "throttled": []}
+    for _ in range(repeats):  # alternating: a shared machine's load drifts
+        for kind, every in (("bare", -1), ("every", 0.0), ("throttled", None)):
+            runs[kind].append(fit(every))
+    bare, every, throttled = (statistics.median(t for t, _ in runs[kind]) for kind in ("bare", "every", "throttled"))
+    every_writes, throttled_writes = runs["every"][0][1], runs["throttled"][0][1]
+    training.CHECKPOINT_SECONDS, checkpoints.save = throttle, save
+    return {"epochs": epochs, "repeats": repeats, "checkpoint_seconds": throttle, "fit_without_s": round(bare, 2),
+            "fit_every_epoch_s": round(every, 2), "writes_every_epoch": every_writes,
+            "fit_throttled_s": round(throttled, 2), "writes_throttled": throttled_writes,
+            "share_every_epoch": round((every - bare) / bare, 3), "share_throttled": round((throttled - bare) / bare, 3)}
+
+
+def store(repeats: int) -> dict:
+    """Seconds from setting the URI to MLflow's first answer, in a fresh process (imports not counted): a new store
+    as MLflow makes it, a new store as an aetrack command makes it (the cached empty store is built first), and the
+    same store again."""
+    from aetrack.tracking import store as stores
+
+    stores.template()
+    times = {"new": [], "new_aetrack": [], "existing": []}
+    for _ in range(repeats):
+        with tempfile.TemporaryDirectory() as tmp:
+            for kind, uri, how in (("new", f"sqlite:///{tmp}/a.db", []), ("new_aetrack", f"sqlite:///{tmp}/b.db", ["aetrack"]),
+                                   ("existing", f"sqlite:///{tmp}/a.db", [])):
+                done = subprocess.run([sys.executable, "-c", STORE, uri, *how], capture_output=True, text=True, check=True)
+                times[kind].append(float(done.stdout.strip().splitlines()[-1]))
+    return {"repeats": repeats, **{f"{kind}_store_s": round(statistics.median(t), 2) for kind, t in times.items()}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--epochs", type=int, default=100, help="digits epochs of each fit (checkpoint share)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--part", choices=["all", "checkpoints"], default="all",
+                        help="checkpoints: measure that part again, keep the rest of the record")
+    args = parser.parse_args()
+    from aetrack.tracking.run import git_commit
+
+    load_before = os.getloadavg()[0]
+    if args.part == "checkpoints":
+        record = json.loads(FILE.read_text())
+        record["checkpoints"] = {**checkpoint_share(args.epochs, args.repeats), "git_commit": git_commit(),
+                                 "load_average_1m_before": round(load_before, 2),
+                                 "load_average_1m_after": round(os.getloadavg()[0], 2)}
+    else:
+        record = {"git_commit": git_commit(), "pictures": pictures(args.data_dir),
+                  "checkpoints": checkpoint_share(args.epochs, args.repeats), "store": store(args.repeats),
+                  "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                              "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                              "load_average_1m_before": round(load_before, 2),
+                              "load_average_1m_after": round(os.getloadavg()[0], 2)}}
+    RESULTS.mkdir(exist_ok=True)
+    FILE.write_text(json.dumps(record, indent=2) + "\n")
+    print(json.dumps(record, indent=2))
+
+
+if __name__ == "__main__":
+    main()
