@@ -272,6 +272,28 @@ def history(client, run_id: str, key: str) -> list[int]:
     return sorted(m.step for m in client.get_metric_history(run_id, key))
 
 
+def test_after_a_stop_a_late_repeated_signal_cannot_change_the_exit_status():
+    """A second Ctrl-C that came after the run was closed met Python's own handler again and turned the exit
+    status 130 into death by SIGINT (-2). After a stop the signals are ignored; without one, restored."""
+    from aetrack.tracking import lifecycle
+
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        with lifecycle.stop_on_signals(lambda _: None):
+            pass
+        assert {sig: signal.getsignal(sig) for sig in before} == before
+        with pytest.raises(lifecycle.Interrupted):
+            with lifecycle.stop_on_signals(lambda _: None):
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(5)
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN is signal.getsignal(signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)  # the late second Ctrl-C: nothing happens
+        time.sleep(0.1)
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
+
+
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_a_signal_mid_run_kills_it_cleanly_and_resume_finishes_it_as_if_never_stopped(mlflow_server, tmp_path, signum):
     epochs = ["--epochs", "30", "--patience", "0", "--seed", "3"]

@@ -162,7 +162,9 @@ def _still_closing(echo: Callable[[str], None]):
 @contextlib.contextmanager
 def stop_on_signals(echo: Callable[[str], None] = print):
     """Inside: the first SIGINT or SIGTERM raises Interrupted; later ones, while the run is being closed, only say
-    so (a second Ctrl-C must not leave a half-closed run)."""
+    so (a second Ctrl-C must not leave a half-closed run). After a stop, the process is on its way out with the
+    stop's exit status: a repeated signal is then ignored, where restoring Python's handler let a late second
+    Ctrl-C turn the exit status 130 into death by SIGINT (seen once in CI, under load)."""
     again = _still_closing(echo)
     stopping = False
 
@@ -173,8 +175,13 @@ def stop_on_signals(echo: Callable[[str], None] = print):
         stopping = True
         raise Interrupted(signum)
 
-    with _handling(handle):
-        yield
+    try:
+        with _handling(handle):
+            yield
+    finally:
+        if stopping and threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                signal.signal(sig, signal.SIG_IGN)
 
 
 @contextlib.contextmanager
