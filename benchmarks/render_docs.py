@@ -497,7 +497,39 @@ def block_surroundings() -> str:
         f"| a new local sqlite store, first access (median of {st['repeats']} fresh processes) | "
         f"{st['new_store_s']:.2f} s | {st['new_aetrack_store_s']:.2f} s | an empty store migrated once by MLflow, "
         f"cached and copied; an existing store takes {st['existing_store_s']:.2f} s |",
+        *command_rows(r.get("command")),
     ])
+
+
+def command_rows(c: dict | None) -> list[str]:
+    """The whole commands of `surroundings.py --part command`, when measured."""
+    if not c:
+        return []
+    new, again, two = c["digits_new_store"], c["digits_existing_store"], c["digits_two_threads"]
+    same = ("the same model: best validation loss {:.4f} both, the same samples picture".format(new["best_val_loss"])
+            if c["digits_same_model"] else "**not the same model**: best validation loss {:.4f} against {:.4f}".format(
+                new["best_val_loss"], two["best_val_loss"]))
+    rows = [
+        "", f"Whole commands, each in a fresh process (`--part command`, commit {str(c['git_commit'])[:7]}, load average "
+        f"{c['load_average_1m_before']} before and {c['load_average_1m_after']} after):", "",
+        "| command | wall | of which optimisation steps | per-epoch work beyond the steps | note |",
+        "| --- | ---: | ---: | ---: | --- |",
+        f"| default `aetrack train --no-register` on digits, new store, two torch threads (torch's choice before) | "
+        f"{two['wall_s']:.1f} s | {two['epoch_steps_s']:.1f} s | {100 * two['per_epoch_work_share']:.1f} % | {two['epochs']} epochs |",
+        f"| the same, new store, one thread (`memory.cpu_threads`: a step too small to share) | {new['wall_s']:.1f} s | "
+        f"{new['epoch_steps_s']:.1f} s | {100 * new['per_epoch_work_share']:.1f} % | {same}; target 25 s |",
+        f"| the same again, on that store | {again['wall_s']:.1f} s | {again['epoch_steps_s']:.1f} s | "
+        f"{100 * again['per_epoch_work_share']:.1f} % | |",
+    ]
+    if "mnist_one_epoch" in c:
+        one, three = c["mnist_one_epoch"], c["mnist_three_epochs"]
+        rows += [
+            f"| MNIST VAE 784-400-20, `--epochs 1` | {one['wall_s']:.1f} s | {one['epoch_steps_s']:.1f} s | | "
+            f"**{c['mnist_beyond_epoch_s']:.1f} s beyond its epoch** (target 10 s) |",
+            f"| the same, `--epochs 3` | {three['wall_s']:.1f} s | {three['epoch_steps_s']:.1f} s | "
+            f"{100 * three['per_epoch_work_share']:.1f} % | the share over epochs 2 and 3 (target 10 %) |",
+        ]
+    return rows
 
 
 def block_evaluation() -> str:

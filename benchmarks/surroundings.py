@@ -8,13 +8,22 @@ share of `fit` on digits, and a new local sqlite store's set-up.
 - store: MLflow's first access to a new `sqlite:///` store (as MLflow makes it, and as aetrack does: a copy of an
   empty store migrated once, `aetrack/tracking/store.py`) and to an existing one, each in a fresh process.
 
+- command: whole `aetrack train` commands, each in a fresh process as a user runs them: the default digits job on a
+  new store, on that store again, and with two torch threads (what torch picked before `memory.cpu_threads`), with the
+  best validation loss and the samples picture of each (the same model?); the canonical MNIST VAE for one epoch, whose
+  wall beyond its epoch is the fixed cost; and what each epoch spends beyond its optimisation steps (validation,
+  metrics, pictures at their cadence, checkpoints), from the runs' own metrics: 1 - sum(epoch_time) / (wall between
+  the first and the last epoch's metrics), on digits and over 3 MNIST epochs.
+
     python benchmarks/surroundings.py --data-dir /work/shared/data
     python benchmarks/surroundings.py --part checkpoints --epochs 60   (that part again, one torch thread)
+    python benchmarks/surroundings.py --part command --data-dir /work/shared/data
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -124,25 +133,75 @@ def store(repeats: int) -> dict:
     return {"repeats": repeats, **{f"{kind}_store_s": round(statistics.median(t), 2) for kind, t in times.items()}}
 
 
+def train_command(args: list[str], uri: str, workdir: str, threads: int | None = None) -> dict:
+    """One `aetrack train --no-register --quiet` in a fresh process: its wall, and what its run says."""
+    import mlflow
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MLFLOW_TRACKING_URI")}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    command = [sys.executable, "-m", "aetrack", "train", "--no-register", "--quiet", "--tracking-uri", uri,
+               "--checkpoint-dir", f"{workdir}/checkpoints", *args]
+    wall = seconds(lambda: subprocess.run(command, capture_output=True, text=True, check=True, env=env))
+    client = mlflow.MlflowClient(uri)
+    run = client.search_runs([client.get_experiment_by_name("aetrack").experiment_id], order_by=["start_time DESC"],
+                             max_results=1)[0]
+    history = client.get_metric_history(run.info.run_id, "epoch_time")
+    # The metrics of an epoch are stamped when the loop hands them over: between the first and the last epoch's, the
+    # epochs after the first took this long, of which their steps took sum(epoch_time).
+    span = (history[-1].timestamp - history[0].timestamp) / 1000
+    steps = sum(m.value for m in history[1:])
+    samples = [a.path for a in client.list_artifacts(run.info.run_id, "images") if a.path.startswith("images/result~samples")
+               and a.path.endswith(".png")]
+    picture = Path(client.download_artifacts(run.info.run_id, samples[0], workdir)).read_bytes() if samples else b""
+    return {"wall_s": round(wall, 2), "epochs": len(history), "epoch_steps_s": round(sum(m.value for m in history), 2),
+            "per_epoch_work_share": round(1 - steps / span, 3) if span > 0 else None,
+            "best_val_loss": run.data.metrics.get("best_val_loss"), "samples_png_sha1": hashlib.sha1(picture).hexdigest()}
+
+
+def command(data_dir: str | None) -> dict:
+    """Whole commands (see the module's docstring); the store template is built first, as any earlier aetrack
+    command on this machine has built it."""
+    from aetrack.tracking import store as stores
+
+    stores.template()
+    mnist = ["--dataset", "mnist", "--hidden", "400", "--latent-dim", "20", "--data-dir", str(data_dir)]
+    with tempfile.TemporaryDirectory() as tmp:
+        uri = f"sqlite:///{tmp}/store.db"
+        digits_new = train_command([], uri, tmp)
+        digits_again = train_command([], uri, tmp)
+        digits_two = train_command([], uri, tmp, threads=2)
+        mnist_one = train_command([*mnist, "--epochs", "1"], uri, tmp) if data_dir else None
+        mnist_three = train_command([*mnist, "--epochs", "3"], uri, tmp) if data_dir else None
+    record = {"digits_new_store": digits_new, "digits_existing_store": digits_again, "digits_two_threads": digits_two,
+              "digits_same_model": digits_new["best_val_loss"] == digits_two["best_val_loss"]
+              and digits_new["samples_png_sha1"] == digits_two["samples_png_sha1"]}
+    if mnist_one:
+        record.update(mnist_one_epoch=mnist_one, mnist_three_epochs=mnist_three,
+                      mnist_beyond_epoch_s=round(mnist_one["wall_s"] - mnist_one["epoch_steps_s"], 2))
+    return record
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--epochs", type=int, default=100, help="digits epochs of each fit (checkpoint share)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--part", choices=["all", "checkpoints"], default="all",
-                        help="checkpoints: measure that part again, keep the rest of the record")
+    parser.add_argument("--part", choices=["all", "checkpoints", "command"], default="all",
+                        help="measure that part again, keep the rest of the record")
     args = parser.parse_args()
     from aetrack.tracking.run import git_commit
 
     load_before = os.getloadavg()[0]
-    if args.part == "checkpoints":
+    if args.part != "all":
         record = json.loads(FILE.read_text())
-        record["checkpoints"] = {**checkpoint_share(args.epochs, args.repeats), "git_commit": git_commit(),
-                                 "load_average_1m_before": round(load_before, 2),
-                                 "load_average_1m_after": round(os.getloadavg()[0], 2)}
+        part = checkpoint_share(args.epochs, args.repeats) if args.part == "checkpoints" else command(args.data_dir)
+        record[args.part] = {**part, "git_commit": git_commit(), "load_average_1m_before": round(load_before, 2),
+                             "load_average_1m_after": round(os.getloadavg()[0], 2)}
     else:
         record = {"git_commit": git_commit(), "pictures": pictures(args.data_dir),
                   "checkpoints": checkpoint_share(args.epochs, args.repeats), "store": store(args.repeats),
+                  "command": command(args.data_dir),
                   "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                               "load_average_1m_before": round(load_before, 2),

@@ -66,6 +66,9 @@ def server(backend, artifacts, root, host, port, workers, extra_hosts, auth, aut
         root_path.mkdir(parents=True, mode=0o700)  # the SQLite store and the login database's password hashes
     backend, password = split_password(backend or f"sqlite:///{root_path / 'mlflow.db'}")
     check_postgres(backend, password)
+    from aetrack.tracking import store
+
+    store.prepare(backend)  # a new SQLite store: copied from the migrated empty one, not migrated again (seconds)
     if artifacts is None or "://" not in artifacts:
         artifacts_path = Path(artifacts or root_path / "artifacts").expanduser().resolve()
         artifacts_path.mkdir(parents=True, exist_ok=True)

@@ -80,6 +80,7 @@ def train(ctx, data_dir, download, tracking_uri, experiment, run_name, register,
     registers = register and (REGISTRY[config.model].generative or registered_model)
     access.check_training(None if resume_run else experiment,
                           (registered_model or registered_name(config)) if registers else None)
+    use_threads(config)
     try:
         result = train_tracked(config, splits, options, data_dir=data_dir, progress=not quiet, resume=resume)
     except RunStopped as stop:
@@ -106,6 +107,20 @@ def train(ctx, data_dir, download, tracking_uri, experiment, run_name, register,
                    + ("" if crowning.crowned else f" ({crowning.note})"))
     click.echo(f"tracking uri:     {result.tracking_uri}")
     click.echo(f"look at it:       {ui_hint(result.tracking_uri, describe.ui_page(result.experiment_id, result.run_id))}")
+
+
+def use_threads(config: TrainConfig) -> None:
+    """On a CPU, one torch thread for a model too small to share its steps (`memory.cpu_threads`), unless
+    OMP_NUM_THREADS says how many."""
+    import os
+
+    import torch
+
+    from aetrack import memory
+    from aetrack.config import resolve_device
+
+    if "OMP_NUM_THREADS" not in os.environ and resolve_device(config.device).type == "cpu":
+        torch.set_num_threads(memory.cpu_threads(config, len(os.sched_getaffinity(0))))
 
 
 def check_names(experiment: str, registered_model: str | None) -> None:

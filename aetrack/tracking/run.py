@@ -5,6 +5,7 @@ The tracking URI is the caller's to set (the CLI does, once); this module only u
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import math
 import os
@@ -333,16 +334,21 @@ def _finish(run, model, history: History, config: TrainConfig, data: Splits, opt
     name = None
     if options.register and (variant.generative or options.registered_model):
         name = options.registered_model or registered_name(config)
-    with tempfile.TemporaryDirectory() as tmp:
-        model_dir = modelio.save(model, info, Path(tmp) / "aetrack-model", extra)
-        logged = persist(lambda: log_generator(model_dir, registered_model_name=name), "the model")
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="aetrack-pictures") as drawing:
+        # The end-of-run pictures (t-SNE, matplotlib) are drawn beside the model's writing and sending, which mostly
+        # waits on files and the server; they are logged after it, as before.
+        drawn = drawing.submit(final_pictures, model, data, history, config.seed)
+        with tempfile.TemporaryDirectory() as tmp:
+            model_dir = modelio.save(model, info, Path(tmp) / "aetrack-model", extra)
+            logged = persist(lambda: log_generator(model_dir, registered_model_name=name), "the model")
 
-    def pictures():
-        epoch_images.log(history.best_epoch, model)  # the weights kept: the best epoch's
-        for key, picture in {**epoch_images.pictures(model), **final_pictures(model, data, history, config.seed)}.items():
-            log.image(picture, key=image_key(FINAL_IMAGES, key), step=FINAL_STEP)
+        def pictures():
+            latent = drawn.result()
+            epoch_images.log(history.best_epoch, model)  # the weights kept: the best epoch's
+            for key, picture in {**epoch_images.pictures(model), **latent}.items():
+                log.image(picture, key=image_key(FINAL_IMAGES, key), step=FINAL_STEP)
 
-    attempt("the end-of-training pictures", pictures)
+        attempt("the end-of-training pictures", pictures)
     if sampler is not None:
         attempt("the sample grid", lambda: log.image(
             images.sample_grid(model, torch.Generator().manual_seed(config.seed), conditional=False,

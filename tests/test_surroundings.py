@@ -1,0 +1,103 @@
+"""What surrounds the optimisation steps (issue 24): the CPU threads a small model trains on, and the end-of-run
+pictures drawn while the model is written and sent."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from aetrack import memory
+from aetrack.config import TrainConfig
+
+
+def test_a_model_too_small_to_share_its_steps_trains_on_one_thread():
+    assert memory.cpu_threads(TrainConfig(), cores=2) == 1  # digits' default MLP
+    assert memory.cpu_threads(TrainConfig(dataset="mnist", hidden=(400,), latent_dim=20), cores=2) == 2
+    assert memory.cpu_threads(TrainConfig(arch="conv", hidden=(32, 64)), cores=2) == 2  # not measured: left alone
+    assert memory.cpu_threads(TrainConfig(batch_size=4096), cores=8) == 8
+
+
+def test_one_thread_or_two_train_the_same_digits_model_to_the_bit():
+    from aetrack import data as datasets
+    from aetrack.training import fit
+
+    digits = datasets.load("digits", seed=0)
+    config = TrainConfig(epochs=3, patience=0)
+    before = torch.get_num_threads()
+    weights = []
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            model, _ = fit(config, digits, progress=False)
+            weights.append(model.state_dict())
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+@pytest.fixture
+def quick_train(tmp_path, monkeypatch):
+    """`aetrack train` on digits with the training itself replaced by what the test records."""
+    from aetrack.cli import train as cli_train
+    from aetrack.tracking import run
+
+    seen = {}
+
+    def fake_train_tracked(config, splits, options, **kwargs):
+        seen["threads"] = torch.get_num_threads()
+        raise SystemExit(0)
+
+    monkeypatch.setattr(run, "train_tracked", fake_train_tracked)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield lambda *args: (CliRunner().invoke(cli_train.train, ["--tracking-uri", f"sqlite:///{tmp_path}/s.db", *args]), seen)
+    torch.set_num_threads(before)
+
+
+def test_aetrack_train_picks_the_threads_unless_omp_num_threads_says(quick_train, monkeypatch):
+    _, seen = quick_train("--epochs", "1")
+    assert seen["threads"] == 1
+    _, seen = quick_train("--epochs", "1", "--hidden", "2048,2048")
+    assert seen["threads"] == len(os.sched_getaffinity(0))  # every core this process may use
+    monkeypatch.setenv("OMP_NUM_THREADS", "2")
+    _, seen = quick_train("--epochs", "1")
+    assert seen["threads"] == 2  # as the fixture left it
+
+
+@pytest.mark.slow
+def test_the_end_of_run_pictures_are_drawn_while_the_model_is_sent(tmp_path, monkeypatch):
+    from aetrack.cli.train import train
+    from aetrack.tracking import run
+
+    drawing, sent = threading.Event(), []
+    draw = run.final_pictures
+
+    def final_pictures(*args, **kwargs):
+        drawing.set()
+        return draw(*args, **kwargs)
+
+    send = run.log_generator
+
+    def log_generator(*args, **kwargs):
+        sent.append(drawing.wait(timeout=60))  # before: the pictures were drawn only after the model was sent
+        return send(*args, **kwargs)
+
+    monkeypatch.setattr(run, "final_pictures", final_pictures)
+    monkeypatch.setattr(run, "log_generator", log_generator)
+    uri = f"sqlite:///{tmp_path}/s.db"
+    result = CliRunner().invoke(train, ["--tracking-uri", uri, "--epochs", "2", "--no-register", "--quiet",
+                                        "--checkpoint-dir", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    assert sent == [True]
+    import mlflow
+
+    client = mlflow.MlflowClient(uri)
+    (found,) = client.search_runs([client.get_experiment_by_name("aetrack").experiment_id])
+    assert "warnings" not in " ".join(found.data.tags)  # every picture made it
+    images = {a.path for a in client.list_artifacts(found.info.run_id, "images")}
+    assert any("result~latent" in path for path in images) and any("result~loss_curves" in path for path in images)
