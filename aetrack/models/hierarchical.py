@@ -54,7 +54,7 @@ class HierarchicalVAE(nn.Module):
 
     def terms(self, x: torch.Tensor, samples: int):
         """K draws z1_k ~ q(z1|x), z2_k ~ q(z2|z1_k): log p(x|z1_k) and log p(z1_k|z2_k) - log q(z1_k|x), each (K, B);
-        q(z2|z1_k) and z2_k for the top layer's terms, and the first draw's decoder logits."""
+        q(z2|z1_k) and z2_k for the top layer's terms, the first draw's decoder logits, and q(z1|x)."""
         q1 = self.first_posterior(x)
         z1 = q1.rsample(samples)                                   # (K, B, first)
         q2 = self.top_posterior(z1)
@@ -63,18 +63,18 @@ class HierarchicalVAE(nn.Module):
         target = x.repeat(samples, *([1] * (x.dim() - 1)))
         log_px = -self.likelihood(logits, target).view(samples, -1)
         lower = self.first_conditional(z2).log_prob(z1) - q1.log_prob(z1)
-        return log_px, lower, q2, z2, logits[:len(x)]
+        return log_px, lower, q2, z2, logits[:len(x)], q1
 
     def log_weights(self, x: torch.Tensor, y: torch.Tensor | None, samples: int) -> torch.Tensor:
         """(k, B) importance log-weights log p(x, z1_k, z2_k) - log q(z1_k, z2_k|x) (Burda et al. 2015)."""
-        log_px, lower, q2, z2, _ = self.terms(x, samples)
+        log_px, lower, q2, z2, *_ = self.terms(x, samples)
         return log_px + lower + self.prior.log_prob(z2) - q2.log_prob(z2)
 
     def forward(self, x: torch.Tensor, y: torch.Tensor | None = None, kl_scale: float = 1.0) -> Output:
         """The ELBO, its top KL from the prior (closed form for N(0, I)) and z1's by one sample; or with --objective
         iwae the K-sample bound. `kl` is both layers' (log q - log p), weighed by beta and the warm-up."""
         kl_weight = self.config.beta * kl_scale
-        log_px, lower, q2, z2, logits = self.terms(x, self.config.train_samples)
+        log_px, lower, q2, z2, logits, q1 = self.terms(x, self.config.train_samples)
         parts = {}
         if self.config.objective == "elbo":
             kl = (self.prior.kl(q2, z2) - lower).mean(0)
@@ -87,7 +87,7 @@ class HierarchicalVAE(nn.Module):
         recon_loss, kl = -log_px.mean(), kl.mean()
         # neg_elbo is the bound itself (beta = 1), whatever beta is trained with.
         parts = {"recon_loss": recon_loss, "kl": kl, "neg_elbo": recon_loss + kl, **parts}
-        return Output(loss.mean(), parts, to_image(logits), self.encode(x))
+        return Output(loss.mean(), parts, to_image(logits), self.top_posterior(q1.mean).mean)  # the code `encode` gives
 
     def encode(self, x: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
         """The top code: the mean of q(z2|z1) at the mean of q(z1|x)."""
