@@ -79,7 +79,7 @@ def test_the_burda_network_trains_on_the_digits(digits, objective, samples):
 @pytest.mark.parametrize("args, message", [
     (["--model", "hvae", "--objective", "iwae-dreg", "--train-samples", "5"], "--model hvae takes elbo or iwae"),
     (["--model", "vae", "--first-latent-dim", "10"], "--first-latent-dim does not apply to --model vae"),
-    (["--model", "hvae", "--latent-hidden", "0"], "--latent-hidden needs at least one positive size"),
+    (["--model", "hvae", "--latent-hidden", "0"], "--latent-hidden needs a positive size"),
 ])
 def test_settings_hvae_cannot_use_are_usage_errors(tmp_path, monkeypatch, args, message):
     monkeypatch.chdir(tmp_path)
