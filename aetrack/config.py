@@ -90,6 +90,12 @@ class TrainConfig:
                             choices=("elbo", "iwae", "iwae-dreg"), scope="importance")
     train_samples: int = option(1, "Importance samples K per example for --objective iwae (K = 1: the ELBO).",
                                 scope="importance")
+    # Hierarchical (two stochastic layers, x -> z1 -> z2; --latent-dim is z2's, the code that is sampled and served).
+    first_latent_dim: int = option(100, "Size of the first stochastic layer z1, between the data and the top code "
+                                   "(Burda et al. 2015: 100 under a top code of 50).", scope="hierarchical")
+    latent_hidden: tuple[int, ...] = option((100, 100), "Hidden sizes of the networks between z1 and the top code, "
+                                            "q(z2|z1) and p(z1|z2), comma separated (--hidden: between x and z1).",
+                                            scope="hierarchical")
     # Semi-supervised.
     labeled: int = option(100, "Labelled training examples (the rest are unlabelled).", scope="semi_supervised")
     classifier_weight: float = option(0.1, "Weight of the labelled classification loss: alpha = classifier_weight x "
@@ -165,6 +171,8 @@ class TrainConfig:
             (self.contractive_weight >= 0, "--contractive-weight must be >= 0"),
             (self.beta >= 0 and (self.kl_warmup is None or self.kl_warmup >= 0), "--beta and --kl-warmup must be >= 0"),
             (self.prior_components >= 1, "--prior-components must be at least 1"),
+            (self.first_latent_dim >= 1 and len(self.latent_hidden) >= 1 and min(self.latent_hidden) >= 1,
+             "--first-latent-dim must be at least 1 and --latent-hidden needs a positive size, e.g. 100,100"),
             (self.train_samples >= 1, "--train-samples must be at least 1"),
             (self.objective != "elbo" or self.train_samples == 1, "--train-samples needs --objective iwae or iwae-dreg"),
             (self.labeled >= 1 and self.classifier_weight >= 0, "--labeled must be at least 1 and --classifier-weight >= 0"),
@@ -251,7 +259,7 @@ DEFAULT_NOISE_LEVELS = (0.1, 0.2, 0.3, 0.5, 0.7)
 TRAIN_RANGES = {
     "val_fraction": (0.0, 1.0), "hidden": (1, 2**16), "latent_dim": (1, 2**16), "noise_level": (0.0, 100.0),
     "sparsity_weight": (0.0, 1e6), "sparsity_target": (0.0, 1.0), "contractive_weight": (0.0, 1e6),
-    "prior_components": (1, 10_000), "beta": (0.0, 1e6), "kl_warmup": (0, 100_000), "train_samples": (1, 10_000),
+    "prior_components": (1, 10_000), "first_latent_dim": (1, 2**16), "latent_hidden": (1, 2**16), "beta": (0.0, 1e6), "kl_warmup": (0, 100_000), "train_samples": (1, 10_000),
     "labeled": (1, 10**7), "classifier_weight": (0.0, 1e6), "lr": (0.0, 10.0), "adam_eps": (0.0, 1.0),
     "warmup_steps": (0, 10**9), "grad_clip": (0.0, 1e9), "batch_size": (1, 2**16), "epochs": (1, 100_000),
     "patience": (0, 100_000), "seed": (0, MAX_SEED), "log_every": (1, 10**9),

@@ -1,4 +1,4 @@
-"""Reconstruction likelihoods shared by every variant.
+"""Reconstruction likelihoods shared by every variant, and the importance-weighted bound of every VAE.
 
 Decoders output logits; the image is sigmoid(logits) under both likelihoods, and
 the reconstruction loss is the negative log-likelihood in nats per image.
@@ -51,3 +51,9 @@ def reconstruction_nll(logits: torch.Tensor, x: torch.Tensor, likelihood: str) -
 def to_image(logits: torch.Tensor) -> torch.Tensor:
     """Mean of p(x|z) in [0, 1]."""
     return torch.sigmoid(logits)
+
+
+def importance_weighted_nll(log_px: torch.Tensor, log_ratio: torch.Tensor, kl_weight: float = 1.0) -> torch.Tensor:
+    """Per example, -log (1/K) sum_k p(x|z_k) [p(z_k) / q(z_k|x)]^w from K draws z_k ~ q(z|x), given log p(x|z_k) and
+    log p(z_k) - log q(z_k|x), each (K, B) (Burda et al. 2015, eq. 8; w = `kl_weight`, 1: the bound itself)."""
+    return -(torch.logsumexp(log_px + kl_weight * log_ratio, 0) - math.log(log_px.shape[0]))

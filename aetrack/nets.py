@@ -31,7 +31,7 @@ def hidden_layer(n_in: int, n_out: int, activation: str) -> list[nn.Module]:
     return [nn.Linear(n_in, n_out), {"relu": nn.ReLU, "tanh": nn.Tanh, "softplus": nn.Softplus}[activation]()]
 
 
-def _mlp(sizes: list[int], activation: str = "relu", last_linear: bool = True) -> nn.Sequential:
+def mlp(sizes: list[int], activation: str = "relu", last_linear: bool = True) -> nn.Sequential:
     """Hidden layers with `activation`; the last layer linear (`last_linear`) or hidden like the others."""
     layers: list[nn.Module] = []
     pairs = list(zip(sizes, sizes[1:]))
@@ -67,7 +67,7 @@ class Encoder(nn.Module):
             self.features = nn.Sequential(*blocks, nn.Flatten())
             self.head = nn.Linear(n_in * h * w + cond_dim, out_dim)
         else:
-            self.features = nn.Sequential(nn.Flatten(), _mlp([math.prod(shape), *hidden], activation, last_linear=False))
+            self.features = nn.Sequential(nn.Flatten(), mlp([math.prod(shape), *hidden], activation, last_linear=False))
             self.head = nn.Linear(hidden[-1] + cond_dim, out_dim)
 
     def forward(self, x: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
@@ -106,7 +106,7 @@ class Decoder(nn.Module):
             # Transposed convolutions share their bias over pixels: this one is per pixel, like the MLP's last layer.
             self.pixel_bias = nn.Parameter(torch.zeros(shape))
         else:
-            self.stem = _mlp([latent_dim + cond_dim, *reversed(hidden), math.prod(shape)], activation)
+            self.stem = mlp([latent_dim + cond_dim, *reversed(hidden), math.prod(shape)], activation)
             self.body = nn.Unflatten(1, shape)
 
     def forward(self, z: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:

@@ -46,6 +46,23 @@ def test_every_row_of_the_issue_has_a_protocol():
         assert anchors.PROTOCOLS[f"iwae-{k}"].config.lr_schedule == "burda"  # --recipe published: Burda's
 
 
+def test_the_two_layer_rows_are_the_one_layer_rows_with_a_second_stochastic_layer():
+    two_layers = {"model": "hvae", "first_latent_dim": 100, "latent_hidden": (100, 100)}
+    vae, iwae = anchors.PROTOCOLS["burda-hvae"], anchors.PROTOCOLS["hvae-iwae-5"]
+    assert vae.config == replace(anchors.BURDA_MLP, **two_layers) and vae.best == replace(anchors.BURDA_BEST, **two_layers)
+    assert iwae.config == replace(vae.config, objective="iwae", train_samples=5)
+    assert iwae.best == replace(vae.best, objective="iwae", train_samples=5)
+    assert (vae.target, iwae.target) == (85.33, 83.89)  # Burda et al. 2015, table 1, two stochastic layers
+    assert vae.config.epochs == iwae.config.epochs == 3280 and vae.iw_samples == iwae.iw_samples == 5000
+
+
+def test_a_row_without_a_record_is_listed_as_not_yet_run():
+    table = anchors.body({})
+    for row in anchors.PROTOCOLS:
+        assert f"| {row} |" in table and f"`python benchmarks/anchors.py {row}`" in table
+    assert table.count("not yet run |") == len(anchors.PROTOCOLS)
+
+
 def test_the_curve_is_continued_by_the_power_law_it_follows():
     law = lambda t: 80 + 40 * t ** -0.6  # noqa: E731
     history = History(epochs=[{"val_loss": law(t)} for t in range(1, 61)])

@@ -226,6 +226,7 @@ EXPECTED = {
     "cae": GENERATION | CODES,
     "dae": GENERATION | CODES | {"psnr_denoised_at_0.3", "psnr_noisy_at_0.3"},
     "vae": GENERATION | BOUND,
+    "hvae": GENERATION | BOUND,
     "cvae": GENERATION | BOUND | {"label_accuracy", "cas"},
     "m2": GENERATION | BOUND | {"label_accuracy", "cas", "error"},
 }

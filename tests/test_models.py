@@ -19,7 +19,8 @@ SETTINGS = [(name, {}) for name in sorted(REGISTRY)] + [
     ("vae", {"beta": 4.0, "kl_warmup": 2}), ("cvae", {"prior": "vamp"}), ("sae", {"sparsity": "kl"}),
     ("dae", {"noise": "masking"}), ("dae", {"noise": "salt-pepper"}), ("ae", {"likelihood": "gaussian"}),
     ("vae", {"activation": "tanh"}), ("vae", {"activation": "gated", "prior": "vamp"}), ("m2", {"activation": "softplus"}),
-    ("cae", {"activation": "gated"}),
+    ("cae", {"activation": "gated"}), ("hvae", {"objective": "iwae", "train_samples": 3}), ("hvae", {"prior": "vamp"}),
+    ("hvae", {"prior": "uniform"}), ("hvae", {"activation": "tanh", "latent_hidden": (8, 4), "first_latent_dim": 5}),
 ]
 IDS = [name + "".join(f"-{k}={v}" for k, v in extra.items()) for name, extra in SETTINGS]
 

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from aetrack.losses import reconstruction_nll, to_image
+from aetrack.losses import importance_weighted_nll, reconstruction_nll, to_image
 from aetrack.data import labeled_indices
 from aetrack.models import Output, register
 from aetrack.nets import Decoder, Encoder
@@ -82,19 +82,18 @@ class LatentVariableModel(nn.Module):
         one-sample parts -log p(x|z) and log q - log p averaged over the K draws, q, and the first draw's logits."""
         samples, dreg = self.config.train_samples, self.config.objective == "iwae-dreg"
         log_px, log_ratio, logits, q, z = self.importance_terms(x, samples, cond, stop_q=dreg, features=features)
-        log_k = math.log(samples)
-        log_w = log_px + kl_weight * log_ratio
-        loss = -(torch.logsumexp(log_w, 0) - log_k)
+        loss = importance_weighted_nll(log_px, log_ratio, kl_weight)
         if dreg and torch.is_grad_enabled():
             # DReG (Tucker et al. 2018): with w~ the normalised weights, the decoder and prior get sum_k w~ grad log w_k
             # (IWAE's gradient), the encoder sum_k w~^2 (d log w_k / d z_k)(d z_k / d phi): the surrogate gives the
             # first, and the hook on z weighs what flows into z by w~ once more. Its value is the IWAE loss's.
+            log_w = log_px + kl_weight * log_ratio
             weights = torch.softmax(log_w.detach(), 0)
             if z.requires_grad:
                 z.register_hook(lambda grad: grad * weights.unsqueeze(-1).to(grad.dtype))
             surrogate = -(weights * log_w).sum(0)
             loss = surrogate - surrogate.detach() + loss.detach()
-        neg_iwae = -(torch.logsumexp(log_px + log_ratio, 0) - log_k)
+        neg_iwae = importance_weighted_nll(log_px, log_ratio)
         return loss, neg_iwae, -log_px.mean(0), -log_ratio.mean(0), q, logits[:len(x)]
 
     def kl_weight(self, kl_scale: float = 1.0) -> float:
