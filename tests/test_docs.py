@@ -124,7 +124,9 @@ VERDICT = re.compile(r"\b(beats?|no difference|makes? no difference|within (?:th
 
 def typed_verdicts(text: str) -> list[str]:
     """The sentences of `text`, outside its rendered blocks, code and comments, that state a comparison."""
-    for pattern in (IGNORED[0], IGNORED[1], IGNORED[5]):
+    rendered, code, comments = IGNORED[0], IGNORED[1], IGNORED[5]
+    assert comments.pattern == "<!--.*?-->"
+    for pattern in (rendered, code, comments):
         text = pattern.sub(" ", text)
     sentences = re.split(r"(?<=[.!?])\s+|\n\s*\n", text)
     return [" ".join(s.split()) for s in sentences if VERDICT.search(s)]
