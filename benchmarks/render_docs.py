@@ -224,7 +224,7 @@ def block_tests(key: str) -> str:
     if not any(c.p is not None for c in found):
         return f"On {q['dataset']}: no test, {seeds_of(q)}."
     lines = [f"On {q['dataset']} ({seeds_of(q)}):", "",
-             "| shared | first | second | metric | first: mean ± sd | second: mean ± sd | d | p | Holm's p |",
+             "| shared | first | second | metric | first: mean ± sd | second: mean ± sd | d (first − second) | p | Holm's p |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for c in found:
         spread = [format_values(v) for v in (c.first_values, c.second_values)]
@@ -267,7 +267,7 @@ def block_studies_verdicts() -> str:
                 parts.append(f"{q['dataset']}: no difference shown in {len(tested)} tests")
             else:
                 shown = sum(c.shown for c in tested)
-                where = f", with {clearest.context}" if clearest.context else ""
+                where = f", for {clearest.context}" if clearest.context else ""
                 parts.append(f"{q['dataset']}: {shown} differences shown in {len(tested)} tests; the clearest: "
                              f"{verdicts.sentence(clearest)}{where}")
         lines.append(f"| [{title}]({study}.md) | " + "; ".join(parts) + " |")

@@ -196,7 +196,7 @@ def comparisons(record: dict, alpha: float = ALPHA, min_seeds: int = MIN_SEEDS) 
                 if a and b:
                     name = {"baseline": baseline_label(record, settings)}
                     found.append(Comparison(
-                        "output", own, f"{measure}_at_{level}", ROLE_NAMES.get(role_a, name.get(role_a, own)),
+                        "output", f"the runs of {own}", f"{measure}_at_{level}", ROLE_NAMES.get(role_a, name.get(role_a, own)),
                         ROLE_NAMES.get(role_b, name.get(role_b, own)), a, b, names.better(measure)))
     tested = [c if min(c.seeds) < min_seeds else _with(c, p=welch_p(c.first_values, c.second_values))
               for c in found]
