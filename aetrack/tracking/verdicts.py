@@ -20,7 +20,7 @@ import itertools
 import math
 import re
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from aetrack.tracking import metric_names as names
 
@@ -30,12 +30,12 @@ ROLE = re.compile(r"^(?P<measure>[a-z]+)_(?P<role>[a-z]+)_at_(?P<level>[\d.]+)$"
 ROLE_NAMES = {"noisy": "the noisy input"}  # the other roles are outputs: named by their model
 
 
-def rule(alpha: float = ALPHA, min_seeds: int = MIN_SEEDS) -> str:
+def rule() -> str:
     lower, higher = ", ".join(names.LOWER), ", ".join(names.HIGHER)
     return (f"Two settings are compared when they differ in one axis only (keys that always change together count as "
             f"one); a numeric axis only between neighbouring values. Each metric of the table is tested with Welch's "
-            f"t-test (two-sided, unequal variances) over the seeds, at {alpha:g}, when each side has at least "
-            f"{min_seeds} seeds. \"Beats\" follows the metric's direction (lower is better for names with {lower}; "
+            f"t-test (two-sided, unequal variances) over the seeds, at {ALPHA:g}, when each side has at least "
+            f"{MIN_SEEDS} seeds. \"Beats\" follows the metric's direction (lower is better for names with {lower}; "
             f"higher for {higher}); a metric with neither, such as a KL or a sparsity, reads \"is higher than\". "
             "d is the difference of the means.")
 
@@ -169,7 +169,7 @@ def baseline_label(record: dict, settings: list[dict]) -> str:
     return label(base, grid_axes[0]) if base and grid_axes else "the baseline"
 
 
-def comparisons(record: dict, alpha: float = ALPHA, min_seeds: int = MIN_SEEDS) -> list[Comparison]:
+def comparisons(record: dict, min_seeds: int = MIN_SEEDS) -> list[Comparison]:
     """Every comparison the rule makes on a record, tested where the seeds allow, with Holm's p over the tested."""
     cells = record["cells"]
     settings = [c["setting"] for c in cells]
@@ -183,31 +183,33 @@ def comparisons(record: dict, alpha: float = ALPHA, min_seeds: int = MIN_SEEDS) 
             if a and b:
                 found.append(Comparison(axis[0], context, metric, side(settings, i, axis), side(settings, j, axis),
                                         a, b, names.better(metric)))
-    roles = {}
+    found += output_comparisons(record, metrics)
+    tested = [c if min(c.seeds) < min_seeds else replace(c, p=welch_p(c.first_values, c.second_values))
+              for c in found]
+    adjusted = iter(holm([c.p for c in tested if c.p is not None]))
+    return [replace(c, holm=next(adjusted)) if c.p is not None else c for c in tested]
+
+
+def output_comparisons(record: dict, metrics: list[str]) -> list[Comparison]:
+    """Within each setting, the outputs that metrics `M_ROLE_at_LEVEL` measure, each pair at each level."""
+    roles: dict[tuple[str, str], list[tuple[str, str]]] = {}
     for metric in metrics:
         match = ROLE.match(metric)
         if match:
             roles.setdefault((match["measure"], match["level"]), []).append((match["role"], metric))
-    for cell in cells:
-        own = describe(cell["setting"], grid_axes)
+    settings = [c["setting"] for c in record["cells"]]
+    found = []
+    for cell in record["cells"] if roles else []:
+        own = describe(cell["setting"], axes(settings))
+        named = {**ROLE_NAMES, "baseline": baseline_label(record, settings)}
         for (measure, level), members in roles.items():
             for (role_a, metric_a), (role_b, metric_b) in itertools.combinations(members, 2):
                 a, b = values(cell, metric_a), values(cell, metric_b)
                 if a and b:
-                    name = {"baseline": baseline_label(record, settings)}
-                    found.append(Comparison(
-                        "output", f"the runs of {own}", f"{measure}_at_{level}", ROLE_NAMES.get(role_a, name.get(role_a, own)),
-                        ROLE_NAMES.get(role_b, name.get(role_b, own)), a, b, names.better(measure)))
-    tested = [c if min(c.seeds) < min_seeds else _with(c, p=welch_p(c.first_values, c.second_values))
-              for c in found]
-    adjusted = iter(holm([c.p for c in tested if c.p is not None]))
-    return [_with(c, holm=next(adjusted)) if c.p is not None else c for c in tested]
-
-
-def _with(c: Comparison, **changes) -> Comparison:
-    from dataclasses import replace
-
-    return replace(c, **changes)
+                    found.append(Comparison("output", f"the runs of {own}", f"{measure}_at_{level}",
+                                            named.get(role_a, own), named.get(role_b, own), a, b,
+                                            names.better(measure)))
+    return found
 
 
 # ----- the sentences ------------------------------------------------------------------------------------------------
