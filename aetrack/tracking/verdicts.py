@@ -37,7 +37,10 @@ def rule() -> str:
             f"t-test (two-sided, unequal variances) over the seeds, at {ALPHA:g}, when each side has at least "
             f"{MIN_SEEDS} seeds. \"Beats\" follows the metric's direction (lower is better for names with {lower}; "
             f"higher for {higher}); a metric with neither, such as a KL or a sparsity, reads \"is higher than\". "
-            "d is the difference of the means.")
+            "Metrics named `M_ROLE_at_LEVEL` (the denoising PSNRs) also compare a setting's outputs with each other at "
+            "each level. d is the difference of the means. Holm's correction over all of a record's tests is shown "
+            "beside each p (a † on a verdict that holds after it), not used for the sentence: with three seeds a "
+            "side it would hide most real differences.")
 
 
 @dataclass(frozen=True)
