@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's aetrack, whichever one is installed
+from aetrack.tracking import metric_names, studies, verdicts  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs"
 BLOCK = re.compile(r"(<!-- render: (?P<name>[\w@.:-]+) -->\n)(?P<body>.*?)(<!-- /render: (?P=name) -->)", re.S)
@@ -177,18 +179,113 @@ def block_question(key: str) -> str:
             f"{q['machine']['cores']} CPU cores, measured {q['machine']['date']}.")
 
 
-# What each study's picture shows: (metric, its label, lower is better) panels over the study's settings.
+def seeds_of(q: dict) -> str:
+    counts = sorted({len(c["metrics"]) for c in q["cells"]})
+    return " to ".join(map(str, counts)) + f" seed{'s' if counts[-1] != 1 else ''} per setting"
+
+
+def block_verdicts(key: str) -> str:
+    """A study's verdicts on one data set, computed from its record by aetrack.tracking.verdicts: a bullet per pair
+    of settings compared, grouped by the axis they differ in."""
+    q = question(key)
+    found = verdicts.comparisons(q)
+    tested = [c for c in found if c.p is not None]
+    if not tested:
+        return (f"**Not tested on {q['dataset']}**: {seeds_of(q)}, and the rule asks for at least "
+                f"{verdicts.MIN_SEEDS} a side, so the differences in its table are no verdict.")
+    lines = [f"**On {q['dataset']}** ({seeds_of(q)}):", ""]
+    grid_axes = verdicts.axes([c["setting"] for c in q["cells"]])
+    for axis in dict.fromkeys(c.axis for c in found):
+        group = [c for c in found if c.axis == axis]
+        others = [a[0] for a in grid_axes if a[0] != axis]
+        if axis == "output":
+            lines.append("*the outputs, each against the others on the same noisy images:*")
+        else:
+            lines.append(f"*{axis}*" + (f", the same {' and '.join(others)}:" if others else ":"))
+        lines.append("")
+        for pair in dict.fromkeys((c.context, c.first, c.second) for c in group):
+            context, first, second = pair
+            text = verdicts.clauses([c for c in group if (c.context, c.first, c.second) == pair])
+            lines.append(f"- {first} against {second}{f' ({context})' if context else ''}: {text}.")
+        lines.append("")
+    shown = [c for c in tested if c.shown]
+    holding = [c for c in shown if c.holds_after_holm]
+    lines.append(f"{len(tested)} tests on this record, {len(shown)} differences shown at {verdicts.ALPHA:g} "
+                 f"(with no true difference anywhere, about {verdicts.ALPHA * len(tested):.1f} would be shown by "
+                 f"chance); {len(holding)} of them still hold after Holm's correction over all {len(tested)} "
+                 "(marked †). The rule and every test's figures: [the tests](#the-tests-behind-the-verdicts).")
+    return "\n".join(lines)
+
+
+def block_tests(key: str) -> str:
+    """Every test behind a record's verdicts: the two sides' means, the difference, Welch's p and Holm's."""
+    q = question(key)
+    found = verdicts.comparisons(q)
+    if not any(c.p is not None for c in found):
+        return f"On {q['dataset']}: no test, {seeds_of(q)}."
+    lines = [f"On {q['dataset']} ({seeds_of(q)}):", "",
+             "| shared | first | second | metric | first: mean ± sd | second: mean ± sd | d (first − second) | p | Holm's p |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for c in found:
+        spread = [format_values(v) for v in (c.first_values, c.second_values)]
+        tested = [verdicts.p_value(c.p), verdicts.p_value(c.holm)] if c.p is not None else ["not tested", ""]
+        lines.append(f"| {c.context} | {c.first} | {c.second} | `{c.metric}` | {spread[0]} | {spread[1]} | "
+                     f"{verdicts.figure(c.difference)} | " + " | ".join(tested) + " |")
+    return "\n".join(lines)
+
+
+def format_values(values: tuple[float, ...]) -> str:
+    mean = statistics.fmean(values)
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return studies.format_spread(mean, spread, len(values))
+
+
+def block_rule() -> str:
+    return f"**The rule.** {verdicts.rule()}"
+
+
+def block_studies_verdicts() -> str:
+    """The index's table: each study's question, and from each of its records the clearest difference shown."""
+    records = sorted((RESULTS / "questions").glob("*@*.json"))
+    order = list(dict.fromkeys([*studies.STUDIES, *(path.stem.split("@")[0] for path in records)]))
+    lines = ["| question | what its records show |", "| --- | --- |"]
+    for study in order:
+        page = DOCS / "studies" / f"{study}.md"
+        keys = [path.stem for path in records if path.stem.split("@")[0] == study]
+        if not keys or not page.exists():
+            continue
+        title = page.read_text().splitlines()[0].lstrip("# ").strip()
+        parts = []
+        for key in keys:
+            q = question(key)
+            found = verdicts.comparisons(q)
+            tested = [c for c in found if c.p is not None]
+            clearest = verdicts.strongest(found)
+            if not tested:
+                parts.append(f"{q['dataset']}: not tested ({seeds_of(q)})")
+            elif clearest is None:
+                parts.append(f"{q['dataset']}: no difference shown in {len(tested)} tests")
+            else:
+                shown = sum(c.shown for c in tested)
+                where = f", for {clearest.context}" if clearest.context else ""
+                parts.append(f"{q['dataset']}: {shown} differences shown in {len(tested)} tests; the clearest: "
+                             f"{verdicts.sentence(clearest)}{where}")
+        lines.append(f"| [{title}]({study}.md) | " + "; ".join(parts) + " |")
+    return "\n".join(lines)
+
+
+# What each study's picture shows: (metric, its label) panels over the study's settings; which way is better comes
+# from aetrack.tracking.metric_names, as for the verdicts.
 STUDY_PICTURES = {
-    "latent-size": [("recon_loss", "reconstruction loss (nats)", True), ("psnr", "PSNR (dB)", False)],
+    "latent-size": [("recon_loss", "reconstruction loss (nats)"), ("psnr", "PSNR (dB)")],
     # a panel of several metrics of one setting: the noisy input, the dae's output and the plain ae's, in dB
-    "denoising": [(("psnr_noisy_at_0.3", "psnr_denoised_at_0.3", "psnr_baseline_at_0.3"), "PSNR (dB), noise 0.3", False),
-                  (("psnr_noisy_at_0.5", "psnr_denoised_at_0.5", "psnr_baseline_at_0.5"), "PSNR (dB), noise 0.5", False)],
-    "generation": [("fcd", "FCD", True), ("recon_loss", "reconstruction loss (nats)", True)],
-    "priors": [("nll_iw", "test NLL (nats)", True), ("fcd", "FCD", True), ("active_units", "active units of 8", False)],
-    "conditional": [("fcd", "FCD", True), ("label_accuracy", "label accuracy", False),
-                    ("cas", "CAS (trained on samples only)", False)],
-    "regularised": [("jacobian_frobenius_sq", "squared Jacobian norm (log scale)", True),
-                    ("recon_loss", "reconstruction loss (nats)", True), ("probe_accuracy", "probe accuracy", False)],
+    "denoising": [(("psnr_noisy_at_0.3", "psnr_denoised_at_0.3", "psnr_baseline_at_0.3"), "PSNR (dB), noise 0.3"),
+                  (("psnr_noisy_at_0.5", "psnr_denoised_at_0.5", "psnr_baseline_at_0.5"), "PSNR (dB), noise 0.5")],
+    "generation": [("fcd", "FCD"), ("recon_loss", "reconstruction loss (nats)")],
+    "priors": [("nll_iw", "test NLL (nats)"), ("fcd", "FCD"), ("active_units", "active units of 8")],
+    "conditional": [("fcd", "FCD"), ("label_accuracy", "label accuracy"), ("cas", "CAS (trained on samples only)")],
+    "regularised": [("jacobian_frobenius_sq", "squared Jacobian norm (log scale)"),
+                    ("recon_loss", "reconstruction loss (nats)"), ("probe_accuracy", "probe accuracy")],
 }
 
 
@@ -221,29 +318,30 @@ def draw_study(study: str) -> Path:
     panels = STUDY_PICTURES[study]
     fig, axes = plt.subplots(len(records), len(panels), figsize=(3.6 * len(panels), 2.9 * len(records)), squeeze=False)
     for row, r in zip(axes, records):
-        cells = [c for c in r["cells"] if any(c["summary"].get(m) for metric, _, _ in panels for m in as_tuple(metric))]
+        cells = [c for c in r["cells"] if any(c["summary"].get(m) for metric, _ in panels for m in as_tuple(metric))]
         varying = [k for k in cells[0]["setting"] if len({str(c["setting"].get(k)) for c in cells}) > 1
                    and not (k == "hidden" and "arch" in cells[0]["setting"])]  # the architecture names its sizes
         labels = [" ".join(str(c["setting"].get(k)) for k in varying) for c in cells]
-        for ax, (metric, title, lower) in zip(row, panels):
+        for ax, (metric, title) in zip(row, panels):
+            direction = metric_names.better(as_tuple(metric)[0].split("_at_")[0])
             if isinstance(metric, tuple):  # one setting's metrics side by side
                 found = [(PSNR_NAMES.get(m.split("_at_")[0], m), c["summary"][m]) for c in cells for m in metric
                          if c["summary"].get(m)]
             else:
                 found = [(label, c["summary"][metric]) for label, c in zip(labels, cells) if c["summary"].get(metric)]
-            names = [label for label, _ in found]
+            ticks = [label for label, _ in found]
             means = [m for _, (m, _, _) in found]
             spreads = [sd or 0 for _, (_, sd, _) in found]
-            best = (min if lower else max)(means)
+            best = {"lower": min, "higher": max}.get(direction, lambda _: None)(means)
             for x, (m, sd) in enumerate(zip(means, spreads)):  # points, not bars: a bar's zero would hide the gaps
                 ax.errorbar([x], [m], yerr=[sd], fmt="o", capsize=3, color="#1f5fa8" if m == best else "#8aa3c4")
             ax.set_xlim(-0.6, len(found) - 0.4)
             ax.grid(axis="y", alpha=0.3)
-            ax.set_xticks(range(len(found)), names, rotation=45 if len(found) > 4 else 0,
+            ax.set_xticks(range(len(found)), ticks, rotation=45 if len(found) > 4 else 0,
                           ha="right" if len(found) > 4 else "center", fontsize=7)
             if metric == "jacobian_frobenius_sq":
                 ax.set_yscale("log")
-            ax.set_title(f"{title} ({r['dataset']}), {'lower' if lower else 'higher'} is better", fontsize=8)
+            ax.set_title(f"{title} ({r['dataset']})" + (f", {direction} is better" if direction else ""), fontsize=8)
             ax.tick_params(axis="y", labelsize=7)
     fig.tight_layout()
     out = DOCS / "studies" / f"{study}.png"
@@ -747,12 +845,15 @@ BLOCKS = {
     "priors": block_priors, "serving": block_serving,
     "serving-load": block_serving_load, "tuning-pruning": block_tuning_pruning, "tuning-workers": block_tuning_workers,
     "measured-figures": block_measured_figures, "train-options": block_train_options,
+    "verdict-rule": block_rule, "studies-verdicts": block_studies_verdicts,
 }
 
 
 def render_block(name: str) -> str:
-    if name.startswith("questions:"):
-        return block_question(name.split(":", 1)[1])
+    kind, _, key = name.partition(":")
+    blocks = {"questions": block_question, "verdicts": block_verdicts, "tests": block_tests}
+    if key and kind in blocks:
+        return blocks[kind](key)
     if name not in BLOCKS:
         raise KeyError(f"no block named {name!r} in benchmarks/render_docs.py")
     return BLOCKS[name]()

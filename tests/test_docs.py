@@ -107,10 +107,64 @@ def test_every_rendered_block_is_what_its_record_gives():
 def test_the_checked_pages_render_their_figures():
     for page in ("docs/performance.md", "docs/anchors.md", "docs/defaults.md"):
         assert "<!-- render: " in (REPO / page).read_text(), page
-    for study in ("latent-size", "denoising", "generation", "priors", "conditional", "regularised"):
+    for path in sorted((RESULTS / "questions").glob("*@*.json")):
+        study = path.stem.split("@")[0]
         text = (REPO / "docs" / "studies" / f"{study}.md").read_text()
-        assert f"<!-- render: questions:{study}@digits -->" in text
-        assert text.index(f"]({study}.png)") < text.index("<!-- render: "), "the picture comes before the table"
+        order = [text.index(f"<!-- render: verdicts:{path.stem} -->"), text.index(f"]({study}.png)"),
+                 text.index(f"<!-- render: questions:{path.stem} -->"), text.index(f"<!-- render: tests:{path.stem} -->")]
+        assert order == sorted(order), f"{study}: the verdict, its picture, the table, then the tests"
+    assert "<!-- render: studies-verdicts -->" in (REPO / "docs" / "studies" / "index.md").read_text()
+
+
+# A sentence that compares settings: on a study page it belongs in a block rendered from the record, never typed.
+VERDICT = re.compile(r"\b(beats?|no difference|makes? no difference|within (?:the|a few|its) spreads?|outperforms?|"
+                     r"(?:better|worse|higher|lower|more|less|above|below) than|slightly (?:lower|higher|better|worse)|"
+                     r"by a wide margin|comes? close|the (?:best|worst)|hundreds of times)\b", re.I)
+
+
+def typed_verdicts(text: str) -> list[str]:
+    """The sentences of `text`, outside its rendered blocks, code and comments, that state a comparison."""
+    rendered, code, comments = IGNORED[0], IGNORED[1], IGNORED[5]
+    assert comments.pattern == "<!--.*?-->"
+    for pattern in (rendered, code, comments):
+        text = pattern.sub(" ", text)
+    sentences = re.split(r"(?<=[.!?])\s+|\n\s*\n", text)
+    return [" ".join(s.split()) for s in sentences if VERDICT.search(s)]
+
+
+def study_words() -> set[str]:
+    """What names a study's settings: the studies' names and every value of their records' settings."""
+    words = set()
+    for path in (RESULTS / "questions").glob("*@*.json"):
+        words.add(path.stem.split("@")[0])
+        for cell in json.loads(path.read_text())["cells"]:
+            words |= {str(v).lower() for v in cell["setting"].values() if isinstance(v, str)}
+    return words
+
+
+@pytest.mark.parametrize("page", sorted(str(p.relative_to(REPO)) for p in (REPO / "docs" / "studies").glob("*.md")))
+def test_a_study_page_states_no_verdict_but_those_rendered_from_its_record(page):
+    assert typed_verdicts((REPO / page).read_text()) == [], f"{page}: typed verdicts (render them from the record)"
+
+
+def test_the_readme_states_no_study_verdict_and_quotes_its_tables_figures_as_recorded():
+    readme = (REPO / "README.md").read_text()
+    words = study_words()
+    claims = [s for s in typed_verdicts(readme) if words & set(re.findall(r"[\w-]+", s.lower()))]
+    assert claims == [], "the README states verdicts of a study: link to its page instead"
+    tables = " ".join(json.loads(p.read_text())["table"] for p in (RESULTS / "questions").glob("*@*.json"))
+    quoted = re.findall(r"\d+(?:\.\d+)? ± \d+(?:\.\d+)?", readme)
+    assert quoted and [q for q in quoted if q not in tables] == [], "figures the studies' records do not hold"
+
+
+def test_a_typed_or_edited_verdict_fails():
+    """The checks themselves: the typed verdict that contradicted question 1's table, and a verdict edited inside
+    its block, are both caught."""
+    page = (REPO / "docs" / "studies" / "latent-size.md").read_text()
+    typed = page.replace("![", "The VAE's architecture makes no difference within the spread.\n\n![", 1)
+    assert typed_verdicts(typed) == ["The VAE's architecture makes no difference within the spread."]
+    edited = page.replace("mlp beats conv on `recon_loss` by 0.425", "conv beats mlp on `recon_loss` by 0.425", 1)
+    assert edited != page and render_docs.render(edited) == page
 
 
 def test_every_study_picture_is_drawn_from_its_current_record():
