@@ -189,6 +189,8 @@ class _Pool(NamedTuple):
 
 def _read(name: str, root: Path, download: bool) -> _Pool:
     reader, source_name = _READERS[name]
+    if source_name in IDX_CLASSES and (pool := _read_unpacked(name, source_name, root)) is not None:
+        return pool
     source = getattr(importlib.import_module("torchvision.datasets"), source_name) if source_name else None
     try:
         return reader(name, source, root)
@@ -250,6 +252,46 @@ def _read_mnist(name: str, source: type[MNIST], root: Path) -> _Pool:
     _check_labels(name, test.targets, len(test.classes), raw / "t10k-labels-idx1-ubyte")
     return _Pool(train.data.unsqueeze(1), train.targets.long(), test.data.unsqueeze(1), test.targets.long(),
                  tuple(train.classes), 255)
+
+
+# The class names torchvision gives these sets (a test checks that they agree), so that reading their unpacked files
+# needs no torchvision: importing it took longer than reading MNIST (benchmarks/surroundings.py).
+IDX_CLASSES = {
+    "MNIST": ("0 - zero", "1 - one", "2 - two", "3 - three", "4 - four", "5 - five", "6 - six", "7 - seven",
+              "8 - eight", "9 - nine"),
+    "FashionMNIST": ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                     "Ankle boot"),
+}
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def _read_unpacked(name: str, source_name: str, root: Path) -> _Pool | None:
+    """MNIST or Fashion-MNIST from its four unpacked IDX files (where torchvision reads them, or where they were
+    unpacked into cache_dir()), as torchvision reads them; None when they are not all there and whole: torchvision's
+    path then unpacks, checks and says what is missing."""
+    for folder in (root / source_name / "raw", cache_dir() / source_name / "raw"):
+        paths = [folder / file for file in IDX_FILES]
+        if all(path.is_file() and _idx_complete(path) for path in paths):
+            train_x, train_y, test_x, test_y = (_idx_array(path) for path in paths)
+            if train_x is None or train_y is None or test_x is None or test_y is None:
+                return None
+            classes = IDX_CLASSES[source_name]
+            train_y, test_y = torch.from_numpy(train_y).long(), torch.from_numpy(test_y).long()
+            _check_labels(name, train_y, len(classes), paths[1])
+            _check_labels(name, test_y, len(classes), paths[3])
+            return _Pool(torch.from_numpy(train_x).unsqueeze(1), train_y, torch.from_numpy(test_x).unsqueeze(1), test_y,
+                         classes, 255)
+    return None
+
+
+def _idx_array(path: Path) -> np.ndarray | None:
+    """An IDX file of unsigned bytes as an array of its shape (a copy: writable); None for another item type."""
+    data = path.read_bytes()
+    if data[2] != 0x08:
+        return None
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    return np.frombuffer(data, np.uint8, offset=4 + 4 * ndim).reshape(shape).copy()
 
 
 def _unpacked_root(name: str, cls: type[MNIST], root: Path) -> Path:
