@@ -67,6 +67,7 @@ def test_iwae_nll_is_exact_for_constant_weights_and_approaches_log_mean_weight()
     assert float(ev.iwae_nll(log_w.view(-1, 10_000)[:2]).mean()) > -(mu + s**2 / 2) + 0.1
 
 
+@pytest.mark.slow
 def test_iwae_estimate_is_below_the_negative_elbo_and_tightens_with_k(vae, digits):
     x = digits.test_x
     neg_elbo = ev.bound_terms(vae, x, None, seed=0)["neg_elbo"]

@@ -64,6 +64,7 @@ def test_m2_models_the_active_units_of_the_frozen_vae(m1, digits):
     assert not trained.m1.training  # frozen M1 stays in eval mode whatever the stack's mode
 
 
+@pytest.mark.slow
 def test_the_stack_takes_and_gives_images(m1, digits):
     model = built(m1, digits).eval()
     x = digits.test_x[:7]
@@ -81,6 +82,7 @@ def test_the_stack_takes_and_gives_images(m1, digits):
     assert model.log_weights(x, None, 4).shape == (4, 7)
 
 
+@pytest.mark.slow
 def test_the_stack_trains_on_the_iwae_bound_of_its_codes(m1, digits):
     from dataclasses import replace
 
@@ -133,6 +135,7 @@ def test_the_code_likelihood_is_a_normal_density():
     torch.testing.assert_close(likelihood(mean, codes), expected)
 
 
+@pytest.mark.slow
 def test_a_saved_stack_loads_with_its_vae_inside(m1, digits, tmp_path):
     model = built(m1, digits).eval()
     info = modelio.ModelInfo(M2, digits.shape, digits.classes)
@@ -145,6 +148,7 @@ def test_a_saved_stack_loads_with_its_vae_inside(m1, digits, tmp_path):
     torch.testing.assert_close(loaded.units, model.units)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, message", [
     (dict(model="cvae"), "M1 must be a VAE"),
     (dict(dataset="mnist"), "M1 was trained on mnist"),
