@@ -558,7 +558,7 @@ def block_binarize() -> str:
             f"batch 20 and {b['batch 100']['draw_speed-up']['median']:.2f}x at batch 100 on MNIST rows; a whole epoch "
             f"gains {b['batch 20']['epoch_speed-up']['median']:.2f}x and {b['batch 100']['epoch_speed-up']['median']:.2f}x, "
             f"inside the repeats' spread (`{b['command']}`). Same law: each pixel's frequency over many draws is "
-            "within four standard errors of its grey level (tests/test_speed.py).")
+            "within four standard errors of its grey level (tests/test_data.py).")
 
 
 def block_logging() -> str:

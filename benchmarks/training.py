@@ -8,7 +8,7 @@ Parts (`--part`, repeatable; default: all but `logging`):
 - `conv`: aetrack's conv VAE against a conv loop in the same canonical style, on MNIST (1x28x28) and on
   synthetic 3x32x32 uint8 images served the way torchvision's CIFAR10 serves them (PIL image + `ToTensor`).
 - `variants`: `cae` (exact and Hutchinson penalty) against `ae`; `m2` against its loss as it was before
-  (`old_m2_forward` of tests/test_speed.py: the body once per label and an extra pass for logging).
+  (`old_m2_forward` of tests/test_models.py: the body once per label and an extra pass for logging).
 - `memory`: peak resident memory of one MNIST training epoch, aetrack's `fit` against the canonical loop, each in
   a fresh process.
 - `precision`: the MLP VAE with `--precision bf16` / `fp16` and with `--compile`, against fp32, with test losses.
@@ -258,7 +258,7 @@ def part_conv(splits, data_dir, epochs, repeats, train_images) -> dict:
 
 
 def part_variants(splits, epochs, repeats, train_images) -> dict:
-    from test_speed import old_m2_forward
+    from test_models import old_m2_forward
 
     from aetrack.models.variational import M2
 

@@ -15,6 +15,9 @@ from pathlib import Path
 # and on two cores more threads than cores make everything crawl. Subprocesses inherit it.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
+import ast  # noqa: E402
+import functools  # noqa: E402
+
 import pytest  # noqa: E402
 import requests  # noqa: E402
 import torch  # noqa: E402
@@ -121,3 +124,86 @@ def postgres_url():
 def aetrack_command() -> list[str]:
     """The installed console script, run as a real process."""
     return [shutil.which("aetrack", path=str(VENV_BIN)) or str(VENV_BIN / "aetrack")]
+
+
+# ----- the fast lane: `pytest -m "not slow"` -----------------------------------------------------------------
+# One rule instead of a decorator on every test: a test is slow when it, or a fixture it uses, starts a process
+# (a server, a worker, a browser, `aetrack` as a console script), directly or through a helper of its module or of
+# a module it imports helpers from. Tests that train for long in process carry `@pytest.mark.slow` by hand.
+PROCESS_MODULES = ("subprocess", "multiprocessing")
+PROCESS_CALLS = {"Popen", "sync_playwright"}
+TESTS = Path(__file__).parent
+
+
+def _called_name(call: ast.Call) -> tuple[str, str]:
+    """(root, last) of a call's dotted name: subprocess.run(...) -> ("subprocess", "run"), f(...) -> ("f", "f")."""
+    func, last = call.func, None
+    while isinstance(func, ast.Attribute):
+        last = last or func.attr
+        func = func.value
+    root = func.id if isinstance(func, ast.Name) else ""
+    return root, last or root
+
+
+@functools.cache
+def process_starters(module: str) -> frozenset[str]:
+    """The top-level functions of tests/<module>.py that start a process, directly or through one another."""
+    tree = ast.parse((TESTS / f"{module}.py").read_text())
+    imported = {}  # a helper imported from conftest or another test module: its name here -> that module
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.module and (TESTS / f"{node.module}.py").is_file():
+            imported.update({alias.asname or alias.name: (node.module, alias.name) for alias in node.names})
+    starters = {name for name, (source, original) in imported.items()
+                if source != module and original in process_starters(source)}
+    calls = {node.name: {_called_name(call) for call in ast.walk(node) if isinstance(call, ast.Call)}
+             for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))}
+    changed = True
+    while changed:
+        changed = False
+        for name, called in calls.items():
+            if name not in starters and any(root in PROCESS_MODULES or last in PROCESS_CALLS or root in starters
+                                            for root, last in called):
+                starters.add(name)
+                changed = True
+    return frozenset(starters)
+
+
+SERVICE_FIXTURES = {"postgres_url"}  # a service this suite does not start but talks to
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = Path(item.fspath).stem
+        starters = process_starters(module) | process_starters("conftest") | SERVICE_FIXTURES
+        if item.originalname in starters or starters & set(item.fixturenames):
+            item.add_marker(pytest.mark.slow)
+
+
+PACKAGE = TESTS.parent / "aetrack"
+RAN_AS_FILES: set[Path] = set()  # entry files a test ran the way they are run (`python -m`, MLflow's models from code)
+
+
+def run_entry_file(path: Path, **globals_) -> dict:
+    """Run an entry file of aetrack as a script, the way `python -m aetrack` or MLflow runs it (never imported)."""
+    import runpy
+
+    RAN_AS_FILES.add(Path(path).resolve())
+    return runpy.run_path(str(path), init_globals=globals_, run_name="__main__")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """The fast lane over the whole suite still reaches every module of aetrack: once its tests have run, each one
+    is imported (by a test module or by the code a fast test ran), or, for an entry file, run by a test as a
+    script (`run_entry_file`). A module no test reaches fails the run."""
+    config = session.config
+    whole_suite = [(config.invocation_params.dir / arg).resolve() for arg in config.args] in ([], [TESTS])
+    if (config.getoption("markexpr") != "not slow" or not whole_suite or config.getoption("keyword")
+            or exitstatus not in (pytest.ExitCode.OK, pytest.ExitCode.TESTS_FAILED)):
+        return
+    modules = {".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__")
+               for path in PACKAGE.rglob("*.py")}
+    ran = {".".join(path.relative_to(PACKAGE.parent).with_suffix("").parts) for path in RAN_AS_FILES}
+    unreached = sorted(modules - set(sys.modules) - ran)
+    if unreached:
+        session.config.get_terminal_writer().line(f"the fast lane reached none of these modules: {', '.join(unreached)}", red=True)
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

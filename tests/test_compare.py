@@ -105,6 +105,7 @@ def test_report_holds_every_selected_run_and_is_logged_self_contained(mlflow_ser
         assert (tmp_path / "report" / link).is_file()
 
 
+@pytest.mark.slow
 def test_runs_and_metric_options_narrow_the_report(tmp_path):
     client = mlflow.MlflowClient()
     ids = grid_of_runs(client, "narrow")
@@ -129,6 +130,7 @@ def test_series_has_one_line_per_other_setting_in_numeric_order_with_seeds_avera
     assert all(spread == 0.5 for _, _, spread, _ in lines["model=vae"])
 
 
+@pytest.mark.slow
 def test_sample_grid_prefers_the_evaluation_grid_then_the_last_training_one():
     client = mlflow.MlflowClient()
     experiment_id = client.create_experiment("grids")
@@ -140,6 +142,7 @@ def test_sample_grid_prefers_the_evaluation_grid_then_the_last_training_one():
     assert compare.sample_grid(client, bare) is None
 
 
+@pytest.mark.slow
 def test_bad_options_are_one_line_usage_errors(tmp_path):
     client = mlflow.MlflowClient()
     grid_of_runs(client, "bad")
@@ -153,6 +156,7 @@ def test_bad_options_are_one_line_usage_errors(tmp_path):
     assert result.exit_code == 2 and "no experiment named 'missing'" in result.output
 
 
+@pytest.mark.slow
 def test_a_tuning_studys_parent_run_is_not_compared_as_a_training_run(tmp_path):
     """`aetrack tune` leaves a parent run with a `model` param beside its trials' runs: only the trials are
     training runs. (The parent was tagged aetrack_role=study while compare skipped by aetrack.kind.)"""
@@ -174,6 +178,7 @@ def test_a_tuning_studys_parent_run_is_not_compared_as_a_training_run(tmp_path):
     assert table_run_ids((tmp_path / "report" / "report.html").read_text()) == [trial.info.run_id]
 
 
+@pytest.mark.slow
 def test_unevaluated_runs_are_named_bars_only_compare_several_runs_and_each_metric_says_which_way_is_better(tmp_path):
     client = mlflow.MlflowClient()
     experiment_id = client.create_experiment("mixed")
@@ -202,6 +207,7 @@ def log_history(client, run_id: str, histories: dict[str, list[float]]) -> None:
                                       for epoch, value in enumerate(values, 1)])
 
 
+@pytest.mark.slow
 def test_the_runs_table_keeps_five_columns_however_many_settings_differ(tmp_path):
     """One column per differing param made the table wider than a laptop screen, which cut off the red "not
     evaluated" column; the summary showed Markdown's backticks in the HTML."""
@@ -230,6 +236,7 @@ def test_the_runs_table_keeps_five_columns_however_many_settings_differ(tmp_path
     assert text.count("<span class='setting'>beta=4.0</span>") == 1  # each name=value whole; the cell wraps between
 
 
+@pytest.mark.slow
 def test_loss_curves_draw_only_comparable_losses_together():
     """A VAE's -ELBO, a CVAE's -log p(x|y) bound and an AE's reconstruction loss (each run's loss/val) shared one
     "lower is better" axis, where the AE looked best. Now: the reconstruction term of every model on one panel, and

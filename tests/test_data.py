@@ -392,6 +392,7 @@ def copy_real(folder, tmp_path):
     return raw
 
 
+@pytest.mark.slow
 @REAL
 def test_real_gz_files_load_from_a_read_only_folder(name, folder, tmp_path, monkeypatch):
     raw = copy_real(folder, tmp_path)
@@ -418,3 +419,42 @@ def test_real_gz_file_with_wrong_md5_is_refused(name, folder, tmp_path, monkeypa
     with pytest.raises(DataError) as err:
         load(name, data_dir=str(tmp_path / "data"))
     assert_one_line(err, bad, "md5", "re-download")
+
+
+# --- compact storage and binarization draws (issue 10) ---
+
+def test_images_are_held_as_uint8_and_batches_are_float(digits):
+    assert digits.train_images.dtype == torch.uint8 and digits.levels == 16
+    assert 4 * digits.train_images.nbytes == digits.train_x.nbytes  # a quarter of float32
+    x, y = digits.train_batch(torch.tensor([0, 5, 7]))
+    assert x.dtype == torch.float32 and torch.equal(x, digits.train_images[[0, 5, 7]].float() / 16)
+    assert torch.allclose(digits.mean_image(chunk=100), digits.train_x.mean(0), atol=1e-6)
+
+
+def test_static_binarization_is_stored_compactly_and_reads_as_zero_or_one():
+    binary = load("digits", binarize="static")
+    assert binary.train_images.dtype == torch.uint8
+    assert set(binary.train_x.unique().tolist()) == {0.0, 1.0}
+    assert set(binary.test_x.unique().tolist()) == {0.0, 1.0}
+
+
+def test_dynamic_binarization_draws_per_batch_from_the_grey_levels():
+    dynamic = load("digits", binarize="dynamic")
+    generator = torch.Generator().manual_seed(0)
+    index = torch.arange(64)
+    first, _ = dynamic.train_batch(index, generator)
+    second, _ = dynamic.train_batch(index, generator)
+    assert set(first.unique().tolist()) == {0.0, 1.0} and not torch.equal(first, second)
+    assert torch.all(first <= (dynamic.train_x[index] > 0).float())  # a black pixel is never drawn white
+
+
+def test_dynamic_binarization_draws_each_pixel_with_its_grey_level_as_probability():
+    grey = torch.linspace(0, 1, 17)  # 0 and 1 included: they must stay black and white
+    draws = torch.stack([data.binary_draw(grey, generator=torch.Generator().manual_seed(seed)) for seed in range(4000)])
+    assert set(draws.unique().tolist()) <= {0.0, 1.0}
+    assert draws[:, 0].sum() == 0 and draws[:, -1].sum() == len(draws)
+    frequency = draws.mean(0)
+    bound = 4 * torch.sqrt(grey * (1 - grey) / len(draws)) + 1e-6  # four standard errors of each frequency
+    assert torch.all((frequency - grey).abs() <= bound), (frequency - grey).abs().max()
+    bernoulli = torch.stack([torch.bernoulli(grey, generator=torch.Generator().manual_seed(seed)) for seed in range(4000)])
+    assert torch.allclose(frequency, bernoulli.mean(0), atol=0.05)  # the same law as the sampler it replaces

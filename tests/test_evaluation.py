@@ -17,7 +17,9 @@ from click.testing import CliRunner
 
 from aetrack import data as datasets
 from aetrack import evaluation as ev
-from aetrack.evaluation import reference
+from aetrack.evaluation import iwae_nll, nll_iw, reference
+from aetrack.evaluation.measures import batches, log_likelihood, slice_labels
+from aetrack.losses import reconstruction_nll
 from aetrack.tracking import reference as registered_reference
 from aetrack.cli import main
 from aetrack.config import TrainConfig
@@ -65,6 +67,7 @@ def test_iwae_nll_is_exact_for_constant_weights_and_approaches_log_mean_weight()
     assert float(ev.iwae_nll(log_w.view(-1, 10_000)[:2]).mean()) > -(mu + s**2 / 2) + 0.1
 
 
+@pytest.mark.slow
 def test_iwae_estimate_is_below_the_negative_elbo_and_tightens_with_k(vae, digits):
     x = digits.test_x
     neg_elbo = ev.bound_terms(vae, x, None, seed=0)["neg_elbo"]
@@ -186,6 +189,7 @@ def test_jacobian_norm_matches_autograd_jacobians(digits):
     assert ev.jacobian_norm(model, x, None, batch_size=2) == pytest.approx(float(torch.stack(exact).mean()), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_denoising_autoencoder_beats_its_noisy_input(digits):
     config = TrainConfig(model="dae", hidden=(128,), latent_dim=16, epochs=30, noise="gaussian", noise_level=0.3)
     dae, _ = fit(config, digits, progress=False)
@@ -199,6 +203,7 @@ def test_denoising_autoencoder_beats_its_noisy_input(digits):
 # --- the reference classifier -----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_reference_classifier_is_trained_once_registered_and_reused(digits, monkeypatch):
     monkeypatch.setitem(reference.EPOCHS, "digits", 15)  # the mechanics, not the recipe's last percent, are tested here
     client = mlflow.MlflowClient()
@@ -241,6 +246,7 @@ def small_reference(digits):
     return classifier
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["cvae", "m2"])
 def test_label_accuracy_is_high_for_conditional_samples_and_chance_for_unconditional_ones(name, digits, vae, small_reference):
     labels = torch.arange(10).repeat(30)
@@ -251,6 +257,7 @@ def test_label_accuracy_is_high_for_conditional_samples_and_chance_for_unconditi
     assert ev.label_accuracy(small_reference, ev.generate_images(model, len(labels), labels, None, seed=0), labels) > 0.6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_evaluate_model_applies_the_measures_that_fit_each_variant(name, digits, small_reference):
     model, config = trained(name, digits, epochs=1)
@@ -333,3 +340,83 @@ def test_a_count_prints_as_a_whole_number():
     lines = {line.split()[0]: line.split()[1:] for line in ev.format_table(result).splitlines()[1:]}
     assert lines["test/active_units"] == ["6", "of", "8"]  # not 6.0000
     assert lines["test/neg_elbo"] == ["27.2500"]
+
+
+# --- the fast IWAE estimate (decoder in cache-sized blocks, log p(x|z) without repeating x) gives the numbers of
+# the formula it replaced: the model's own `log_weights`, batch by batch, kept here as the oracle ---
+
+@torch.no_grad()
+def oracle_nll_iw(model, x, y, samples, *, marginal_label=False, num_classes=0, seed=0, rows=50_000):
+    """aetrack's nll_iw before it was made fast, word for word: the model's log_weights on the whole chunk."""
+    labels = range(num_classes) if marginal_label else (None,)
+    images = max(1, rows // samples)
+    chunk = max(1, min(samples, rows // min(images, len(x))))
+    out = []
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for index in batches(len(x), images):
+            xb = x[index]
+            per_label = []
+            for label in labels:
+                yb = slice_labels(y, index) if label is None else torch.full((len(xb),), label, device=x.device)
+                weights = [model.log_weights(xb, yb, min(chunk, samples - done)) for done in range(0, samples, chunk)]
+                per_label.append(-iwae_nll(torch.cat(weights)))
+            out.append(-torch.logsumexp(torch.stack(per_label), dim=0))
+    return torch.cat(out)
+
+
+def tiny(digits, model, **settings):
+    config = TrainConfig(model=model, hidden=(32,), latent_dim=3, epochs=2, labeled=50, prior_components=4, **settings)
+    return fit(config, digits, progress=False)[0].eval()
+
+
+GENERATIVE = sorted(name for name, variant in REGISTRY.items() if variant.generative)
+
+
+# M2 (every label summed out) and the mog and uniform priors add minutes, not cases: they run with the slow tests.
+@pytest.mark.parametrize("name", [pytest.param(name, marks=pytest.mark.slow) if name == "m2" else name for name in GENERATIVE])
+@pytest.mark.parametrize("prior", ["normal", "vamp", *(pytest.param(prior, marks=pytest.mark.slow) for prior in ("mog", "uniform"))])
+def test_fast_iwae_equals_the_models_own_log_weights(digits, name, prior):
+    model = tiny(digits, name, prior=prior)
+    variant = REGISTRY[name]
+    x, y = digits.test_x[:37], digits.test_y[:37]
+    given = y if variant.conditional and not variant.semi_supervised else None
+    marginal = dict(marginal_label=True, num_classes=digits.num_classes) if variant.semi_supervised else {}
+    # rows=120 with K=50: 2 images per draw; block=7: the decoder sees 3 samples x 2 images at a time.
+    for samples, rows, block in [(50, 120, 7), (50, 50_000, 2048), (1, 50_000, 5), (300, 100, 64)]:
+        fast = nll_iw(model, x, given, samples, seed=3, rows=rows, block=block, **marginal)
+        slow = oracle_nll_iw(model, x, given, samples, seed=3, rows=rows, **marginal)
+        assert fast.shape == (len(x),)
+        # Same draws, same formula: equal to float rounding (sums of ~50 nats over 64 pixels in another order).
+        assert torch.allclose(fast, slow, rtol=0, atol=2e-4), (samples, rows, block, (fast - slow).abs().max())
+
+
+def test_m2_with_a_given_label_weighs_the_joint(digits):
+    model = tiny(digits, "m2")
+    x = digits.test_x[:10]
+    label = torch.full((10,), 4)
+    assert torch.allclose(nll_iw(model, x, label, 20, seed=1), oracle_nll_iw(model, x, label, 20, seed=1), atol=2e-4)
+    # Without a label and without summing it out, M2 weighs the label its classifier reads, as its log_weights does.
+    assert torch.allclose(nll_iw(model, x, None, 20, seed=1), oracle_nll_iw(model, x, None, 20, seed=1), atol=2e-4)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "gaussian"])
+@pytest.mark.parametrize("scale", [5.0, 40.0])
+def test_log_likelihood_is_the_negated_reconstruction_nll_without_copies(likelihood, scale):
+    generator = torch.Generator().manual_seed(0)
+    # (B=4 images, K=6 samples, 25 pixels); scale 40 reaches logits beyond 80, where sigmoid(-l) would underflow.
+    logits = torch.randn(4, 6, 1, 5, 5, generator=generator, dtype=torch.float64) * scale
+    x = torch.rand(4, 1, 5, 5, generator=generator, dtype=torch.float64)
+    x[0] = (x[0] > 0.5).double()
+    expected = -reconstruction_nll(logits.flatten(0, 1), x.repeat_interleave(6, dim=0), likelihood).view(4, 6)
+    got = log_likelihood(logits.flatten(2).clone(), x.flatten(1), likelihood)
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-7)  # softplus(l) = l beyond l = 20: off by e^-20
+    # In float32, the sums agree to float rounding.
+    got32 = log_likelihood(logits.float().flatten(2), x.float().flatten(1), likelihood)
+    assert torch.allclose(got32.double(), expected, rtol=1e-6, atol=1e-3)
+
+
+def test_iwae_logsumexp_is_stable_for_log_weights_far_below_zero():
+    # Log-weights of -100,000 nats: exp underflows to 0, the log-sum-exp must not.
+    log_w = torch.tensor([[-1e5], [-1e5 - math.log(3)]], dtype=torch.float64)
+    assert float(iwae_nll(log_w)) == pytest.approx(1e5 - math.log((1 + 1 / 3) / 2), rel=1e-9)

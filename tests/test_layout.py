@@ -1,5 +1,5 @@
 """The layout's rules, read from the code: which library each room may import, imports pointing one way,
-no cycle, no module grown past about 400 lines, and a CLI whose help loads no heavy library."""
+no cycle (not even through an import inside a function), no module grown past about 400 lines, and a CLI whose help loads no heavy library."""
 
 from __future__ import annotations
 
@@ -38,16 +38,15 @@ def rank(module: str) -> int:
     raise AssertionError(f"{module} has no place in the layout")
 
 
-def imports(path: Path, top_level_only: bool = False) -> set[str]:
-    tree = ast.parse(path.read_text())
-    nodes = tree.body if top_level_only else ast.walk(tree)
+def imports(path: Path, known: dict[str, Path] = MODULES) -> set[str]:
+    """Every module `path` imports, anywhere in it; `from a import b` names `a.b` too where `a.b` is `known`."""
     found = set()
-    for node in nodes:
+    for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             found.add(node.module)
-            found |= {f"{node.module}.{alias.name}" for alias in node.names if f"{node.module}.{alias.name}" in MODULES}
+            found |= {f"{node.module}.{alias.name}" for alias in node.names if f"{node.module}.{alias.name}" in known}
     return found
 
 
@@ -72,29 +71,66 @@ def test_imports_point_one_way(module):
                 f"{module} imports the CLI"
 
 
-def test_no_import_cycle_at_module_level():
+def import_graph(modules: dict[str, Path]) -> dict[str, set[str]]:
+    """Who imports whom among `modules`: every import, at the top, inside a function or under TYPE_CHECKING
+    (an import put off into a function still ties the two modules together). A module's import of its own
+    package's __init__ is left out: importing a submodule runs that __init__ first anyway."""
     graph = defaultdict(set)
-    for module, path in MODULES.items():
-        for imported in imports(path, top_level_only=True):
-            target = imported if imported in MODULES else imported.rsplit(".", 1)[0]
-            if target in MODULES and target != module:
+    for module, path in modules.items():
+        for imported in imports(path, modules):
+            target = imported if imported in modules else imported.rsplit(".", 1)[0]
+            if target in modules and target != module and not (module.startswith(target + ".")
+                                                                and modules[target].name == "__init__.py"):
                 graph[module].add(target)
-    done, active = set(), []
+    return graph
 
-    def visit(module: str) -> None:
-        if module in active:
-            raise AssertionError("import cycle: " + " -> ".join(active[active.index(module):] + [module]))
-        if module in done:
-            return
-        active.append(module)
-        for target in sorted(graph[module]):
-            if not (module.startswith(target + ".") and MODULES[target].name == "__init__.py"):  # a package's own __init__
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Each strongly connected group of more than one module, sorted: the modules that import one another."""
+    index, low, stack, on_stack, groups = {}, {}, [], set(), []
+
+    def visit(module: str) -> None:  # Tarjan's algorithm
+        index[module] = low[module] = len(index)
+        stack.append(module)
+        on_stack.add(module)
+        for target in sorted(graph.get(module, ())):
+            if target not in index:
                 visit(target)
-        active.pop()
-        done.add(module)
+                low[module] = min(low[module], low[target])
+            elif target in on_stack:
+                low[module] = min(low[module], index[target])
+        if low[module] == index[module]:
+            group = []
+            while not group or group[-1] != module:
+                group.append(stack.pop())
+                on_stack.discard(group[-1])
+            if len(group) > 1:
+                groups.append(sorted(group))
 
-    for module in MODULES:
-        visit(module)
+    for module in sorted(graph):
+        if module not in index:
+            visit(module)
+    return sorted(groups)
+
+
+def test_no_import_cycle_not_even_inside_a_function():
+    cycles = import_cycles(import_graph(MODULES))
+    assert cycles == [], "modules that import one another: " + "; ".join(" <-> ".join(group) for group in cycles)
+
+
+def test_an_import_cycle_made_inside_a_function_is_found(tmp_path):
+    """The check itself: two modules that import each other only inside functions (one of them under
+    TYPE_CHECKING) are a cycle; a module importing its package's __init__ is not."""
+    files = {"pkg": "from pkg import a\n", "pkg.a": "def f():\n    from pkg.b import g\n    return g()\n",
+             "pkg.b": "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from pkg.a import f\n\ndef g():\n    return 1\n",
+             "pkg.c": "def h():\n    from pkg import a\n"}
+    modules = {}
+    for name, text in files.items():
+        path = tmp_path / (name.replace(".", "/") + ("/__init__.py" if name == "pkg" else ".py"))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        modules[name] = path
+    assert import_cycles(import_graph(modules)) == [["pkg.a", "pkg.b"]]
 
 
 @pytest.mark.parametrize("module", sorted(MODULES))

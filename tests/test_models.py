@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
+from aetrack import data as datasets
 from aetrack import modelio
 from aetrack.config import TrainConfig
 from aetrack.models import REGISTRY, build_model
@@ -193,3 +196,83 @@ def test_the_output_bias_is_set_where_the_model_is_not_where_the_data_is(arch):
     decoder = Decoder((1, 28, 28), (32, 64), 8, arch).to("meta")
     decoder.init_output_bias(torch.full((1, 28, 28), 0.25))  # raised for conv before the fix (found on an H200)
     assert next(decoder.parameters()).device.type == "meta"
+
+
+# --- M2: the loss rewritten in issue 10 gives what the old formulation gave ---
+
+@pytest.fixture(scope="module")
+def digits():
+    return datasets.load("digits")
+
+
+def old_m2_forward(model, x, y, kl_scale=1.0):
+    """M2's loss as it was before issue 10: the encoder's body run for every label, and a whole extra pass
+    for the logged parts (which the loss does not use)."""
+    kl_weight = model.body.kl_weight(kl_scale)
+    labeled = y >= 0
+    class_logits = model.classifier(x)
+    loss = x.new_zeros(())
+    parts = {}
+
+    def bound_of(xs, ys):
+        recon, kl, _, _ = model.body.terms(xs, model.cond(ys))
+        return recon + kl_weight * kl + math.log(model.num_classes)
+
+    if labeled.any():
+        bound = bound_of(x[labeled], y[labeled])
+        ce = F.cross_entropy(class_logits[labeled], y[labeled])
+        loss = loss + bound.mean() + model.config.classifier_weight * model.config.labeled * ce
+        parts.update(labeled_bound=bound.mean(), classifier_loss=ce)
+    if (~labeled).any():
+        xu = x[~labeled]
+        probs = torch.softmax(class_logits[~labeled], -1)
+        n, k = xu.shape[0], model.num_classes
+        ys = torch.arange(k).repeat_interleave(n)
+        bound = bound_of(xu.repeat(k, *([1] * (x.dim() - 1))), ys).view(k, n).T
+        entropy = -(probs * torch.log(probs.clamp_min(1e-12))).sum(-1)
+        unlabeled_bound = (probs * bound).sum(-1) - entropy
+        loss = loss + unlabeled_bound.mean()
+        parts["unlabeled_bound"] = unlabeled_bound.mean()
+    return loss, parts
+
+
+@pytest.mark.parametrize("arch", ["mlp", "conv"])
+@pytest.mark.parametrize("labels", ["mixed", "all", "none"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_m2_loss_is_unchanged_by_the_rewrite(digits, arch, labels, seed):
+    config = TrainConfig(model="m2", arch=arch, hidden=(32, 16), latent_dim=4, labeled=20)
+    torch.manual_seed(seed)
+    model = build_model(config, digits.shape, digits.num_classes)
+    x, y = digits.train_x[:24], digits.train_y[:24].clone()
+    y[{"mixed": slice(0, 16), "all": slice(0, 0), "none": slice(None)}[labels]] = -1
+    torch.manual_seed(100 + seed)
+    new = model(x, y, kl_scale=0.5)
+    torch.manual_seed(100 + seed)  # the same reparameterisation noise, drawn in the same order
+    old_loss, old_parts = old_m2_forward(model, x, y, kl_scale=0.5)
+    assert torch.allclose(new.loss, old_loss, rtol=1e-5)
+    for name, value in old_parts.items():
+        assert torch.allclose(new.parts[name], value, rtol=1e-5), name
+    new_grads = torch.autograd.grad(new.loss, list(model.parameters()), allow_unused=True)
+    old_grads = torch.autograd.grad(old_loss, list(model.parameters()), allow_unused=True)
+    for after, before in zip(new_grads, old_grads):
+        assert (after is None) == (before is None)
+        assert after is None or torch.allclose(after, before, rtol=1e-4, atol=1e-5)
+
+
+def test_m2_logged_parts_come_from_the_loss_passes(digits):
+    """recon_loss, kl and neg_elbo are the bound's terms at the known or predicted label, without an extra pass."""
+    config = TrainConfig(model="m2", hidden=(32, 16), latent_dim=4, labeled=20)
+    torch.manual_seed(0)
+    model = build_model(config, digits.shape, digits.num_classes)
+    x, y = digits.train_x[:16], digits.train_y[:16].clone()
+    y[8:] = -1
+    calls = []
+    model.body.decoder.register_forward_hook(lambda module, args, output: calls.append(len(args[0])))
+    out = model(x, y)
+    assert calls == [8, 8 * digits.num_classes]  # the labelled pass and the label sum; nothing else
+    assert torch.allclose(out.parts["neg_elbo"], out.parts["recon_loss"] + out.parts["kl"])
+    assert out.z.shape == (16, 4) and out.recon.shape == x.shape and torch.isfinite(out.z).all()
+    predicted = model.classify(x[8:])
+    with torch.no_grad():
+        assert torch.allclose(out.z[8:], model.encode(x[8:], predicted), atol=1e-5)  # the posterior mean
+        assert torch.allclose(out.z[:8], model.encode(x[:8], y[:8]), atol=1e-5)

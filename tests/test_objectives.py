@@ -85,6 +85,7 @@ def test_iwae_gradients_are_finite_and_training_lowers_the_bound(digits, model_n
         assert float(model(digits.val_x, digits.val_y).parts["neg_iwae"]) < first
 
 
+@pytest.mark.slow
 def test_aetrack_train_takes_the_objective_and_logs_the_bound(tmp_path):
     uri = f"sqlite:///{tmp_path}/iwae.db"
     result = CliRunner().invoke(main, ["train", "--objective", "iwae", "--train-samples", "5", "--epochs", "2",
@@ -145,6 +146,7 @@ def test_dreg_encoder_gradient_has_less_variance_than_iwaes_at_large_k(digits):
     assert spread["iwae-dreg"] < 0.5 * spread["iwae"], spread
 
 
+@pytest.mark.slow
 def test_dreg_trains_from_the_command_line(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     result = CliRunner().invoke(main, ["train", "--objective", "iwae-dreg", "--train-samples", "4", "--epochs", "2",
@@ -165,6 +167,7 @@ def half_labelled(digits, n=64):
     return digits.val_x[:n], y
 
 
+@pytest.mark.slow
 def test_m2_with_one_sample_is_its_elbo_and_its_bounds_tighten_with_more(digits):
     torch.manual_seed(0)
     elbo = build_model(TrainConfig(model="m2", prior="mog", hidden=(32,), latent_dim=4, prior_components=3),
@@ -190,6 +193,7 @@ def test_m2_with_one_sample_is_its_elbo_and_its_bounds_tighten_with_more(digits)
         assert values[0] > values[1] > values[2], (key, values)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("objective", ["iwae", "iwae-dreg"])
 def test_m2_trains_on_the_iwae_bound_with_finite_gradients(digits, objective):
     torch.manual_seed(0)
@@ -212,6 +216,7 @@ def test_m2_trains_on_the_iwae_bound_with_finite_gradients(digits, objective):
         assert float(model(x, y).parts["unlabeled_bound"]) < first
 
 
+@pytest.mark.slow
 def test_m2_takes_the_objective_from_the_command_line(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     result = CliRunner().invoke(main, ["train", "--model", "m2", "--objective", "iwae", "--train-samples", "3",

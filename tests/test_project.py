@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
@@ -86,3 +87,13 @@ def test_the_recorded_commit_says_when_the_code_is_not_heads(tmp_path, monkeypat
     assert git_commit() == head
     (package / "__init__.py").write_text("2\n")
     assert git_commit() == head + "-dirty"
+
+
+def test_python_m_aetrack_is_the_cli(monkeypatch, capsys):
+    from conftest import run_entry_file
+
+    monkeypatch.setattr("sys.argv", ["aetrack", "--help"])
+    with pytest.raises(SystemExit) as done:
+        run_entry_file(REPO / "aetrack" / "__main__.py")
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith("Usage: aetrack ")

@@ -37,12 +37,14 @@ def listing(uri: str, *args: str) -> list[dict]:
     return json.loads(result.output)
 
 
+@pytest.mark.slow
 def test_a_plain_autoencoder_is_registered_when_a_name_is_given(store):
     [row] = listing(store)
     assert (row["name"], row["version"]) == (NAME, 1)
     assert set(row["metrics"]) == {"val/best_loss"}
 
 
+@pytest.mark.slow
 def test_models_shows_aliases_and_test_metrics(store):
     run_id = listing(store)[0]["run_id"]
     MlflowClient(store).log_metric(run_id, "test/recon_loss", 12.5)  # as `aetrack evaluate` would
@@ -57,18 +59,21 @@ def test_models_shows_aliases_and_test_metrics(store):
     assert listing(store, "--name", "someone-%") == []  # a registered model without versions lists no rows
 
 
+@pytest.mark.slow
 def test_promote_points_the_alias_at_the_version(store):
     result = aetrack("promote", NAME, 1, "--tracking-uri", store)
     assert result.exit_code == 0 and result.output.strip() == f"models:/{NAME}@champion -> version 1"
     assert MlflowClient(store).get_model_version_by_alias(NAME, "champion").version in (1, "1")
 
 
+@pytest.mark.slow
 def test_promote_an_unknown_version_fails_in_one_line(store):
     result = aetrack("promote", NAME, 9, "--tracking-uri", store)
     assert result.exit_code == 1
     assert len(result.output.strip().splitlines()) == 1 and "version=9" in result.output and "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_generate_draws_a_grid_offline_through_the_pyfunc_model(store, tmp_path):
     aetrack("promote", NAME, 1, "--tracking-uri", store)
     paths = [tmp_path / "a.png", tmp_path / "again.png", tmp_path / "other.png"]
@@ -84,6 +89,7 @@ def test_generate_draws_a_grid_offline_through_the_pyfunc_model(store, tmp_path)
     assert paths[0].read_bytes() != paths[2].read_bytes()
 
 
+@pytest.mark.slow
 def test_generate_refuses_a_label_for_an_unconditional_model(store, tmp_path):
     result = aetrack("generate", f"models:/{NAME}/1", "--label", 3, "-o", tmp_path / "x.png", "--tracking-uri", store)
     assert result.exit_code == 1

@@ -46,6 +46,7 @@ class StopAfter:
             raise KeyboardInterrupt
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model, extra", [("vae", {"lr_schedule": "plateau", "kl_warmup": 3}), ("m2", {}), ("dae", {}),
                                           ("ae", {"lr_schedule": "cosine", "warmup_steps": 5})])
 def test_resumed_fit_ends_with_the_weights_of_an_uninterrupted_one(tmp_path, model, extra):
@@ -73,6 +74,7 @@ def saves(monkeypatch) -> list[int]:
     return written
 
 
+@pytest.mark.slow
 def test_a_fast_run_checkpoints_once_per_interval_and_always_its_last_epoch(tmp_path, monkeypatch):
     config = TrainConfig(hidden=(32,), latent_dim=2, epochs=8, patience=0)
     splits = datasets.load_for(config)
@@ -87,6 +89,7 @@ def test_a_fast_run_checkpoints_once_per_interval_and_always_its_last_epoch(tmp_
     assert written == list(range(1, 9))  # epochs longer than the interval: every one
 
 
+@pytest.mark.slow
 def test_a_sigterm_mid_epoch_writes_the_last_finished_epoch_and_resume_is_exact(tmp_path, monkeypatch):
     config = TrainConfig(hidden=(32,), latent_dim=4, epochs=6, patience=0, log_every=2)
     splits = datasets.load_for(config)
@@ -413,6 +416,7 @@ def test_a_server_stopped_and_restarted_mid_run_loses_nothing(tmp_path):
         stop(server)
 
 
+@pytest.mark.slow
 def test_a_picture_that_fails_is_a_warning_on_a_finished_run_with_its_model(tmp_path, monkeypatch):
     from aetrack import images
     from aetrack.tracking.run import TrackingOptions, train_tracked
@@ -428,7 +432,16 @@ def test_a_picture_that_fails_is_a_warning_on_a_finished_run_with_its_model(tmp_
     run = mlflow.MlflowClient().get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert "the plotting library fell over" in run.data.tags[tag.WARNINGS]
-    assert mlflow.pyfunc.load_model(result.logged_model_uri) is not None
+    # Its model is the one it kept: logged, it loads and gives the validation loss the run recorded as its best.
+    from aetrack.tracking.artifacts import load_logged
+
+    logged = load_logged(result.logged_model_uri)
+    assert logged.run_id == result.run_id
+    data = datasets.load_for(config)
+    with torch.no_grad():
+        val_loss = training.evaluate_loss(logged.model, data.val_x, data.val_y, 512)["loss"]
+    assert val_loss == pytest.approx(result.history.best_val_loss, rel=1e-5)
+    assert val_loss == pytest.approx(run.data.metrics[names.BEST_VAL_LOSS], rel=1e-5)
 
 
 def test_a_stop_before_the_first_epoch_offers_no_resume_that_would_fail(tmp_path, monkeypatch):
@@ -449,6 +462,7 @@ def test_a_stop_before_the_first_epoch_offers_no_resume_that_would_fail(tmp_path
     assert run.info.status == "KILLED"
 
 
+@pytest.mark.slow
 def test_runs_that_picked_the_same_name_at_once_end_with_distinct_names(tmp_path):
     from aetrack.tracking import describe
     from aetrack.tracking.lifecycle import claim_run_name
@@ -466,6 +480,7 @@ def test_runs_that_picked_the_same_name_at_once_end_with_distinct_names(tmp_path
     assert len(set(stored)) == 3 and stored[0] == base  # the first started keeps the name
 
 
+@pytest.mark.slow
 def test_a_training_run_that_raced_for_a_name_moves_to_the_next(tmp_path, monkeypatch):
     from aetrack.tracking import run as tracked
 
@@ -481,6 +496,7 @@ def test_a_training_run_that_raced_for_a_name_moves_to_the_next(tmp_path, monkey
     assert mlflow.MlflowClient().get_run(first.run_id).info.run_name == taken
 
 
+@pytest.mark.slow
 def test_a_run_without_a_heartbeat_for_too_long_is_closed_from_any_host(tmp_path):
     from aetrack.tracking import lifecycle
 
@@ -547,6 +563,7 @@ def test_compare_evaluate_and_tune_close_a_silent_run_of_their_experiment(tmp_pa
     assert status(gone) == "FAILED" and f"closed run {gone} as FAILED" in result.output
 
 
+@pytest.mark.slow
 def test_a_training_run_records_its_heartbeat(tmp_path):
     from aetrack.tracking.run import TrackingOptions, train_tracked
 
@@ -639,6 +656,7 @@ def test_a_sigkill_while_logging_is_behind_leaves_no_gap_after_resume(tmp_path, 
         stop(server_process)
 
 
+@pytest.mark.slow
 def test_a_new_local_store_is_copied_not_migrated_and_holds_what_mlflow_would_have_written(tmp_path, monkeypatch):
     """MLflow migrates every new sqlite store (~2 s); aetrack copies an empty store that MLflow migrated once."""
     import sqlite3

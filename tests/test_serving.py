@@ -36,6 +36,7 @@ from PIL import Image
 from aetrack import data as datasets
 from aetrack import modelio, samplers
 from aetrack.serving import generator as serving
+from aetrack.serving.generator import decode_png, encode_png, encode_pngs
 from aetrack.serving import guard as serving_guard
 from aetrack.tracking import artifacts
 from aetrack.config import TrainConfig
@@ -504,6 +505,7 @@ def variants(store, digits):
     return logged
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_every_variant_answers_every_kind_of_request(variants, digits, name):
     pyfunc = mlflow.pyfunc.load_model(variants[name])
@@ -519,6 +521,7 @@ def test_every_variant_answers_every_kind_of_request(variants, digits, name):
         assert 0 <= pyfunc.predict([{"image": png(x)}])["label"][0] <= 9
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_every_temperature_accepted_gives_finite_pixels(variants, name):
     """1e39 once overflowed the prior noise to NaN pixels (invalid JSON for strict parsers) with a 200."""
@@ -533,6 +536,7 @@ def test_every_temperature_accepted_gives_finite_pixels(variants, name):
             pyfunc.predict([{"n": 1, **label}], params={"seed": 0, "temperature": too_hot})
 
 
+@pytest.mark.slow
 def test_an_unexpected_failure_is_a_one_line_500(variants):
     from mlflow.pyfunc import scoring_server
 
@@ -545,6 +549,7 @@ def test_an_unexpected_failure_is_a_one_line_500(variants):
     assert payload["message"].startswith("internal error: ") and "stack_trace" not in payload
 
 
+@pytest.mark.slow
 def test_loading_never_unpickles(variants, tmp_path):
     local = Path(mlflow.artifacts.download_artifacts(variants["vae"], dst_path=str(tmp_path)))
     flavor = mlflow.models.Model.load(local).flavors["python_function"]
@@ -577,3 +582,53 @@ def test_the_served_requirements_pin_what_is_installed_and_skip_what_is_not(monk
     pins = serving.requirements()
     assert "mlflow==3.17.2" in pins and not any(pin.startswith("pandas") for pin in pins)
     assert f"torch=={real('torch')}" in pins
+
+
+# --- the PNGs the generator writes itself (no PIL per request) are the pictures PIL wrote ---
+
+def pil_png(image: torch.Tensor) -> str:
+    """The encoder it replaced, word for word."""
+    array = (image.clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
+    pil = Image.fromarray(array[0], "L") if array.shape[0] == 1 else Image.fromarray(array.transpose(1, 2, 0), "RGB")
+    buffer = io.BytesIO()
+    pil.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+@pytest.mark.parametrize("shape", [(64, 1, 8, 8), (3, 1, 28, 28), (4, 3, 32, 32), (2, 1, 9, 7), (1, 3, 1, 1)])
+def test_encoded_pngs_hold_the_same_pixels_as_pils(shape):
+    generator = torch.Generator().manual_seed(0)
+    images = torch.rand(shape, generator=generator) * 1.2 - 0.1  # outside [0, 1] too: clamped
+    images[0].view(-1)[:4] = torch.tensor([0.5 / 255, 1.5 / 255, 2.5 / 255, 0.5])[: images[0].numel()]  # halves: to even
+    pngs = encode_pngs(images)
+    assert len(pngs) == shape[0]
+    for image, text in zip(images, pngs):
+        picture = Image.open(io.BytesIO(base64.b64decode(text)))
+        assert picture.format == "PNG" and picture.mode == ("L" if shape[1] == 1 else "RGB")
+        assert picture.size == (shape[3], shape[2])
+        assert np.array_equal(decode_png(text), decode_png(pil_png(image)))
+        assert encode_png(image) == text
+    picture = Image.open(io.BytesIO(base64.b64decode(pngs[0])))
+    picture.verify()  # chunk lengths and CRCs
+
+
+def test_the_same_images_give_the_same_bytes():
+    images = torch.rand(5, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    assert encode_pngs(images) == encode_pngs(images.clone())
+
+
+# --- the entry files MLflow runs to load a logged model ("models from code") ---
+
+@pytest.mark.parametrize(("entry", "cls"), [("pyfunc_model.py", "GeneratorModel"), ("reference_model.py", "ReferencePyfunc")])
+def test_each_entry_file_sets_its_pyfunc_model_without_loading_weights(entry, cls):
+    from mlflow.models import model as mlflow_model
+
+    from conftest import run_entry_file
+
+    before = mlflow_model.__mlflow_model__
+    try:
+        run_entry_file(Path(serving.__file__).with_name(entry))
+        assert type(mlflow_model.__mlflow_model__).__name__ == cls
+        assert not hasattr(mlflow_model.__mlflow_model__, "model")  # weights load in load_context, from the artifacts
+    finally:
+        mlflow_model.__mlflow_model__ = before

@@ -263,6 +263,7 @@ def walked_depth(value) -> int:
 tricky_texts = st.text(st.sampled_from('[]{}"\\,:aé'), max_size=8)
 
 
+@pytest.mark.slow
 @settings(max_examples=500, deadline=None, database=None)
 @given(value=st.recursive(st.one_of(tricky_texts, st.integers()),
                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(tricky_texts, inner, max_size=3),

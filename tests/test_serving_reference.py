@@ -25,6 +25,7 @@ def served(tmp_path_factory):
     return model, digits
 
 
+@pytest.mark.slow
 def test_good_rows_get_the_classifiers_labels(served):
     model, digits = served
     rows = pd.DataFrame({"pixels": [x.flatten().tolist() for x in digits.test_x[:20].float()]})
@@ -32,6 +33,7 @@ def test_good_rows_get_the_classifiers_labels(served):
     assert (labels == digits.test_y[:20].numpy()).mean() > 0.6
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("pixels, message", [
     ([[0.0] * 64, [0.0] * 10], "expected 64 values"),
     ([[[0.0], [0.0, 0.0]]], None),  # MLflow's schema check refuses it first (400; the guard makes it one line)

@@ -297,6 +297,7 @@ def test_server_and_serve_fail_in_one_line_before_starting_anything(tmp_path, ar
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in result.output, result.output
 
 
+@pytest.mark.slow
 def test_a_server_that_fails_to_start_is_one_line_naming_the_cause(tmp_path):
     result = CliRunner().invoke(main, ["server", "--root", str(tmp_path / "root"), "--port", str(free_port()),
                                        "--backend", "nosuchstore://somewhere/mlflow", "--workers", "1"])

@@ -44,6 +44,7 @@ def built(m1, digits, config=M2):
     return stacked.stack(config, digits.shape, digits.num_classes, copy.deepcopy(m1), meta_of(M1, digits), digits)
 
 
+@pytest.mark.slow
 def test_m2_models_the_active_units_of_the_frozen_vae(m1, digits):
     model = built(m1, digits)
     with torch.no_grad():
@@ -63,6 +64,7 @@ def test_m2_models_the_active_units_of_the_frozen_vae(m1, digits):
     assert not trained.m1.training  # frozen M1 stays in eval mode whatever the stack's mode
 
 
+@pytest.mark.slow
 def test_the_stack_takes_and_gives_images(m1, digits):
     model = built(m1, digits).eval()
     x = digits.test_x[:7]
@@ -80,6 +82,7 @@ def test_the_stack_takes_and_gives_images(m1, digits):
     assert model.log_weights(x, None, 4).shape == (4, 7)
 
 
+@pytest.mark.slow
 def test_the_stack_trains_on_the_iwae_bound_of_its_codes(m1, digits):
     from dataclasses import replace
 
@@ -98,6 +101,7 @@ def test_the_stack_trains_on_the_iwae_bound_of_its_codes(m1, digits):
     assert bounds[1] < bounds[0], bounds
 
 
+@pytest.mark.slow
 def test_feature_draws_train_on_draws_from_m1s_posterior_and_evaluate_on_its_means(m1, digits):
     from dataclasses import replace
 
@@ -131,6 +135,7 @@ def test_the_code_likelihood_is_a_normal_density():
     torch.testing.assert_close(likelihood(mean, codes), expected)
 
 
+@pytest.mark.slow
 def test_a_saved_stack_loads_with_its_vae_inside(m1, digits, tmp_path):
     model = built(m1, digits).eval()
     info = modelio.ModelInfo(M2, digits.shape, digits.classes)
@@ -143,6 +148,7 @@ def test_a_saved_stack_loads_with_its_vae_inside(m1, digits, tmp_path):
     torch.testing.assert_close(loaded.units, model.units)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("change, message", [
     (dict(model="cvae"), "M1 must be a VAE"),
     (dict(dataset="mnist"), "M1 was trained on mnist"),
@@ -163,6 +169,7 @@ def test_an_m1_without_active_units_is_refused(digits):
         stacked.stack(M2, digits.shape, digits.num_classes, flat, meta_of(M1, digits), digits)
 
 
+@pytest.mark.slow
 def test_evaluation_reads_the_stacked_classifier_and_density(m1, digits):
     model = fit(M2, digits, model=built(m1, digits), progress=False)[0].eval()
     result = evaluate_model(model, M2, digits, settings=Settings(iw_samples=8, nll_images=40))
@@ -173,6 +180,7 @@ def test_evaluation_reads_the_stacked_classifier_and_density(m1, digits):
     assert {"reconstructions", "samples", "traversals"} <= set(result.pictures)
 
 
+@pytest.mark.slow
 def test_m1_m2_from_the_command_line_is_logged_and_served(tmp_path):
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     common = ["--hidden", "32", "--batch-size", "64", "--quiet", "--tracking-uri", uri, "--experiment", "stack",

@@ -49,6 +49,7 @@ def training_runs(client: MlflowClient, experiment: str) -> list:
     return [r for r in client.search_runs([found.experiment_id]) if r.data.tags.get("aetrack.kind") != "comparison"]
 
 
+@pytest.mark.slow
 def test_study_trains_evaluates_compares_and_resumes(tmp_path):
     result = study("denoising", "--seeds", "2", "--set", TINY, "--output", str(tmp_path / "report"))
     assert result.exit_code == 0, result.stderr
@@ -85,6 +86,7 @@ def test_image_epochs_stay_within_the_cap(epochs):
     assert len(chosen) >= min(epochs, IMAGE_STEPS // 2)  # spread over the run, not bunched at its start
 
 
+@pytest.mark.slow
 def test_a_long_run_logs_each_image_key_at_most_fifty_times(tmp_path):
     data = datasets.load("digits")
     config = TrainConfig(model="vae", hidden=(16,), latent_dim=2, batch_size=1024, epochs=150, patience=0)

@@ -133,6 +133,7 @@ def test_bad_input_is_one_line_and_logs_nothing(mlflow_server):
     assert experiment is None or not client.search_runs([experiment.experiment_id])
 
 
+@pytest.mark.slow
 def test_a_run_is_reproducible_with_its_seed(tmp_path):
     uri = f"sqlite:///{tmp_path}/repro.db"
     first, _ = train(["--model", "vae", *TINY, "--tracking-uri", uri, "--no-register", "--seed", "3"])
@@ -142,6 +143,7 @@ def test_a_run_is_reproducible_with_its_seed(tmp_path):
     assert loss[0] == loss[1]
 
 
+@pytest.mark.slow
 def test_a_finished_run_leaves_no_checkpoint_behind(tmp_path):
     # Checkpoints are written every epoch (tests/test_reliability.py resumes from them); a finished run removes its own.
     train(["--model", "ae", *TINY, "--tracking-uri", f"sqlite:///{tmp_path}/c.db", "--checkpoint-dir", str(tmp_path / "ck")])

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 
 from aetrack import data as datasets
 from aetrack.cli import main
-from aetrack.config import AUTO_STEPS, TrainConfig
+from aetrack.config import AUTO_STEPS, ConfigError, TrainConfig
 from aetrack.evaluation import active_units
 from aetrack.models import build_model
 from aetrack.nets import Decoder
@@ -211,6 +211,7 @@ def test_gradient_clipping_bounds_every_step(digits, monkeypatch, clip):
         assert max(norms) > 0.5  # unclipped gradients of a summed-over-pixels loss are far larger
 
 
+@pytest.mark.slow
 def test_default_vae_does_not_collapse(digits):
     """The README's first command, at a budget a test can afford: several active units and diverse samples."""
     config = TrainConfig(epochs=150)  # every other setting is the default
@@ -227,6 +228,7 @@ def test_default_vae_does_not_collapse(digits):
     assert math.isfinite(history.best_val_loss)
 
 
+@pytest.mark.slow
 def test_latent_plots_skip_degenerate_codes_instead_of_crashing():
     import numpy as np
 
@@ -240,6 +242,7 @@ def test_latent_plots_skip_degenerate_codes_instead_of_crashing():
     assert set(images.latent_plots(spread, labels[:60])) == {"latent_pca", "latent_tsne"}
 
 
+@pytest.mark.slow
 def test_a_plain_autoencoder_generates_after_fit_alone(digits):
     """No MLflow: `fit`, then a latent mixture fitted to the training codes, and the autoencoder draws images."""
     from aetrack.samplers import fit_sampler, generate
@@ -254,6 +257,7 @@ def test_a_plain_autoencoder_generates_after_fit_alone(digits):
     assert torch.equal(images, again) and float(images.flatten(1).std(0).mean()) > 0.01  # seeded, and not one image
 
 
+@pytest.mark.slow
 def test_progress_prints_about_fifty_epoch_lines_however_long_the_run(digits, capsys):
     config = TrainConfig(model="ae", hidden=(16,), latent_dim=2, epochs=300, patience=0, batch_size=1024)
     fit(config, digits, progress=True)
@@ -293,3 +297,93 @@ def test_the_progress_bar_shows_on_a_terminal_that_reports_no_size(tmp_path):
     text = output.decode(errors="replace")
     assert "epoch 1: val_loss" in text  # the epoch lines, as before
     assert re.search(r"epoch 1/2: +\d+%\|", text), text[:1000]  # and the bar, with its percentage
+
+
+# --- precision, compile, devices ---
+
+def short(config: TrainConfig, **settings) -> TrainConfig:
+    return dataclasses.replace(config, hidden=(32, 16), latent_dim=4, epochs=2, patience=0, **settings)
+
+
+def linear_output_dtypes(config: TrainConfig, digits) -> tuple[set[torch.dtype], torch.nn.Module, object]:
+    """The dtypes the model's linear layers computed in while `fit` trained it, its model and history."""
+    seen = set()
+
+    def record(module, args, output):
+        if isinstance(module, torch.nn.Linear) and module.training:  # training steps, not validation
+            seen.add(output.dtype)
+
+    hook = torch.nn.modules.module.register_module_forward_hook(record)
+    try:
+        model, history = fit(config, digits, progress=False)
+    finally:
+        hook.remove()
+    return seen, model, history
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_trains_on_cpu_in_its_dtype_and_keeps_fp32_weights(digits, precision):
+    """The training steps run under autocast in the reduced dtype (a no-op --precision fails here), the weights
+    stay float32, and the run ends about where a float32 run ends."""
+    base = short(TrainConfig(model="vae"))
+    seen, model, history = linear_output_dtypes(dataclasses.replace(base, precision=precision), digits)
+    assert seen == {{"bf16": torch.bfloat16, "fp16": torch.float16}[precision]}
+    reference_seen, _, reference = linear_output_dtypes(base, digits)
+    assert reference_seen == {torch.float32}
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    assert math.isfinite(history.best_val_loss)
+    assert abs(history.best_val_loss - reference.best_val_loss) < 0.1 * reference.best_val_loss
+
+
+def test_precision_and_compile_are_settings_with_cli_flags():
+    from click.testing import CliRunner
+
+    from aetrack.cli.train import train
+
+    config = TrainConfig(precision="bf16", compile=True)
+    assert TrainConfig.from_params(config.to_params()) == config
+    with pytest.raises(ConfigError, match="precision"):
+        TrainConfig(precision="fp8").validate()
+    help_text = CliRunner().invoke(train, ["--help"]).output
+    assert "--compile / --no-compile" in help_text and "--precision [fp32|bf16|fp16]" in help_text
+
+
+def test_compile_wraps_the_training_forward_pass_and_returns_the_plain_model(digits, monkeypatch):
+    """torch.compile is wired to the training forward pass only: every training step goes through the compiled
+    module, and the returned model is the plain module with its own parameter names. (Compiling itself is left to
+    torch: here `torch.compile` is replaced by a wrapper that, as torch's does, holds the module as `_orig_mod`;
+    benchmarks/training.py --part compile times the real thing.)"""
+    steps = []
+
+    class Compiled(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self._orig_mod = module
+
+        def forward(self, *args, **kwargs):
+            steps.append(self._orig_mod.training)
+            return self._orig_mod(*args, **kwargs)
+
+    compiled = []
+
+    def fake_compile(module, **kwargs):
+        compiled.append(module)
+        return Compiled(module)
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    config = short(TrainConfig(model="ae"), compile=True)
+    model, history = fit(config, digits, progress=False)
+    assert compiled == [model] and not isinstance(model, Compiled)
+    assert not any(name.startswith("_orig_mod") for name in model.state_dict())
+    assert len(steps) == config.epochs * config.steps_per_epoch(len(digits.train_y)) and all(steps)
+    assert math.isfinite(history.best_val_loss)
+    steps.clear()
+    fit(short(TrainConfig(model="ae")), digits, progress=False)
+    assert steps == []  # without --compile nothing is compiled
+
+
+def test_cuda_is_refused_in_one_line_where_there_is_none():
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is here")
+    with pytest.raises(ConfigError, match="no CUDA device"):
+        TrainConfig(device="cuda").validate()

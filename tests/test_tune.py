@@ -4,6 +4,7 @@ pruning, child runs in a real `mlflow server`, and the champion alias."""
 
 from __future__ import annotations
 
+import os
 import re
 import signal
 import subprocess
@@ -21,6 +22,7 @@ from optuna.trial import TrialState
 
 from aetrack.cli import main
 from aetrack.tracking.registry import crown
+from aetrack.tuning.objective import HOST, WORKER, shared_threads
 from aetrack.tuning.space import config_value, parse_param
 from aetrack.tuning.storage import StudyStorage, TrialBudgetSpent, open_storage, used_trials
 from conftest import aetrack_command, stop
@@ -290,6 +292,7 @@ def test_sigterm_stops_a_worker_with_its_trial_run_killed_and_one_line(mlflow_se
     assert used_trials(study.trials) == 1
 
 
+@pytest.mark.slow
 def test_the_median_pruner_stops_hopeless_trials_early(tmp_path):
     # Two learning rates a thousand times apart: once a fast one has finished, slow ones are pruned at epoch 1.
     tracking = f"sqlite:///{tmp_path}/mlflow.db"
@@ -319,6 +322,7 @@ def champion_of(client, name: str) -> str:
     return str(client.get_model_version_by_alias(name, "champion").version)
 
 
+@pytest.mark.slow
 def test_the_champion_alias_moves_only_to_a_version_better_than_every_other(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path}/registry.db")
     experiment_id = client.create_experiment("champion")
@@ -382,3 +386,25 @@ def test_a_short_tune_after_the_default_train_leaves_the_champion_on_the_best_ve
                                 "tags.mlflow.parentRunId != ''")
     assert [r.info.run_name.split(": ")[0] for r in trials] == ["trial 0"] and "lr=" in trials[0].info.run_name
     assert len(client.search_runs([client.get_experiment_by_name("aetrack").experiment_id])) == 1
+
+
+# --- threads: workers on one host share its cores ---
+
+def test_a_lone_worker_takes_every_core_and_workers_on_one_host_share_them():
+    """Without --threads each trial takes the cores divided among the workers of this host running a trial."""
+    cores = len(os.sched_getaffinity(0))
+    study = optuna.create_study()
+    mine = study.ask()
+    mine.set_user_attr("worker", WORKER)
+    assert shared_threads(study) == cores
+    elsewhere = study.ask()
+    elsewhere.set_user_attr("worker", "another-host:17")  # another machine's worker takes none of these cores
+    assert shared_threads(study) == cores
+    neighbour = study.ask()
+    neighbour.set_user_attr("worker", f"{HOST}:{os.getpid() + 1}")
+    assert shared_threads(study) == max(1, cores // 2)
+    study.tell(neighbour, 1.0)  # a finished trial's worker is not counted
+    assert shared_threads(study) == cores
+    for pid in range(3 * cores):
+        study.ask().set_user_attr("worker", f"{HOST}:{pid + 10**6}")
+    assert shared_threads(study) == 1  # never fewer than one thread

@@ -45,6 +45,7 @@ def test_run_names_say_what_the_run_is():
     assert describe.base_run_name(TrainConfig(model="m2", labeled=100)) == "m2-normal-100labels-z8-digits"
 
 
+@pytest.mark.slow
 def test_a_second_run_of_the_same_setting_gets_a_suffix_and_run_name_overrides(tmp_path, digits):
     uri = f"sqlite:///{tmp_path}/names.db"
     import mlflow

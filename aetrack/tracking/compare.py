@@ -30,8 +30,8 @@ from aetrack.models import REGISTRY
 from aetrack.tracking import describe, lifecycle
 from aetrack.tracking import metric_names as names
 from aetrack.tracking import tags
-from aetrack.tracking.figures import (bar_panel, better_label, group_order, line_panel, loss_curves,  # noqa: F401
-                                      metric_figure, metric_groups, series)
+from aetrack.tracking.figures import (Row, bar_panel, better_label, group_order, line_panel,  # noqa: F401
+                                      loss_curves, metric_figure, metric_groups, series)
 
 # Settings that never describe a run's model (how it was logged or where it ran), and what `auto` resolved to.
 IGNORED_PARAMS = {"device", "log_every"}
@@ -40,18 +40,6 @@ COMPARISONS_SUFFIX = "-comparisons"  # comparison runs live in `<experiment>-com
 # Training's sample grids: images/<key><sep>step<sep>N<sep>timestamp<sep>T<sep>....png, the keys `result/samples` and
 # `progress/samples` (stored as `result~samples`, `progress~samples`), or `samples` as older runs logged them.
 _SAMPLES = re.compile(r"^(result~samples|progress~samples|samples)[+%]step[+%](\d+)[+%]timestamp[+%](\d+)[+%][^/]*(?<!compressed)\.png$")
-
-
-@dataclass
-class Row:
-    run_id: str
-    name: str
-    params: dict[str, str]
-    metrics: dict[str, float]          # its test/* metrics
-
-    @property
-    def evaluated(self) -> bool:
-        return bool(self.metrics)
 
 
 @dataclass

@@ -148,16 +148,6 @@ def with_test_figures(description: str, metrics: dict[str, float]) -> str:
     return "  \n".join(kept)
 
 
-def note_evaluation(client, run_id: str) -> None:
-    """After `aetrack evaluate`: the run's description and its model versions' tags gain the key test figures."""
-    run = client.get_run(run_id)
-    note = with_test_figures(run.data.tags.get(NOTE, ""), run.data.metrics)
-    client.set_tag(run_id, NOTE, note)
-    from aetrack.tracking.registry import tag_versions_of_run
-
-    tag_versions_of_run(client, run_id, run.data.metrics, description=note)
-
-
 CHART_SECTIONS = ("Chart sections, x axis the epoch in each but `per_step`: `loss` (train and val), `optim` (the KL "
                   "weight during warm-up, a learning rate that a schedule moves), `progress` (pictures, from epoch 0), "
                   "`result` (pictures of the kept weights, loss curves with train and val together), `system`, `val` "

@@ -17,8 +17,9 @@ from aetrack.models import REGISTRY
 from aetrack.tracking import lifecycle
 from aetrack.tracking import metric_names as names
 from aetrack.tracking.artifacts import LoggedModel, load_logged
-from aetrack.tracking.describe import note_evaluation
+from aetrack.tracking.describe import NOTE, with_test_figures
 from aetrack.tracking.reference import reference_classifier
+from aetrack.tracking.registry import tag_versions_of_run
 
 
 def log_evaluation(run_id: str, evaluation: Evaluation) -> None:
@@ -32,6 +33,14 @@ def log_evaluation(run_id: str, evaluation: Evaluation) -> None:
         client.log_image(run_id, picture, artifact_file=f"evaluation/{name}.png")
     client.log_dict(run_id, {"metrics": evaluation.metrics, "notes": evaluation.notes, "tables": evaluation.tables},
                     "evaluation/evaluation.json")
+
+
+def note_evaluation(client, run_id: str) -> None:
+    """After `aetrack evaluate`: the run's description and its model versions' tags gain the key test figures."""
+    run = client.get_run(run_id)
+    note = with_test_figures(run.data.tags.get(NOTE, ""), run.data.metrics)
+    client.set_tag(run_id, NOTE, note)
+    tag_versions_of_run(client, run_id, run.data.metrics, description=note)
 
 
 def evaluate_run(target: str, settings: Settings = Settings(), *, use_reference: bool = True, baseline: str | None = None,

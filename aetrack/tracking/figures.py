@@ -5,15 +5,25 @@ kind of loss."""
 from __future__ import annotations
 
 from collections import defaultdict
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 
 from aetrack import images
 from aetrack.tracking import metric_names as names
 
-if TYPE_CHECKING:
-    from aetrack.tracking.compare import Row
+
+@dataclass
+class Row:
+    """One compared run, as the report's tables and figures read it."""
+    run_id: str
+    name: str
+    params: dict[str, str]
+    metrics: dict[str, float]          # its test/* metrics
+
+    @property
+    def evaluated(self) -> bool:
+        return bool(self.metrics)
 
 
 # Metrics grouped into a few figures, by what they measure (the first group whose words a metric's name holds).

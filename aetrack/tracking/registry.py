@@ -8,8 +8,10 @@ from datetime import datetime
 
 import mlflow
 
+from aetrack.config import TrainConfig
 from aetrack.tracking import metric_names as names
 from aetrack.tracking import tags
+from aetrack.tracking.describe import registered_model_description
 from aetrack.tracking.metric_names import champion_metric  # noqa: F401 (re-exported)
 
 KEY_METRICS = (names.BEST_VAL_LOSS, *(names.test(m) for m in ("recon_loss", "neg_elbo", "nll_iw", "fcd",
@@ -28,9 +30,6 @@ def describe_version(client, name: str, version: str, run, description: str) -> 
         client.set_model_version_tag(name, version, key, value)
     client.update_model_version(name, version, description=description)
     if not client.get_registered_model(name).description:
-        from aetrack.config import TrainConfig
-        from aetrack.tracking.describe import registered_model_description
-
         client.update_registered_model(name, registered_model_description(name, TrainConfig.from_params(run.data.params)))
 
 
