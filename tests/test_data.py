@@ -10,6 +10,8 @@ import os
 import pickle
 import shutil
 import struct
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -234,6 +236,28 @@ def test_gz_only_folder_is_unpacked_in_place(fake_mnist, tmp_path):
     assert unpacked(fake_mnist / "MNIST" / "raw") == IDX_NAMES
     assert not (tmp_path / "cache").exists()
     check_fake_mnist(load("mnist", data_dir=str(fake_mnist)))  # and read as they are the second time
+
+
+def test_unpacked_files_are_read_as_torchvision_reads_them_without_importing_it(fake_mnist, tmp_path):
+    from aetrack import data
+
+    load("mnist", data_dir=str(fake_mnist))  # unpacks
+    theirs = data._read_mnist("mnist", torchvision.datasets.MNIST, fake_mnist)
+    script = ("import sys, torch; from aetrack import data; from pathlib import Path; "
+              f"pool = data._read('mnist', Path({str(fake_mnist)!r}), False); "
+              f"torch.save(tuple(pool), {str(tmp_path / 'ours.pt')!r}); print('torchvision' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
+    ours = torch.load(tmp_path / "ours.pt")
+    assert all(torch.equal(a, b) and a.dtype == b.dtype for a, b in zip(ours[:4], theirs[:4]))
+    assert tuple(ours[4:]) == tuple(theirs[4:])
+
+
+def test_the_class_names_are_torchvisions():
+    from aetrack.data import IDX_CLASSES
+
+    assert IDX_CLASSES == {"MNIST": tuple(torchvision.datasets.MNIST.classes),
+                           "FashionMNIST": tuple(torchvision.datasets.FashionMNIST.classes)}
 
 
 def test_read_only_folder_is_unpacked_into_the_cache(fake_mnist, tmp_path):

@@ -54,6 +54,7 @@ def test_a_store_that_exists_or_is_no_local_file_is_left_to_mlflow(tmp_path):
     assert not (tmp_path / "missing-folder").exists()
 
 
+@pytest.mark.slow  # builds the cached empty store: MLflow migrates it from scratch
 def test_aetrack_server_starts_mlflow_on_a_store_already_migrated(tmp_path, monkeypatch):
     from aetrack.cli import server as cli_server
     from aetrack.cli.main import main
