@@ -47,7 +47,8 @@ def trained(digits, model, **settings):
     return fit(config, digits, progress=False)[0].eval()
 
 
-GENERATIVE = sorted(name for name, variant in REGISTRY.items() if variant.generative)
+# A stacked variant (M1+M2) has no fast path to check: its importance weights are its own `log_weights`, over M1's codes.
+GENERATIVE = sorted(name for name, variant in REGISTRY.items() if variant.generative and not variant.stacked)
 
 
 @pytest.mark.parametrize("name", GENERATIVE)

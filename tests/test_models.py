@@ -9,7 +9,9 @@ import torch
 
 from aetrack import modelio
 from aetrack.config import TrainConfig
+from aetrack.data import Splits
 from aetrack.models import REGISTRY, build_model
+from conftest import STAND_IN_M1, stand_in_m1
 
 SHAPES = [(1, 8, 8), (1, 28, 28), (3, 32, 32)]
 NUM_CLASSES = 10
@@ -28,30 +30,17 @@ def make(name: str, extra: dict, arch: str, shape) -> tuple[torch.nn.Module, Tra
     hidden = (8, 16) if arch == "conv" else (32, 16)
     config = TrainConfig(model=name, arch=arch, hidden=hidden, latent_dim=3, prior_components=3, labeled=4, **extra)
     torch.manual_seed(0)
-    if REGISTRY[name].stacked:
-        return make_stacked(config, shape), dataclasses.replace(config, arch="mlp", features=IN_TEST)
+    if REGISTRY[name].stacked:  # M2 on a logged VAE's codes is an MLP: the arch asked for is the stand-in VAE's
+        return make_stacked(config, shape), dataclasses.replace(config, arch="mlp", features=STAND_IN_M1)
     return build_model(config, shape, NUM_CLASSES), config
 
 
-IN_TEST = "runs:/in-test/vae"
-
-
 def make_stacked(config: TrainConfig, shape) -> torch.nn.Module:
-    """A stacked variant (M1+M2) around a tiny untrained VAE of `config`'s arch, standing in for a logged one: the arch
-    is the pixel network's, M1's (M2 on its codes is an MLP); its active units are measured on random images."""
-    from aetrack.data import Splits
-
-    m1_config = TrainConfig(model="vae", arch=config.arch, hidden=config.hidden, latent_dim=6)
-    m1 = build_model(m1_config, shape, NUM_CLASSES)
-    with torch.no_grad():
-        m1.body.encoder.head.weight[:6].mul_(20)  # means that vary with the image: units active on random images
-        for weight in m1.body.decoder.parameters():
-            weight.mul_(3)  # images that vary with the code, as a trained decoder's do
+    """A stacked variant (M1+M2) around a stand-in VAE of `config`'s arch, its active units measured on random images."""
     x, y = batch(shape, 64)
     data = Splits("random", x, y, x, y, x, y, tuple(str(c) for c in range(NUM_CLASSES)))
-    meta = {"params": m1_config.to_params(), "shape": list(shape), "classes": list(data.classes), "source": IN_TEST}
-    return build_model(dataclasses.replace(config, arch="mlp", features=IN_TEST), shape, NUM_CLASSES, data=data,
-                       load=lambda target: (m1, meta))
+    return build_model(dataclasses.replace(config, arch="mlp", features=STAND_IN_M1), shape, NUM_CLASSES, data=data,
+                       load=stand_in_m1(data, config.arch, config.hidden))
 
 
 def batch(shape, n: int = 6):
