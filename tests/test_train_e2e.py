@@ -51,8 +51,7 @@ def test_every_variant_trains_and_lands_in_mlflow(name, mlflow_server):
     extra = EXTRA.get(name, [])
     if REGISTRY[name].stacked:  # built on a logged VAE: one trained first, in the same store
         m1_run, _ = train(["--model", "vae", *TINY, "--latent-dim", "6", "--epochs", "10", "--kl-warmup", "0",
-                           "--tracking-uri", mlflow_server,
-                           "--experiment", f"{experiment}-m1", "--no-register"])
+                           "--tracking-uri", mlflow_server, "--experiment", f"{experiment}-m1", "--no-register"])
         extra = ["--labeled", "50", "--features", m1_run]
     run_id, output = train(["--model", name, *TINY, *extra, "--tracking-uri", mlflow_server,
                             "--experiment", experiment, "--registered-model", f"e2e-{name}"])
