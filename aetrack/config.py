@@ -103,10 +103,10 @@ class TrainConfig:
                                       "0.001 x 100 labels here).", scope="semi_supervised")
     features: str = option("", "M1+M2 (Kingma et al. 2014): a trained VAE of this data set (run id or model URI) whose "
                            "latent means, on its active units, M2 models instead of the pixels; its decoder turns them "
-                           "back into images. Empty: M2 on the pixels.", scope="semi_supervised")
+                           "back into images.", scope="stacked")
     feature_draws: bool = option(False, "M1+M2: train M2 on codes drawn from M1's q(z|x) at every step, as Kingma et "
                                  "al. 2014 did, instead of its means; validation, evaluation and serving use the means.",
-                                 scope="semi_supervised")
+                                 scope="stacked")
     # Optimisation.
     lr: float = option(1e-3, "Adam learning rate (the peak, with a schedule).")
     lr_schedule: str = option("constant", "Learning-rate schedule over the epoch budget: cosine decays to 1 % of --lr, "
@@ -176,8 +176,6 @@ class TrainConfig:
             (self.train_samples >= 1, "--train-samples must be at least 1"),
             (self.objective != "elbo" or self.train_samples == 1, "--train-samples needs --objective iwae or iwae-dreg"),
             (self.labeled >= 1 and self.classifier_weight >= 0, "--labeled must be at least 1 and --classifier-weight >= 0"),
-            (not self.features or self.arch == "mlp", "--features: M2 on a VAE's codes is an MLP; drop --arch conv"),
-            (not self.feature_draws or self.features, "--feature-draws draws M1's codes: it needs --features"),
             (self.activation == "relu" or self.arch == "mlp", "--activation applies to --arch mlp (conv nets use ReLU)"),
         ]
         _check(self, rules)
@@ -194,7 +192,10 @@ class TrainConfig:
     @classmethod
     def from_params(cls, params: dict[str, str]) -> TrainConfig:
         """Rebuild from logged params; unknown keys (tracking options) are ignored."""
-        return from_strings(cls, params)
+        config = from_strings(cls, params)
+        if config.model == "m2" and config.features:  # M1+M2 as logged before it was a variant of its own (m1m2)
+            config = dataclasses.replace(config, model="m1m2")
+        return config
 
 
 @dataclass(frozen=True)

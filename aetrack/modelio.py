@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from aetrack.config import TrainConfig
-from aetrack.models import build_model
+from aetrack.models import BuiltOn, build_model
 
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "weights.pt"
 
@@ -54,14 +54,15 @@ class ModelInfo:
 def save(model: torch.nn.Module, info: ModelInfo, directory: Path, extra: dict[str, torch.Tensor] | None = None) -> Path:
     """A generator's folder; `extra` tensors (say a fitted latent sampler) ride along in the weights file."""
     meta = {"params": info.config.to_params(), "shape": list(info.shape), "classes": list(info.classes)}
-    if hasattr(model, "m1_meta"):  # M1+M2: what rebuilds the frozen VAE inside (its weights are in the state dict)
-        meta["features"] = model.m1_meta
+    if isinstance(model, BuiltOn):  # what rebuilds the logged model it is built on (its weights are in the state dict)
+        meta["built_on"] = model.built_on()
     return write_folder(directory, meta, {"model": cpu_state(model), "extra": extra or {}})
 
 
 def load(directory: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, ModelInfo, dict[str, torch.Tensor]]:
     meta, state = read_folder(directory, device)
     info = ModelInfo(TrainConfig.from_params(meta["params"]), tuple(meta["shape"]), tuple(meta["classes"]))
-    model = build_model(info.config, info.shape, info.num_classes, saved_features=meta.get("features"))
+    saved = meta.get("built_on", meta.get("features"))  # "features": M1+M2 folders written before it was a variant
+    model = build_model(info.config, info.shape, info.num_classes, saved=saved)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), info, state.get("extra", {})

@@ -187,12 +187,12 @@ PROTOCOLS = {p.name: p for p in [
         best=replace(KINGMA_M2, **M2_BEST, epochs=150), best_changes=m2_best_changes(150), target=11.97),
     Protocol(
         "m1m2-100",
-        replace(KINGMA_M2, features=M1_FROM_ROW),
+        replace(KINGMA_M2, model="m1m2", features=M1_FROM_ROW),
         "error", "M1+M2 3.33 % test error with 100 labels (M2 alone 11.97 %)", "Kingma et al. 2014, table 1",
         "M1 is the burda-vae row's model (784-200-200-50; the paper's M1 is 784-600-600-50 with softplus units), "
         "or the VAE `--features` names; M2 models its posterior means on its active units, with a learned Gaussian "
         "scale per unit; Adam instead of RMSProp with momentum",
-        best=replace(KINGMA_M2, **M2_BEST, epochs=250, features=M1_FROM_ROW), best_changes=m2_best_changes(250),
+        best=replace(KINGMA_M2, **M2_BEST, epochs=250, model="m1m2", features=M1_FROM_ROW), best_changes=m2_best_changes(250),
         target=5.0),
 ]}
 

@@ -207,3 +207,25 @@ def pytest_sessionfinish(session, exitstatus):
     if unreached:
         session.config.get_terminal_writer().line(f"the fast lane reached none of these modules: {', '.join(unreached)}", red=True)
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+STAND_IN_M1 = "runs:/stand-in/vae"  # what a stacked variant's `--features` names in tests that give it `stand_in_m1`
+
+
+def stand_in_m1(data, arch: str = "mlp", hidden: tuple[int, ...] = (16,), dataset: str = "digits"):
+    """`load` for a stacked variant (M1+M2) in tests: an untrained VAE of `data`'s images standing in for a logged
+    one, its means and its decoder scaled up so that its codes vary with the image and its images with the code.
+    Each call of the loader gives a copy, as each load of a logged model does."""
+    import copy
+
+    from aetrack.config import TrainConfig
+    from aetrack.models import build_model
+
+    config = TrainConfig(model="vae", dataset=dataset, arch=arch, hidden=hidden, latent_dim=6)
+    m1 = build_model(config, data.shape, data.num_classes)
+    with torch.no_grad():
+        m1.body.encoder.head.weight[:config.latent_dim].mul_(20)
+        for weight in m1.body.decoder.parameters():
+            weight.mul_(3)
+    meta = {"params": config.to_params(), "shape": list(data.shape), "classes": list(data.classes), "source": STAND_IN_M1}
+    return lambda target: (copy.deepcopy(m1), meta)

@@ -42,7 +42,7 @@ from aetrack.tracking import artifacts
 from aetrack.config import TrainConfig
 from aetrack.models import REGISTRY, build_model
 from aetrack.training import fit
-from conftest import VENV_BIN, free_port, wait_http
+from conftest import STAND_IN_M1, VENV_BIN, free_port, stand_in_m1, wait_http
 
 NAME = "aetrack-digits-cvae"
 # Enough for a cvae on digits to draw recognisable digits of each label (about 2 s on one core).
@@ -487,8 +487,9 @@ def test_a_200_mb_body_leaves_the_server_memory_as_it_was(served, framing):
 # ----- in-process: every variant, internal errors, loading safety --------------------------------
 
 def tiny_model(name: str, digits):
-    config = TrainConfig(model=name, hidden=(16,), latent_dim=3, prior_components=2)
-    model = build_model(config, digits.shape, digits.num_classes).eval()
+    config = TrainConfig(model=name, hidden=(16,), latent_dim=3, prior_components=2,
+                         features=STAND_IN_M1 if REGISTRY[name].stacked else "")
+    model = build_model(config, digits.shape, digits.num_classes, data=digits, load=stand_in_m1(digits)).eval()
     extra = {}
     if not REGISTRY[name].generative:  # a plain autoencoder generates from a mixture fitted to its codes
         extra = samplers.LatentMixture.fit(samplers.encode_all(model, digits.train_x[:200]), components=2).state()

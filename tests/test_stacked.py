@@ -21,7 +21,7 @@ from aetrack.tracking.artifacts import model_uri_of
 from aetrack.training import fit
 
 M1 = TrainConfig(model="vae", hidden=(32,), latent_dim=6, epochs=15, kl_warmup=0, patience=0, batch_size=64)
-M2 = TrainConfig(model="m2", hidden=(32,), latent_dim=2, epochs=3, labeled=50, batch_size=64, features="runs:/m1/vae")
+M2 = TrainConfig(model="m1m2", hidden=(32,), latent_dim=2, epochs=3, labeled=50, batch_size=64, features="runs:/m1/vae")
 
 
 @pytest.fixture(scope="module")
@@ -38,10 +38,15 @@ def meta_of(config: TrainConfig, data) -> dict:
     return {"params": config.to_params(), "shape": list(data.shape), "classes": list(data.classes)}
 
 
-def built(m1, digits, config=M2):
+def loader(m1, meta):
+    """What aetrack.tracking.artifacts.load_model gives for the logged M1: a module of its own and its folder's meta."""
     import copy
 
-    return stacked.stack(config, digits.shape, digits.num_classes, copy.deepcopy(m1), meta_of(M1, digits), digits)
+    return lambda target: (copy.deepcopy(m1), meta)
+
+
+def built(m1, digits, config=M2):
+    return build_model(config, digits.shape, digits.num_classes, data=digits, load=loader(m1, meta_of(M1, digits)))
 
 
 @pytest.mark.slow
@@ -122,8 +127,8 @@ def test_feature_draws_train_on_draws_from_m1s_posterior_and_evaluate_on_its_mea
     torch.testing.assert_close(draws.std(0), torch.exp(0.5 * q.logvar)[:, units], atol=0.0, rtol=0.06)
     trained, history = fit(replace(M2, feature_draws=True), digits, model=model, progress=False)
     assert all(math.isfinite(e["val_loss"]) for e in history.epochs)
-    with pytest.raises(ConfigError, match="--feature-draws"):
-        replace(M2, features="", feature_draws=True).validate()
+    with pytest.raises(ConfigError, match="--model m1m2 needs --features"):
+        built(m1, digits, replace(M2, features="", feature_draws=True))
 
 
 def test_the_code_likelihood_is_a_normal_density():
@@ -148,6 +153,29 @@ def test_a_saved_stack_loads_with_its_vae_inside(m1, digits, tmp_path):
     torch.testing.assert_close(loaded.units, model.units)
 
 
+def test_a_stack_saved_before_m1m2_was_a_variant_still_loads(m1, digits, tmp_path):
+    """Folders (and runs) of M1+M2 from before issue 27 say `model: m2` with `features` set, and keep M1's meta under
+    "features": they load as m1m2, with the same outputs."""
+    import json
+
+    model = built(m1, digits).eval()
+    folder = modelio.save(model, modelio.ModelInfo(M2, digits.shape, digits.classes), tmp_path / "model")
+    meta = json.loads((folder / modelio.CONFIG_FILE).read_text())
+    meta["params"]["model"], meta["features"] = "m2", meta.pop("built_on")
+    (folder / modelio.CONFIG_FILE).write_text(json.dumps(meta))
+    loaded, info, _ = modelio.load(folder)
+    assert info.config == M2  # model m1m2 again
+    x = digits.test_x[:20]
+    assert torch.equal(loaded.classify(x), model.classify(x))
+    torch.testing.assert_close(loaded.reconstruct(x), model.reconstruct(x))
+
+
+def test_m2_with_features_says_to_train_m1m2():
+    result = CliRunner().invoke(main, ["train", "--model", "m2", "--features", "runs:/x/vae", "--epochs", "1"])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "--features does not apply to --model m2 (it applies to m1m2)" in result.output, result.output
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("change, message", [
     (dict(model="cvae"), "M1 must be a VAE"),
@@ -157,7 +185,7 @@ def test_a_wrong_m1_is_a_config_error(m1, digits, change, message):
     from dataclasses import replace
 
     with pytest.raises(ConfigError, match=message):
-        stacked.stack(M2, digits.shape, digits.num_classes, m1, meta_of(replace(M1, **change), digits), digits)
+        build_model(M2, digits.shape, digits.num_classes, data=digits, load=loader(m1, meta_of(replace(M1, **change), digits)))
 
 
 def test_an_m1_without_active_units_is_refused(digits):
@@ -166,7 +194,7 @@ def test_an_m1_without_active_units_is_refused(digits):
         for p in flat.body.encoder.parameters():
             p.zero_()
     with pytest.raises(ConfigError, match="no active unit"):
-        stacked.stack(M2, digits.shape, digits.num_classes, flat, meta_of(M1, digits), digits)
+        build_model(M2, digits.shape, digits.num_classes, data=digits, load=loader(flat, meta_of(M1, digits)))
 
 
 @pytest.mark.slow
@@ -181,7 +209,12 @@ def test_evaluation_reads_the_stacked_classifier_and_density(m1, digits):
 
 
 @pytest.mark.slow
-def test_m1_m2_from_the_command_line_is_logged_and_served(tmp_path):
+def test_m1_m2_from_the_command_line_is_logged_and_served(tmp_path, monkeypatch):
+    from aetrack.tracking import artifacts
+
+    loads = []
+    load_model = artifacts.load_model
+    monkeypatch.setattr(artifacts, "load_model", lambda target: loads.append(target) or load_model(target))
     uri = f"sqlite:///{tmp_path}/mlflow.db"
     common = ["--hidden", "32", "--batch-size", "64", "--quiet", "--tracking-uri", uri, "--experiment", "stack",
               "--checkpoint-dir", str(tmp_path / "ckpt")]
@@ -192,7 +225,8 @@ def test_m1_m2_from_the_command_line_is_logged_and_served(tmp_path):
         return next(line.split()[-1] for line in result.output.splitlines() if line.startswith("run id:"))
 
     m1_run = train("--model", "vae", "--latent-dim", "6", "--epochs", "10", "--kl-warmup", "0")
-    run_id = train("--model", "m2", "--latent-dim", "2", "--epochs", "2", "--labeled", "50", "--features", m1_run)
+    run_id = train("--model", "m1m2", "--latent-dim", "2", "--epochs", "2", "--labeled", "50", "--features", m1_run)
+    assert loads == [m1_run]  # M1 is read once per run: the stack is built once
     mlflow.set_tracking_uri(uri)
     run = mlflow.MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.params["features"] == m1_run
@@ -205,7 +239,7 @@ def test_m1_m2_from_the_command_line_is_logged_and_served(tmp_path):
 
     # A wrong M1 is one line and no run.
     for features, message in ((run_id, "M1 must be a VAE"), ("no-such-run", "cannot load a logged model")):
-        result = CliRunner().invoke(main, ["train", "--model", "m2", "--epochs", "1", "--features", features, *common])
+        result = CliRunner().invoke(main, ["train", "--model", "m1m2", "--epochs", "1", "--features", features, *common])
         assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
     runs = mlflow.search_runs(experiment_names=["stack"])
     assert len(runs) == 2

@@ -48,7 +48,12 @@ def train(args: list[str]):
 @pytest.mark.parametrize("name", sorted(REGISTRY))
 def test_every_variant_trains_and_lands_in_mlflow(name, mlflow_server):
     experiment = f"e2e-{name}"
-    run_id, output = train(["--model", name, *TINY, *EXTRA.get(name, []), "--tracking-uri", mlflow_server,
+    extra = EXTRA.get(name, [])
+    if REGISTRY[name].stacked:  # built on a logged VAE: one trained first, in the same store
+        m1_run, _ = train(["--model", "vae", *TINY, "--latent-dim", "6", "--epochs", "10", "--kl-warmup", "0",
+                           "--tracking-uri", mlflow_server, "--experiment", f"{experiment}-m1", "--no-register"])
+        extra = ["--labeled", "50", "--features", m1_run]
+    run_id, output = train(["--model", name, *TINY, *extra, "--tracking-uri", mlflow_server,
                             "--experiment", experiment, "--registered-model", f"e2e-{name}"])
     client = MlflowClient(mlflow_server)
     run = client.get_run(run_id)

@@ -71,11 +71,6 @@ def train(ctx, data_dir, download, tracking_uri, experiment, run_name, register,
                                f"at least {MIN_VAL_EXAMPLES} are needed")
     if not resume_run:
         use_tracking_uri(tracking_uri)
-    # A setting the variant's constructor refuses (hvae: --objective iwae-dreg), or for M1+M2 a wrong or unreachable
-    # M1, is a usage error before any run is opened.
-    from aetrack.tracking.run import build
-
-    build(config, splits)
     options = TrackingOptions(experiment, run_name, register, registered_model, checkpoint_dir)
     # With logins: may this user create the run and register the model? Asked before any work, one line if not.
     registers = register and (REGISTRY[config.model].generative or registered_model)

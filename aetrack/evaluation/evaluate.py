@@ -116,9 +116,9 @@ def _bound_measures(result: Evaluation, model, variant, data, codes, cond_y, set
                  num_classes=data.num_classes, seed=settings.seed)
     result.metrics["nll_iw"] = float(nll.mean())
     what = "-log p(x), label summed out" if marginal else "-log p(x|y)" if variant.conditional else "-log p(x)"
-    if getattr(model.config, "features", ""):  # M1+M2: M2's density is over M1's codes c of x, not over pixels
-        what = "-log p(c), c: M1's code of x, label summed out"
-        result.notes["neg_elbo"] = "bound U(c) on -log p(c), c: M1's code of x, label summed out under q(y|c)"
+    own = getattr(model, "bound_notes", {})  # a model whose density is not over pixels says what it is over (M1+M2)
+    what = own.get("nll_iw", what)
+    result.notes["neg_elbo"] = own.get("neg_elbo", result.notes["neg_elbo"])
     result.notes["nll_iw"] = f"{what}, K={k} importance samples, {n} of {len(x)} test images"
     result.metrics["active_units"] = active_units(codes)
     result.notes["active_units"] = f"of {codes.shape[1]} (Cov_x E_q[z_u] > 0.01)"

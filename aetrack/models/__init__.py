@@ -19,7 +19,7 @@ from typing import Any, Callable, Protocol, runtime_checkable
 from aetrack.config import ConfigError, TrainConfig, option_name
 
 # Capability flags a `@register` call may set; everything else it passes goes to the class's constructor.
-CAPABILITIES = ("generative", "conditional", "semi_supervised", "denoising", "classifies")
+CAPABILITIES = ("generative", "conditional", "semi_supervised", "denoising", "classifies", "stacked")
 
 
 @dataclass
@@ -28,7 +28,7 @@ class Output:
 
     loss: Any                           # scalar tensor, mean over the batch
     parts: dict[str, Any]               # scalar parts, e.g. recon_loss, kl, penalty
-    recon: Any                          # reconstruction in [0, 1], same shape as the input
+    recon: Any                          # reconstruction in [0, 1], same shape as the input (None: not made in training)
     z: Any                              # latent code (posterior mean for VAEs)
     extras: dict[str, Any] = field(default_factory=dict)  # e.g. the corrupted input of a dae
 
@@ -44,6 +44,7 @@ class Variant:
     semi_supervised: bool = False  # trains on a few labels (its own training batches)
     denoising: bool = False      # sees a corrupted input, scored against the clean one
     classifies: bool = False     # predicts the label: `classify(x)`
+    stacked: bool = False        # built on a logged model that it loads when built (M1+M2): built once per run
 
     @property
     def cls(self) -> type:
@@ -71,7 +72,7 @@ _CLASSES: dict[str, tuple[type, dict[str, Any]]] = {}
 
 def register(name: str, *, scopes: tuple[str, ...] = (), description: str = "", generative: bool = False,
              conditional: bool = False, semi_supervised: bool = False, denoising: bool = False, classifies: bool = False,
-             **kwargs) -> Callable[[type], type]:
+             stacked: bool = False, **kwargs) -> Callable[[type], type]:
     """Declare a variant. Its metadata must be literals: they are read from the source (see `_declared`)."""
     def add(cls: type) -> type:
         _CLASSES[name] = (cls, kwargs)
@@ -99,19 +100,24 @@ def _declared() -> dict[str, Variant]:
 REGISTRY: dict[str, Variant] = _declared()
 
 
-def build_model(config: TrainConfig, shape: tuple[int, int, int], num_classes: int, *, data=None,
-                saved_features: dict | None = None, m1=None):
-    """The variant's network for this config; the capability flags its constructor names are passed to it.
-
-    With `config.features` (M1+M2) the variant's `with_features` builds the stack (aetrack.models.stacked): around
-    `m1`, the logged VAE (aetrack.tracking.artifacts.load_m1), whose active units are measured on `data`, or, loading
-    a model folder, from its `saved_features` meta."""
-    if config.features:
-        return REGISTRY[config.model].cls.with_features(config, shape, num_classes, data=data, saved=saved_features, m1=m1)
+def build_model(config: TrainConfig, shape: tuple[int, int, int], num_classes: int, *, data=None, load=None,
+                saved: dict | None = None):
+    """The variant's network for this config; the capability flags its constructor names are passed to it, and so
+    are `data` (the training splits), `load` (a logged model by run id or URI: a stacked variant's, e.g. M1+M2's VAE)
+    and `saved` (what its `built_on()` wrote to a model folder), to a constructor that names them."""
     variant = REGISTRY[config.model]
     accepted = inspect.signature(variant.cls).parameters
     flags = {name: getattr(variant, name) for name in CAPABILITIES if name in accepted}
-    return variant.cls(config, shape, num_classes, **flags, **variant.kwargs)
+    given = {name: value for name, value in (("data", data), ("load", load), ("saved", saved)) if name in accepted}
+    return variant.cls(config, shape, num_classes, **flags, **given, **variant.kwargs)
+
+
+@runtime_checkable
+class BuiltOn(Protocol):
+    """A model built on another logged model (M1+M2 on its VAE): `built_on()` is what rebuilds that part's network from
+    a model folder, given back to its constructor as `saved`; the part's weights are in the state dict."""
+
+    def built_on(self) -> dict: ...
 
 
 def check_options(model: str, explicit: set[str]) -> None:

@@ -181,13 +181,6 @@ class M2(nn.Module):
         self.body = LatentVariableModel(config, shape, num_classes, likelihood)
         self.classifier = Encoder(shape, config.hidden, num_classes, config.arch, activation=config.activation)
 
-    @classmethod
-    def with_features(cls, config, shape, num_classes, **given) -> nn.Module:
-        """M1+M2: this model on the codes of a trained VAE (`--features`), see aetrack.models.stacked."""
-        from aetrack.models.stacked import build
-
-        return build(config, shape, num_classes, **given)
-
     def cond(self, y: torch.Tensor | None) -> torch.Tensor | None:
         return one_hot(y, self.num_classes)
 

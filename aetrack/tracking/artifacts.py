@@ -94,22 +94,15 @@ def load_logged(target: str, device="cpu") -> LoggedModel:
     return LoggedModel(run_id, uri, model, info, LatentMixture.from_state(extra), params)
 
 
-_M1: dict[str, tuple[object, dict]] = {}
-
-
-def load_m1(target: str) -> tuple[object, dict]:
-    """M1 of M1+M2 (`--features`): the VAE a run logged (run id or model URI), on the CPU, and its model folder's meta;
-    read once per process. One that cannot be loaded is a one-line ConfigError."""
-    from aetrack.config import ConfigError
-
-    if target not in _M1:
-        try:
-            logged = load_logged(target)
-        except Exception as err:  # noqa: BLE001 - a wrong id or URI, an unreachable server: one line either way
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ConfigError(f"--features {target}: cannot load a logged model from it ({first})") from None
-        info = logged.info
-        meta = {"params": info.config.to_params(), "shape": list(info.shape), "classes": list(info.classes),
-                "source": logged.model_uri}
-        _M1[target] = (logged.model.cpu(), meta)
-    return _M1[target]
+def load_model(target: str) -> tuple[object, dict]:
+    """A logged model (run id or model URI) on the CPU and its model folder's meta, with `source`, its URI: what a
+    stacked variant is built on (M1+M2's VAE). One that cannot be loaded is a one-line UserError."""
+    try:
+        logged = load_logged(target)
+    except Exception as err:  # noqa: BLE001 - a wrong id or URI, an unreachable server: one line either way
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise UserError(f"cannot load a logged model from it ({first})") from None
+    info = logged.info
+    meta = {"params": info.config.to_params(), "shape": list(info.shape), "classes": list(info.classes),
+            "source": logged.model_uri}
+    return logged.model.cpu(), meta

@@ -20,18 +20,18 @@ SCOPE_LABELS = {
     "sparsity": lambda c: f"{c.sparsity}{c.sparsity_weight:g}",
     "contractive": lambda c: f"w{c.contractive_weight:g}",
     "variational": lambda c: c.prior + (f"-b{c.beta:g}" if c.beta != 1 else ""),
-    "semi_supervised": lambda c: f"{c.labeled}labels" + ("-M1codes" if c.features else ""),
+    "semi_supervised": lambda c: f"{c.labeled}labels",
+    "stacked": lambda c: "M1codes",
 }
 SCOPE_ORDER = tuple(SCOPE_LABELS)
 
 
 # Settings of a variant's own groups that its other settings can leave idle: a mixture's components under a normal
-# prior, K importance samples under the ELBO, the KL-sparsity target under L1, drawing M1's codes without M1.
+# prior, K importance samples under the ELBO, the KL-sparsity target under L1.
 IDLE_UNLESS = {
     "prior_components": lambda c: c.prior in ("mog", "vamp"),
     "train_samples": lambda c: c.objective != "elbo",
     "sparsity_target": lambda c: c.sparsity == "kl",
-    "feature_draws": lambda c: bool(c.features),
 }
 IDENTITY = ("model", "dataset")  # logged always: what the run is, in the runs table and on each image card
 DEFAULT_PARAMS = TrainConfig().to_params()

@@ -115,12 +115,14 @@ class EpochImages:
             self.send.image(picture, key=image_key(EPOCH_IMAGES, key), step=epoch)
         self.logged.add(epoch)
 
-    def log_initial(self, config: TrainConfig, data: Splits) -> None:
-        """Step 0: the model as `fit` builds it before its first step (same seed, same initialisation)."""
-        torch.manual_seed(config.seed)
-        model = build(config, data)
-        if config.decoder_bias == "mean":
-            init_output_biases(model, data.train_x)
+    def log_initial(self, config: TrainConfig, data: Splits, model: torch.nn.Module | None = None) -> None:
+        """Step 0: the model as `fit` builds it before its first step (same seed, same initialisation), or `model`,
+        the one `fit` is given."""
+        if model is None:
+            torch.manual_seed(config.seed)
+            model = build(config, data)
+            if config.decoder_bias == "mean":
+                init_output_biases(model, data.train_x)
         self.log(0, model.to(self.x.device))
 
     def pictures(self, model) -> dict:
@@ -210,9 +212,9 @@ def describe_run(run_id: str, config: TrainConfig, data: Splits, history: Histor
 
 
 def build(config: TrainConfig, data: Splits) -> torch.nn.Module:
-    """The untrained network for `config` (`build_model`), with M1+M2's VAE loaded from its run."""
-    m1 = artifacts.load_m1(config.features) if config.features else None
-    return build_model(config, data.shape, data.num_classes, data=data, m1=m1)
+    """The untrained network for `config` (`build_model`); a stacked variant loads the logged model it is built on
+    (M1+M2's VAE) from its run."""
+    return build_model(config, data.shape, data.num_classes, data=data, load=artifacts.load_model)
 
 
 def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *, data_dir: str | None = None,
@@ -229,6 +231,13 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
     best model so far logged, RunDiverged raised; anything else: FAILED, re-raised."""
     variant = REGISTRY[config.model]
     given, config = config, config.resolve(len(data.train_y))
+    # Built before any run is opened: a setting the variant refuses (hvae: --objective iwae-dreg), or a wrong M1 for
+    # M1+M2, opens none. A stacked variant is built once, here (it loads the model it is built on); any other is
+    # built again by `fit` from the same seed: the same weights, and the random stream as it always was.
+    torch.manual_seed(config.seed)
+    initial = build(config, data)
+    if not variant.stacked:
+        initial = None
     with lifecycle.stop_on_signals(say):
         if resume:
             run = mlflow.start_run(run_id=resume["run_id"])
@@ -274,12 +283,8 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
                                journal=folder / recovery.JOURNAL)
             epoch_images = EpochImages(data, config, log)
             if not resume:
-                epoch_images.log_initial(config, data)
+                epoch_images.log_initial(config, data, initial)
             diverged = None
-            initial = None
-            if config.features:  # M1+M2: the stack around the logged VAE (fit builds every other model itself)
-                torch.manual_seed(config.seed)
-                initial = build(config, data)
             try:
                 model, history = fit(config, data, model=initial, log=log, callbacks=(epoch_images, *callbacks),
                                      checkpoint=folder / checkpoints.FILE, run_id=run_id, resume=resume, progress=progress)
