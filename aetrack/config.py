@@ -234,11 +234,12 @@ class TuneConfig:
 class TrackingOptions:
     """Where and how a training run is tracked (the tracking URI is set by the caller, once)."""
 
-    experiment: str = "aetrack"
-    run_name: str | None = None
-    register: bool = True
-    registered_model: str | None = None
-    checkpoint_dir: str = "checkpoints"
+    experiment: str = option("aetrack", "MLflow experiment name.")
+    run_name: str | None = option(None, "MLflow run name.")
+    register: bool = option(True, "Register generative models (tune: the best trials') and crown the champion.")
+    registered_model: str | None = option(None, "Registry name (default aetrack-<dataset>-<model>).")
+    checkpoint_dir: str = option("checkpoints", "Where a run's checkpoint goes (<dir>/<run id>/last.pt): the first epoch, "
+                                 "then one every few seconds, and the last at the end or on a signal; removed when it finishes.")
 
 
 # Evaluation: the noise levels of a denoising autoencoder's PSNR table.
@@ -361,7 +362,7 @@ def parse_value(hint, text):
     if hint is bool:
         return text.lower() in ("1", "true", "yes")
     if typing.get_origin(hint) is tuple:
-        return tuple(int(part) for part in text.split(",") if part.strip())
+        return tuple(typing.get_args(hint)[0](part) for part in text.split(",") if part.strip())
     return hint(text)
 
 

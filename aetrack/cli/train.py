@@ -10,7 +10,7 @@ from pathlib import Path
 import click
 
 from aetrack.cli.options import (GroupedHelp, apply, config_options, data_options, explicit_options, friendly_errors,
-                                 settings_option, tracking_options, train_config, ui_hint, use_tracking_uri)
+                                 settings_option, tracking_uri_option, train_config, ui_hint, use_tracking_uri)
 from aetrack.config import MIN_VAL_EXAMPLES, TrackingOptions, TrainConfig, option_name, parse_settings
 from aetrack.models import REGISTRY
 
@@ -18,13 +18,8 @@ from aetrack.models import REGISTRY
 @click.command(cls=GroupedHelp)
 @config_options(TrainConfig)
 @apply(data_options)
-@apply(tracking_options)
-@click.option("--register/--no-register", default=TrackingOptions.register, show_default=True,
-              help="Register generative models in the MLflow registry.")
-@click.option("--registered-model", default=None, help="Registry name (default aetrack-<dataset>-<model>).")
-@click.option("--checkpoint-dir", default=TrackingOptions.checkpoint_dir, show_default=True,
-              help="Where the checkpoint goes (<dir>/<run id>/last.pt): the first epoch, then one every few "
-                   "seconds, and the last finished epoch at the end or on a signal; removed when the run finishes.")
+@tracking_uri_option
+@config_options(TrackingOptions)
 @click.option("--resume", "resume_run", default=None, metavar="RUN_ID",
               help="Go on with a stopped (KILLED or FAILED) run from its last checkpoint, with the run's own settings.")
 @settings_option
@@ -75,7 +70,8 @@ def train(ctx, data_dir, download, tracking_uri, experiment, run_name, register,
         from aetrack.tracking.run import build
 
         build(config, splits)
-    options = TrackingOptions(experiment, run_name, register, registered_model, checkpoint_dir)
+    options = TrackingOptions(experiment=experiment, run_name=run_name, register=register,
+                              registered_model=registered_model, checkpoint_dir=checkpoint_dir)
     # With logins: may this user create the run and register the model? Asked before any work, one line if not.
     registers = register and (REGISTRY[config.model].generative or registered_model)
     access.check_training(None if resume_run else experiment,

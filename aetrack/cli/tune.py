@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from aetrack.cli.options import (apply, config_options, data_options, friendly_errors, settings_option, tracking_options,
-                                 train_config, use_tracking_uri)
+from aetrack.cli.options import (apply, config_options, data_options, friendly_errors, settings_option,
+                                 tracking_uri_option, train_config, use_tracking_uri)
 from aetrack.config import TrackingOptions, TrainConfig, TuneConfig, from_strings
 from aetrack.models import REGISTRY
 from aetrack.tuning.space import space_for
@@ -16,12 +16,8 @@ TUNE_FIELDS = tuple(TuneConfig.__dataclass_fields__)
 @click.command()
 @config_options(TrainConfig)
 @apply(data_options)
-@apply(tracking_options)
-@click.option("--register/--no-register", default=TrackingOptions.register, show_default=True,
-              help="Register the best trials' models and crown the champion.")
-@click.option("--registered-model", default=None, help="Registry name (default aetrack-<dataset>-<model>).")
-@click.option("--checkpoint-dir", default=TrackingOptions.checkpoint_dir, show_default=True,
-              help="Per-trial checkpoints (<dir>/<run id>/last.pt).")
+@tracking_uri_option
+@config_options(TrackingOptions)
 @settings_option
 @click.option("--quiet", is_flag=True, help="No line per trial; only the summary.")
 @config_options(TuneConfig)
@@ -55,7 +51,7 @@ def tune(ctx, data_dir, download, tracking_uri, experiment, run_name, register, 
     registered_model = (registered_model or registered_name(base)) if register else None
     if ctx.get_parameter_source("experiment") == click.core.ParameterSource.DEFAULT:
         experiment = tuning_experiment(experiment)  # trials' short curves stay out of the training runs' charts
-    tracking = TrackingOptions(experiment, run_name or None, checkpoint_dir=checkpoint_dir)
+    tracking = TrackingOptions(experiment=experiment, run_name=run_name or None, checkpoint_dir=checkpoint_dir)
     from aetrack.tracking import access
 
     access.check_training(experiment, registered_model)  # with logins: one line before any trial, not a 403 after
