@@ -24,6 +24,8 @@ SAMPLERS = ("tpe", "random", "cmaes", "grid")
 PRUNERS = ("median", "hyperband", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CONTRACTIVE_ESTIMATORS = ("exact", "hutchinson")
+PRIORS = ("normal", "mog", "uniform", "vamp")  # each built by priors.build_prior
+MIXTURE_PRIORS = ("mog", "vamp")  # the priors with --prior-components
 
 # `--epochs auto`: a budget of optimiser steps, turned into epochs for the data set at hand. Small data sets need
 # many passes (digits: 11 steps an epoch) and large ones few (MNIST: 422), so no fixed epoch count suits both.
@@ -79,7 +81,7 @@ class TrainConfig:
                                         "entries +1 or -1) at the cost of one extra backward pass.", choices=CONTRACTIVE_ESTIMATORS,
                                         scope="contractive")
     # Variational.
-    prior: str = option("normal", "Prior p(z).", choices=("normal", "mog", "uniform", "vamp"), scope="variational")
+    prior: str = option("normal", "Prior p(z).", choices=PRIORS, scope="variational")
     prior_components: int = option(10, "Components of the mixture or VampPrior.", scope="variational")
     beta: float = option(1.0, "Weight of the KL term (beta-VAE).", scope="variational")
     kl_warmup: int | None = option(None, "Epochs over which the KL weight rises linearly from 0 to beta "
@@ -221,9 +223,6 @@ class TuneConfig:
         ])
         check_ranges(self, TUNE_RANGES)
         return self
-
-    def study_for(self, config: TrainConfig) -> str:
-        return self.study_name or f"aetrack-{config.dataset}-{config.model}"
 
     @property
     def stale_after(self) -> int:

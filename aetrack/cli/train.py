@@ -11,7 +11,7 @@ import click
 
 from aetrack.cli.options import (GroupedHelp, apply, config_options, data_options, explicit_options, friendly_errors,
                                  settings_option, tracking_uri_option, train_config, ui_hint, use_tracking_uri)
-from aetrack.config import MIN_VAL_EXAMPLES, TrackingOptions, TrainConfig, option_name, parse_settings
+from aetrack.config import TrackingOptions, TrainConfig, option_name, parse_settings
 from aetrack.models import REGISTRY
 
 
@@ -59,11 +59,7 @@ def train(ctx, data_dir, download, tracking_uri, experiment, run_name, register,
         resume = open_checkpoint(resume_run, checkpoint_dir)
         config = TrainConfig.from_params(resume["config"])
     splits = datasets.load_for(config, data_dir=data_dir, download=download)
-    if REGISTRY[config.model].semi_supervised and config.labeled > len(splits.train_y):
-        raise click.UsageError(f"--labeled {config.labeled} is larger than the training set ({len(splits.train_y)} examples)")
-    if len(splits.val_y) < MIN_VAL_EXAMPLES:
-        raise click.UsageError(f"--val-fraction {config.val_fraction} leaves {len(splits.val_y)} validation examples; "
-                               f"at least {MIN_VAL_EXAMPLES} are needed")
+    datasets.check_fits(config, splits)
     if not resume_run:
         use_tracking_uri(tracking_uri)
     if config.features:  # M1+M2: a wrong or unreachable M1 is a usage error before any run is opened

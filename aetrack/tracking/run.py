@@ -61,6 +61,8 @@ class RunResult:
 
 
 def registered_name(config: TrainConfig) -> str:
+    """The registry's name of a run's model unless --registered-model gives one (and a study's unless --study-name
+    does): built here only."""
     return f"aetrack-{config.dataset}-{config.model}"
 
 
