@@ -55,3 +55,29 @@ def test_check_fits_names_the_option_the_data_cannot_satisfy(labeled, val, messa
 def test_a_versions_key_metrics_are_the_descriptions():
     assert registry.KEY_METRICS == (names.BEST_VAL_LOSS, *(names.test(m) for m in names.KEY_TEST_METRICS))
     assert describe.KEY_TEST_METRICS is names.KEY_TEST_METRICS
+
+
+def test_no_process_wide_state_as_plumbing():
+    """MLFLOW_RUN_ID is read at the CLI's edge and passed on; whether a run nests is the caller's parameter."""
+    assert modules_saying(r"MLFLOW_RUN_ID\"") == ["aetrack/cli/options.py"]
+    assert modules_saying(r"active_run\(\)") == []
+
+
+def test_train_under_mlflow_run_reuses_its_run(tmp_path):
+    import mlflow
+    from click.testing import CliRunner
+
+    from aetrack.cli.main import main
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    experiment_id = client.create_experiment("made-by-mlflow-run")
+    made = client.create_run(experiment_id).info.run_id
+    result = CliRunner().invoke(main, ["train", "--model", "ae", "--hidden", "16", "--latent-dim", "2", "--epochs", "1",
+                                       "--tracking-uri", uri, "--checkpoint-dir", str(tmp_path / "ck"), "--quiet",
+                                       "--no-register"], env={"MLFLOW_RUN_ID": made})
+    assert result.exit_code == 0, result.output
+    assert f"run id:           {made}" in result.output
+    runs = client.search_runs([experiment_id])
+    assert [run.info.run_id for run in runs] == [made] and runs[0].info.status == "FINISHED"
+    assert runs[0].data.params["model"] == "ae"

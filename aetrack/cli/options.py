@@ -110,6 +110,13 @@ settings_option = click.option("--set", "settings", multiple=True, metavar="NAME
                                help="Set training options by name (as MLproject passes them; empty: the default).")
 
 
+def run_made_by_mlflow_run() -> str | None:
+    """The run `mlflow run` made for this command (MLFLOW_RUN_ID), read at the edge and passed on as a parameter.
+    Taken out of the environment: MLflow's start_run would otherwise resume it for the next run this process starts
+    (a tuning trial's child run)."""
+    return os.environ.pop("MLFLOW_RUN_ID", None) or None
+
+
 def use_tracking_uri(uri: str | None) -> None:
     """Point MLflow at `uri` for this command (else $MLFLOW_TRACKING_URI or MLflow's default); a tracking server
     that does not answer is a one-line error within seconds, not MLflow's minutes of retries."""

@@ -10,7 +10,8 @@ from pathlib import Path
 import click
 
 from aetrack.cli.options import (GroupedHelp, apply, config_options, data_options, explicit_options, friendly_errors,
-                                 settings_option, tracking_uri_option, train_config, ui_hint, use_tracking_uri)
+                                 run_made_by_mlflow_run, settings_option, tracking_uri_option, train_config, ui_hint,
+                                 use_tracking_uri)
 from aetrack.config import TrackingOptions, TrainConfig, option_name, parse_settings
 from aetrack.models import REGISTRY
 
@@ -73,7 +74,8 @@ def train(ctx, data_dir, download, tracking_uri, experiment, run_name, register,
     access.check_training(None if resume_run else experiment,
                           (registered_model or registered_name(config)) if registers else None)
     try:
-        result = train_tracked(config, splits, options, data_dir=data_dir, progress=not quiet, resume=resume)
+        result = train_tracked(config, splits, options, data_dir=data_dir, progress=not quiet, resume=resume,
+                               reuse_run_id=None if resume else run_made_by_mlflow_run())
     except RunStopped as stop:
         if stop.epoch < 1:  # no epoch finished, so no checkpoint: a --resume would fail
             click.echo(f"\n{stop}; it stopped before its first epoch ended, so there is no checkpoint to resume "

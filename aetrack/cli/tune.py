@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from aetrack.cli.options import (apply, config_options, data_options, friendly_errors, settings_option,
-                                 tracking_uri_option, train_config, use_tracking_uri)
+from aetrack.cli.options import (apply, config_options, data_options, friendly_errors, run_made_by_mlflow_run,
+                                 settings_option, tracking_uri_option, train_config, use_tracking_uri)
 from aetrack.config import TrackingOptions, TrainConfig, TuneConfig, from_strings
 from aetrack.models import REGISTRY
 from aetrack.tuning.space import space_for
@@ -57,7 +57,8 @@ def tune(ctx, data_dir, download, tracking_uri, experiment, run_name, register, 
     access.check_training(experiment, registered_model)  # with logins: one line before any trial, not a 403 after
     try:
         tune_study(base, space, search, data_dir=data_dir or None, download=download, tracking=tracking,
-                   registered_model=registered_model, echo=(lambda line: None) if quiet else click.echo, summary=click.echo)
+                   registered_model=registered_model, echo=(lambda line: None) if quiet else click.echo, summary=click.echo,
+                   reuse_run_id=run_made_by_mlflow_run())
     except RunStopped as stop:  # the trial's run is KILLED; the study retries it, as a new trial, when a worker starts
         click.echo(f"\nthis worker stopped: trial {stop}; start the command again to go on with the study", err=True)
         ctx.exit(128 + stop.signum)

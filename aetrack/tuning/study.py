@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from typing import Callable
 
@@ -57,9 +56,11 @@ def tuning_description(name: str) -> str:
 
 def tune_study(base: TrainConfig, space: SearchSpace, tune: TuneConfig, *, data_dir: str | None = None,
                download: bool = False, tracking: TrackingOptions = TrackingOptions(), registered_model: str | None = None,
-               echo: Callable[[str], None] = print, summary: Callable[[str], None] = print) -> optuna.Study:
+               echo: Callable[[str], None] = print, summary: Callable[[str], None] = print,
+               reuse_run_id: str | None = None) -> optuna.Study:
     """One worker of the study `--study-name` (default: `registered_name(base)`): the whole of `aetrack tune` after option parsing.
-    MLflow's tracking URI is the caller's to set."""
+    MLflow's tracking URI is the caller's to set; `reuse_run_id` is the run `mlflow run -e tune` made (its
+    MLFLOW_RUN_ID, which the CLI reads): it becomes the study's parent when it is the first."""
     import aetrack
     from aetrack import data as datasets
 
@@ -93,8 +94,6 @@ def tune_study(base: TrainConfig, space: SearchSpace, tune: TuneConfig, *, data_
         differ = ", ".join(f"{k} {recorded.get(k)} (not {v})" for k, v in wanted.items() if recorded.get(k) != v)
         raise TuningError(f"study {study_name} tunes {differ}; use the same options or another --study-name")
 
-    # `mlflow run -e tune` made a run: it becomes the parent (when first), and children must not resume it.
-    reuse_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
     client = mlflow.MlflowClient()
     experiment_id = (client.get_run(reuse_run_id).info.experiment_id if reuse_run_id
                      else describe.open_experiment(client, tracking.experiment, tuning_description(tracking.experiment)))
