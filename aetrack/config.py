@@ -237,8 +237,9 @@ class TrackingOptions:
     run_name: str | None = option(None, "MLflow run name.")
     register: bool = option(True, "Register generative models (tune: the best trials') and crown the champion.")
     registered_model: str | None = option(None, "Registry name (default aetrack-<dataset>-<model>).")
-    checkpoint_dir: str = option("checkpoints", "Where a run's checkpoint goes (<dir>/<run id>/last.pt): the first epoch, "
-                                 "then one every few seconds, and the last at the end or on a signal; removed when it finishes.")
+    checkpoint_dir: str = option("checkpoints", "Where a run's checkpoint goes (<dir>/<run id>/last.pt): the first "
+                                 "epoch, then one every few seconds, and the last at the end or on a signal; removed "
+                                 "when it finishes.")
 
 
 # Evaluation: the noise levels of a denoising autoencoder's PSNR table.

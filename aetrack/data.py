@@ -22,8 +22,8 @@ import torch
 if TYPE_CHECKING:
     from torchvision.datasets import CIFAR10, MNIST
 
-from aetrack.config import (BINARIZE, DATASETS, MIN_VAL_EXAMPLES, POOL_SIZES, ConfigError, UserError,  # noqa: F401 (POOL_SIZES: re-exported)
-                            resolve_device)
+from aetrack.config import (BINARIZE, DATASETS, MIN_VAL_EXAMPLES, POOL_SIZES,  # noqa: F401 (POOL_SIZES: re-exported)
+                            ConfigError, UserError, resolve_device)
 
 
 # Fixed seeds, independent of the run's seed, so that the digits test split and every binarized
