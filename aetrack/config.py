@@ -24,6 +24,8 @@ SAMPLERS = ("tpe", "random", "cmaes", "grid")
 PRUNERS = ("median", "hyperband", "none")
 PRECISIONS = ("fp32", "bf16", "fp16")
 CONTRACTIVE_ESTIMATORS = ("exact", "hutchinson")
+PRIORS = ("normal", "mog", "uniform", "vamp")  # each built by priors.build_prior
+MIXTURE_PRIORS = ("mog", "vamp")  # the priors with --prior-components
 
 # `--epochs auto`: a budget of optimiser steps, turned into epochs for the data set at hand. Small data sets need
 # many passes (digits: 11 steps an epoch) and large ones few (MNIST: 422), so no fixed epoch count suits both.
@@ -79,7 +81,7 @@ class TrainConfig:
                                         "entries +1 or -1) at the cost of one extra backward pass.", choices=CONTRACTIVE_ESTIMATORS,
                                         scope="contractive")
     # Variational.
-    prior: str = option("normal", "Prior p(z).", choices=("normal", "mog", "uniform", "vamp"), scope="variational")
+    prior: str = option("normal", "Prior p(z).", choices=PRIORS, scope="variational")
     prior_components: int = option(10, "Components of the mixture or VampPrior.", scope="variational")
     beta: float = option(1.0, "Weight of the KL term (beta-VAE).", scope="variational")
     kl_warmup: int | None = option(None, "Epochs over which the KL weight rises linearly from 0 to beta "
@@ -231,9 +233,6 @@ class TuneConfig:
         check_ranges(self, TUNE_RANGES)
         return self
 
-    def study_for(self, config: TrainConfig) -> str:
-        return self.study_name or f"aetrack-{config.dataset}-{config.model}"
-
     @property
     def stale_after(self) -> int:
         return self.grace_period or 2 * self.heartbeat
@@ -243,11 +242,13 @@ class TuneConfig:
 class TrackingOptions:
     """Where and how a training run is tracked (the tracking URI is set by the caller, once)."""
 
-    experiment: str = "aetrack"
-    run_name: str | None = None
-    register: bool = True
-    registered_model: str | None = None
-    checkpoint_dir: str = "checkpoints"
+    experiment: str = option("aetrack", "MLflow experiment name.")
+    run_name: str | None = option(None, "MLflow run name.")
+    register: bool = option(True, "Register generative models (tune: the best trials') and crown the champion.")
+    registered_model: str | None = option(None, "Registry name (default aetrack-<dataset>-<model>).")
+    checkpoint_dir: str = option("checkpoints", "Where a run's checkpoint goes (<dir>/<run id>/last.pt): the first "
+                                 "epoch, then one every few seconds, and the last at the end or on a signal; removed "
+                                 "when it finishes.")
 
 
 # Evaluation: the noise levels of a denoising autoencoder's PSNR table.
@@ -370,7 +371,7 @@ def parse_value(hint, text):
     if hint is bool:
         return text.lower() in ("1", "true", "yes")
     if typing.get_origin(hint) is tuple:
-        return tuple(int(part) for part in text.split(",") if part.strip())
+        return tuple(typing.get_args(hint)[0](part) for part in text.split(",") if part.strip())
     return hint(text)
 
 

@@ -22,7 +22,8 @@ import torch
 if TYPE_CHECKING:
     from torchvision.datasets import CIFAR10, MNIST
 
-from aetrack.config import BINARIZE, DATASETS, POOL_SIZES, UserError, resolve_device  # noqa: F401 (POOL_SIZES: re-exported)
+from aetrack.config import (BINARIZE, DATASETS, MIN_VAL_EXAMPLES, POOL_SIZES,  # noqa: F401 (POOL_SIZES: re-exported)
+                            ConfigError, UserError, resolve_device)
 
 
 # Fixed seeds, independent of the run's seed, so that the digits test split and every binarized
@@ -160,6 +161,18 @@ def load_for(config, *, data_dir: str | None = None, download: bool = False, bin
     return load(config.dataset, data_dir=data_dir, download=download,
                 binarize=config.binarize if binarize is None else binarize, val_fraction=config.val_fraction,
                 seed=config.seed, device=resolve_device(config.device) if device is None else device)
+
+
+def check_fits(config, splits: Splits) -> None:
+    """What a config asks of its data that only the loaded data can answer (train and tune ask it here, once):
+    a ConfigError naming the option if the data cannot give it."""
+    from aetrack.models import REGISTRY
+
+    if REGISTRY[config.model].semi_supervised and config.labeled > len(splits.train_y):
+        raise ConfigError(f"--labeled {config.labeled} is larger than the training set ({len(splits.train_y)} examples)")
+    if len(splits.val_y) < MIN_VAL_EXAMPLES:
+        raise ConfigError(f"--val-fraction {config.val_fraction} leaves {len(splits.val_y)} validation examples; "
+                          f"at least {MIN_VAL_EXAMPLES} are needed")
 
 
 def labeled_indices(y: torch.Tensor, count: int, num_classes: int, seed: int) -> torch.Tensor:

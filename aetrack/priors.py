@@ -215,11 +215,14 @@ class VampPrior(nn.Module):
         return q.kl_standard_normal()
 
 
+# One per name of config.PRIORS (the names the CLI and the tuning space offer): tests/test_written_once.py.
+BUILDERS = {
+    "normal": lambda latent_dim, components, input_shape: StandardNormal(latent_dim),
+    "uniform": lambda latent_dim, components, input_shape: Uniform(latent_dim),
+    "mog": lambda latent_dim, components, input_shape: MixtureOfGaussians(latent_dim, components),
+    "vamp": lambda latent_dim, components, input_shape: VampPrior(latent_dim, components, input_shape),
+}
+
+
 def build_prior(name: str, latent_dim: int, components: int, input_shape: tuple[int, ...]) -> nn.Module:
-    factories = {
-        "normal": lambda: StandardNormal(latent_dim),
-        "uniform": lambda: Uniform(latent_dim),
-        "mog": lambda: MixtureOfGaussians(latent_dim, components),
-        "vamp": lambda: VampPrior(latent_dim, components, input_shape),
-    }
-    return factories[name]()
+    return BUILDERS[name](latent_dim, components, input_shape)

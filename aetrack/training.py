@@ -168,6 +168,150 @@ def init_output_biases(model: torch.nn.Module, train_x: torch.Tensor) -> None:
             module.init_output_bias(mean_image)
 
 
+AUTOCAST = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingState:
+    """What training changes as it goes, and the parts that change it. `state_dict()` is what a checkpoint holds;
+    `load_state_dict` goes on from one and, with the same data, ends with the weights of a run never stopped."""
+
+    def __init__(self, config: TrainConfig, model: torch.nn.Module, n_train: int, device: torch.device):
+        self.config, self.model, self.device = config, model, device
+        # fused: one kernel for the whole update instead of a dozen per parameter (about a fifth of a CPU step).
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, eps=config.adam_eps, fused=True)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+        self.learning_rate = LearningRate(config, config.epochs * config.steps_per_epoch(n_train))
+        self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.learning_rate)
+        self.generator = torch.Generator(device=device).manual_seed(config.seed)
+        self.history = History(config=config)
+        self.best_model: dict | None = None  # the weights at the best validation loss so far
+        self.stale = 0  # epochs since the validation loss last improved
+        self.step, self.epoch = 0, 0  # optimiser steps and epochs finished
+
+    @property
+    def patience_spent(self) -> bool:
+        return bool(self.config.patience) and self.stale >= self.config.patience
+
+    def state_dict(self) -> dict:
+        """A copy of this epoch's state (the next epoch changes the live tensors) and the random state it goes on from."""
+        rng = {"torch": torch.get_rng_state(), "generator": self.generator.get_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        history = self.history
+        return {"epoch": self.epoch, "step": self.step, "stale": self.stale,
+                "model": frozen(self.model.state_dict()), "optimizer": frozen(self.optimizer.state_dict()),
+                "best_model": None if history.best_epoch == self.epoch else self.best_model,  # else the same weights twice
+                "best_val_loss": history.best_val_loss, "best_epoch": history.best_epoch, "history": list(history.epochs),
+                "learning_rate": self.learning_rate.state_dict(), "scaler": self.scaler.state_dict(), "rng": rng}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.last_epoch = state["step"]  # LambdaLR's next step() sets the rate of the step after it
+        self.learning_rate.load_state_dict(state["learning_rate"])
+        if state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        history = self.history
+        history.epochs, history.best_val_loss, history.best_epoch = unpack(state["history"]), state["best_val_loss"], state["best_epoch"]
+        self.best_model, self.stale, self.step, self.epoch = state["best_model"], state["stale"], state["step"], state["epoch"]
+        if self.best_model is None and history.best_epoch == self.epoch:  # saved as "the model itself"
+            self.best_model = copy.deepcopy(self.model.state_dict())
+        self.generator.set_state(state["rng"]["generator"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def diverged(self, loss: float) -> Diverged:
+        """Diverged, with the model back at its best epoch's weights (if one finished)."""
+        if self.best_model is not None:
+            self.model.load_state_dict(self.best_model)
+        self.model.eval()
+        return Diverged(f"training loss became {loss} at step {self.step} (epoch {self.epoch + 1}); try a lower --lr",
+                        self.model, self.history)
+
+
+class Checkpoints:
+    """Writes a finished epoch's state to `path` (when there is one): the first, then one whenever CHECKPOINT_SECONDS
+    have passed since the last save; `flush` writes the last one kept back, whenever fit ends."""
+
+    def __init__(self, path: Path | None, identity: dict):
+        self.path, self.identity = path, identity
+        self.unsaved: dict | None = None
+        self.saved_at = -math.inf  # the first epoch is saved: a kill can resume
+
+    def epoch_end(self, state: TrainingState) -> None:
+        if self.path is None:
+            return
+        self.unsaved = {**self.identity, **state.state_dict()}
+        if time.monotonic() - self.saved_at >= CHECKPOINT_SECONDS:
+            self.flush()
+            self.saved_at = time.monotonic()
+
+    def flush(self) -> None:
+        if self.unsaved is not None:
+            save_checkpoint(self.path, self.unsaved)
+            self.unsaved = None
+
+
+def train_one_epoch(state: TrainingState, data: Splits, forward: Callable, draw: Callable,
+                    log: Callable[[dict[str, float], int], None] | None, progress: bool) -> float:
+    """One pass over the training set in shuffled batches; returns the mean training loss. The running means of the
+    loss and its parts go to `log` every --log-every steps; a loss that is no longer finite raises Diverged."""
+    config, model, device = state.config, state.model, state.device
+    model.train()
+    n_train = len(data.train_y)
+    per_epoch = config.steps_per_epoch(n_train)
+    autocast_dtype = AUTOCAST.get(config.precision)
+    order = torch.randperm(n_train, generator=state.generator, device=device)
+    running: dict[str, torch.Tensor] = {}
+    count, epoch_loss = 0, torch.zeros((), device=device)
+    bar = tqdm(range(per_epoch), desc=f"epoch {state.epoch + 1}/{config.epochs}", disable=True if not progress else None,
+               leave=False, **bar_size())  # disable=None: no bar off a terminal
+    for i in bar:
+        x, y = draw(order[i * config.batch_size:(i + 1) * config.batch_size], state.generator)
+        with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+            out = forward(x, y, kl_scale=kl_scale(config, state.epoch + i / per_epoch))
+        state.optimizer.zero_grad(set_to_none=True)
+        state.scaler.scale(out.loss).backward()
+        if config.grad_clip:
+            state.scaler.unscale_(state.optimizer)
+            torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+        state.scaler.step(state.optimizer)
+        state.scaler.update()
+        state.schedule.step()
+        state.step += 1
+        epoch_loss += out.loss.detach()
+        for name, value in {"loss": out.loss, **out.parts}.items():
+            running[name] = running.get(name, 0.0) + value.detach()
+        count += 1
+        # Only every log_every steps do values leave the device: no sync on the hot path.
+        if state.step % config.log_every == 0 or i == per_epoch - 1:
+            metrics = {f"train_{k}": float(v) / count for k, v in running.items()}
+            running, count = {}, 0
+            bar.set_postfix(loss=f"{metrics['train_loss']:.3f}")
+            if not math.isfinite(metrics["train_loss"]):
+                raise state.diverged(metrics["train_loss"])
+            if log:
+                log(metrics, state.step)
+    bar.close()
+    return float(epoch_loss) / per_epoch
+
+
+def evaluate(state: TrainingState, data: Splits) -> dict[str, float]:
+    """The validation loss and its parts after an epoch, kept as the best weights when it is the lowest so far."""
+    config, history = state.config, state.history
+    val = evaluate_loss(state.model, data.val_x, data.val_y, max(config.batch_size, 512))
+    warming_up = state.epoch < config.kl_warmup  # the objective still changes: a worse loss is no reason to stop
+    if val["loss"] < history.best_val_loss:
+        history.best_val_loss, history.best_epoch, state.stale = val["loss"], state.epoch, 0
+        state.best_model = copy.deepcopy(state.model.state_dict())
+    elif not warming_up:
+        state.stale += 1
+    if not warming_up:
+        state.learning_rate.epoch_end(val["loss"])
+    return {f"val_{k}": v for k, v in val.items()}
+
+
 def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = None,
         log: Callable[[dict[str, float], int], None] | None = None,
         callbacks: tuple[Callback, ...] = (), checkpoint: Path | None = None, run_id: str | None = None,
@@ -189,132 +333,45 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
         if config.decoder_bias == "mean" and resume is None:
             init_output_biases(model, data.mean_image()[None])  # no float copy of the whole training set
     model = model.to(device)
-    # fused: one kernel for the whole update instead of a dozen per parameter (about a fifth of a CPU step).
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr, eps=config.adam_eps, fused=True)
-    autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.precision)
-    scaler = torch.amp.GradScaler(device.type, enabled=config.precision == "fp16")
+    state = TrainingState(config, model, n_train, device)
     forward = torch.compile(model) if config.compile else model  # `model` keeps its own parameter names
-    per_epoch = config.steps_per_epoch(n_train)
-    total_steps = config.epochs * per_epoch
-    learning_rate = LearningRate(config, total_steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, learning_rate)
-    generator = torch.Generator(device=device).manual_seed(config.seed)
     draw = model.training_batches(data, config.seed) if isinstance(model, OwnBatches) else data.train_batch
-    history, best_state, stale, step, start = History(config=config), None, 0, 0, 0
     if resume is not None:
-        model.load_state_dict(resume["model"])
-        optimizer.load_state_dict(resume["optimizer"])
-        schedule.last_epoch = resume["step"]  # LambdaLR's next step() sets the rate of the step after it
-        learning_rate.load_state_dict(resume["learning_rate"])
-        if resume.get("scaler"):
-            scaler.load_state_dict(resume["scaler"])
-        history.epochs, history.best_val_loss, history.best_epoch = unpack(resume["history"]), resume["best_val_loss"], resume["best_epoch"]
-        best_state, stale, step, start = resume["best_model"], resume["stale"], resume["step"], resume["epoch"]
-        if best_state is None and history.best_epoch == start:  # saved as "the model itself"
-            best_state = copy.deepcopy(model.state_dict())
-        generator.set_state(resume["rng"]["generator"])
-        torch.set_rng_state(resume["rng"]["torch"])
-        if "cuda" in resume["rng"]:
-            torch.cuda.set_rng_state_all(resume["rng"]["cuda"])
-        if config.patience and stale >= config.patience:  # stopped after its last checkpoint, before it could end
-            start, history.stopped_early = config.epochs, True
-
-    params, unsaved, saved_at = config.to_params(), None, -math.inf  # the first epoch is saved: a kill can resume
+        state.load_state_dict(resume)
+    history = state.history
+    saver = Checkpoints(checkpoint, {"run_id": run_id, "config": config.to_params()})
     try:
-        for epoch in range(start, config.epochs):
-            model.train()
+        # A run resumed from a checkpoint written after its patience ran out ends at once.
+        while state.epoch < config.epochs and not state.patience_spent:
             started = time.perf_counter()
-            order = torch.randperm(n_train, generator=generator, device=device)
-            running: dict[str, torch.Tensor] = {}
-            count, epoch_loss = 0, torch.zeros((), device=device)
-            bar = tqdm(range(per_epoch), desc=f"epoch {epoch + 1}/{config.epochs}", disable=True if not progress else None,
-                       leave=False, **bar_size())  # disable=None: no bar off a terminal
-            for i in bar:
-                x, y = draw(order[i * config.batch_size:(i + 1) * config.batch_size], generator)
-                with torch.autocast(device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-                    out = forward(x, y, kl_scale=kl_scale(config, epoch + i / per_epoch))
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(out.loss).backward()
-                if config.grad_clip:
-                    scaler.unscale_(optimizer)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-                scaler.step(optimizer)
-                scaler.update()
-                schedule.step()
-                step += 1
-                epoch_loss += out.loss.detach()
-                for name, value in {"loss": out.loss, **out.parts}.items():
-                    running[name] = running.get(name, 0.0) + value.detach()
-                count += 1
-                # Only every log_every steps do values leave the device: no sync on the hot path.
-                if step % config.log_every == 0 or i == per_epoch - 1:
-                    metrics = {f"train_{k}": float(v) / count for k, v in running.items()}
-                    running, count = {}, 0
-                    bar.set_postfix(loss=f"{metrics['train_loss']:.3f}")
-                    if not math.isfinite(metrics["train_loss"]):
-                        if best_state is not None:
-                            model.load_state_dict(best_state)
-                        model.eval()
-                        raise Diverged(f"training loss became {metrics['train_loss']} at step {step} (epoch {epoch + 1}); "
-                                       "try a lower --lr", model, history)
-                    if log:
-                        log(metrics, step)
-            bar.close()
+            train_loss = train_one_epoch(state, data, forward, draw, log, progress)
             elapsed = time.perf_counter() - started
-            val = evaluate_loss(model, data.val_x, data.val_y, max(config.batch_size, 512))
-            metrics = {f"val_{k}": v for k, v in val.items()}
-            metrics.update(epoch=epoch + 1, train_epoch_loss=float(epoch_loss) / per_epoch, epoch_time=elapsed,
-                           samples_per_sec=n_train / elapsed, kl_scale=kl_scale(config, epoch + 1))
+            state.epoch += 1
+            metrics = evaluate(state, data)
+            metrics.update(epoch=state.epoch, train_epoch_loss=train_loss, epoch_time=elapsed,
+                           samples_per_sec=n_train / elapsed, kl_scale=kl_scale(config, state.epoch))
             if config.lr_schedule != "constant" or config.warmup_steps:  # a constant rate is the setting itself
-                metrics["lr"] = optimizer.param_groups[0]["lr"]
+                metrics["lr"] = state.optimizer.param_groups[0]["lr"]
             history.epochs.append(metrics)
             if log:
-                log(metrics, step)
-            warming_up = epoch + 1 < config.kl_warmup  # the objective still changes: a worse loss is no reason to stop
-            if val["loss"] < history.best_val_loss:
-                history.best_val_loss, history.best_epoch, stale = val["loss"], epoch + 1, 0
-                best_state = copy.deepcopy(model.state_dict())
-            elif not warming_up:
-                stale += 1
-            if not warming_up:
-                learning_rate.epoch_end(val["loss"])
+                log(metrics, state.step)
             for callback in callbacks:
-                callback.on_epoch_end(epoch + 1, model, metrics)
-            if checkpoint is not None:
-                rng = {"torch": torch.get_rng_state(), "generator": generator.get_state()}
-                if device.type == "cuda":
-                    rng["cuda"] = torch.cuda.get_rng_state_all()
-                # A copy of this epoch's state (the next epoch changes the live tensors), written every CHECKPOINT_SECONDS
-                # at most, and whenever fit ends: at the end, on a signal (KeyboardInterrupt) or on an error.
-                unsaved = {
-                    "run_id": run_id, "config": params, "epoch": epoch + 1, "step": step, "stale": stale,
-                    "model": frozen(model.state_dict()), "optimizer": frozen(optimizer.state_dict()),
-                    "best_model": None if history.best_epoch == epoch + 1 else best_state,  # else the same weights twice
-                    "best_val_loss": history.best_val_loss, "best_epoch": history.best_epoch, "history": list(history.epochs),
-                    "learning_rate": learning_rate.state_dict(), "scaler": scaler.state_dict(), "rng": rng}
-                if time.monotonic() - saved_at >= CHECKPOINT_SECONDS:
-                    save_checkpoint(checkpoint, unsaved)
-                    unsaved, saved_at = None, time.monotonic()
+                callback.on_epoch_end(state.epoch, model, metrics)
+            saver.epoch_end(state)
             # About 50 lines for a whole run, however many epochs the budget has (546 on digits).
-            stopping = bool(config.patience) and stale >= config.patience
-            if progress and (epoch == 0 or (epoch + 1) % max(1, config.epochs // 50) == 0 or stopping):
-                tqdm.write(f"epoch {epoch + 1}: val_loss {val['loss']:.4f}  best {history.best_val_loss:.4f} (epoch {history.best_epoch})"
-                           f"  ({elapsed:.1f}s, {n_train / elapsed:.0f} samples/s)")
-            if stopping:
-                history.stopped_early = True
-                break
-
+            if progress and (state.epoch == 1 or state.epoch % max(1, config.epochs // 50) == 0 or state.patience_spent):
+                tqdm.write(f"epoch {state.epoch}: val_loss {metrics['val_loss']:.4f}  best {history.best_val_loss:.4f} "
+                           f"(epoch {history.best_epoch})  ({elapsed:.1f}s, {n_train / elapsed:.0f} samples/s)")
     except BaseException:
-        if unsaved is not None:  # the last finished epoch: a stopped run resumes from it
-            with contextlib.suppress(Exception):  # the error that ended training is the one to report
-                save_checkpoint(checkpoint, unsaved)
+        with contextlib.suppress(Exception):  # the error that ended training is the one to report
+            saver.flush()  # the last finished epoch: a stopped run resumes from it
         raise
-    if unsaved is not None:
-        save_checkpoint(checkpoint, unsaved)
+    saver.flush()
+    history.stopped_early = state.patience_spent
 
     if config.keep == "last" and history.epochs:  # the weights as trained: the last epoch is the one kept
         history.best_epoch, history.best_val_loss = len(history.epochs), history.epochs[-1]["val_loss"]
-    elif best_state is not None:
-        model.load_state_dict(best_state)
+    elif state.best_model is not None:
+        model.load_state_dict(state.best_model)
     model.eval()
     return model, history

@@ -238,3 +238,21 @@ def test_every_train_option_is_in_a_help_group():
     assert isinstance(train, GroupedHelp)
     grouped = {option.name for group in train.option_groups for option in group.options}
     assert grouped == {p.name for p in train.params if p.name != "help"}
+
+
+@pytest.mark.parametrize("command, settings", [("train", "TrainConfig"), ("train", "TrackingOptions"), ("tune", "TrainConfig"),
+                                               ("tune", "TuneConfig"), ("tune", "TrackingOptions"), ("evaluate", "Settings")])
+def test_each_option_of_a_settings_dataclass_is_generated_from_its_field(command, settings):
+    """One help and one default per setting, in its dataclass: no command writes such an option by hand."""
+    import dataclasses
+
+    from aetrack import config, evaluation_settings
+    from aetrack.cli.main import main
+
+    cls = getattr(config, settings, None) or getattr(evaluation_settings, settings)
+    params = {p.name: p for p in main.commands[command].params}
+    for f in dataclasses.fields(cls):
+        if "help" in f.metadata:
+            option = params[f.name]
+            assert option.help.startswith(f.metadata["help"]), (command, f.name)
+            assert option.default in (f.default, config.format_value(f.default)), (command, f.name)

@@ -22,7 +22,7 @@ ONLY_IN = {"click": ("aetrack.cli",), "optuna": ("aetrack.tuning",),
            "mlflow": ("aetrack.tracking", "aetrack.serving", "aetrack.tuning", "aetrack.cli")}
 # Imports point one way: a module imports only modules of its own rank or lower.
 # (The registry, aetrack.models, is light and low; the variants in its package sit above the building blocks.)
-RANKS = {"aetrack": 0, "aetrack.memory": 0, "aetrack.config": 0, "aetrack.models": 1,
+RANKS = {"aetrack": 0, "aetrack.memory": 0, "aetrack.config": 0, "aetrack.evaluation_settings": 0, "aetrack.models": 1,
          **{f"aetrack.{block}": 2 for block in ("data", "losses", "nets", "priors", "penalties", "samplers", "images",
                                                 "modelio", "checkpoints")},
          "aetrack.models.*": 3, "aetrack.training": 4, "aetrack.evaluation.*": 5, "aetrack.serving.*": 6,

@@ -4,7 +4,7 @@ bias, gradient clipping, and a default VAE that does not collapse."""
 from __future__ import annotations
 
 import dataclasses
-
+import inspect
 import math
 import re
 
@@ -13,6 +13,7 @@ import torch
 from click.testing import CliRunner
 
 from aetrack import data as datasets
+from aetrack import training
 from aetrack.cli import main
 from aetrack.config import AUTO_STEPS, ConfigError, TrainConfig
 from aetrack.evaluation import active_units
@@ -387,3 +388,39 @@ def test_cuda_is_refused_in_one_line_where_there_is_none():
         pytest.skip("a CUDA device is here")
     with pytest.raises(ConfigError, match="no CUDA device"):
         TrainConfig(device="cuda").validate()
+
+
+def test_the_loop_reads_on_one_screen_and_its_state_goes_through_a_checkpoint_whole(digits):
+    """Resume, checkpoints and divergence live in TrainingState, Checkpoints and train_one_epoch, not in fit's loop;
+    a state saved and loaded into a fresh one saves the same again."""
+    assert len(inspect.getsource(training.fit).splitlines()) <= 70
+    config = TrainConfig(model="ae", hidden=(16,), latent_dim=2, epochs=2).resolve(len(digits.train_y))
+    device = digits.train_images.device
+
+    def state():
+        torch.manual_seed(0)
+        model = build_model(config, digits.shape, digits.num_classes, data=digits).to(device)
+        return training.TrainingState(config, model, len(digits.train_y), device)
+
+    trained = state()
+    training.train_one_epoch(trained, digits, trained.model, digits.train_batch, None, False)
+    trained.epoch += 1
+    training.evaluate(trained, digits)
+    trained.history.epochs.append({"epoch": 1, "val_loss": trained.history.best_val_loss})
+    saved = training.frozen(trained.state_dict())
+    saved["history"] = training.pack(saved["history"])
+    loaded = state()
+    loaded.load_state_dict(saved)
+    again = loaded.state_dict()
+    again["history"] = training.pack(again["history"])
+    assert same(again, saved)
+
+
+def same(a, b) -> bool:
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.shape == b.shape and torch.equal(a, b)
+    if isinstance(a, dict):
+        return isinstance(b, dict) and a.keys() == b.keys() and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return type(a) is type(b) and len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b

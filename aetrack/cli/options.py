@@ -106,13 +106,15 @@ data_options = [
 device_option = click.option("--device", type=click.Choice(DEVICES), default="auto", show_default=True)
 tracking_uri_option = click.option(
     "--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else MLflow's local default).")
-tracking_options = [
-    tracking_uri_option,
-    click.option("--experiment", default="aetrack", show_default=True, help="MLflow experiment name."),
-    click.option("--run-name", default=None, help="MLflow run name."),
-]
 settings_option = click.option("--set", "settings", multiple=True, metavar="NAME=VALUE[,...]",
                                help="Set training options by name (as MLproject passes them; empty: the default).")
+
+
+def run_made_by_mlflow_run() -> str | None:
+    """The run `mlflow run` made for this command (MLFLOW_RUN_ID), read at the edge and passed on as a parameter.
+    Taken out of the environment: MLflow's start_run would otherwise resume it for the next run this process starts
+    (a tuning trial's child run)."""
+    return os.environ.pop("MLFLOW_RUN_ID", None) or None
 
 
 def use_tracking_uri(uri: str | None) -> None:
@@ -166,8 +168,9 @@ def config_options(cls):
     types = hints(cls)
 
     def decorate(func):
-        for f in reversed(dataclasses.fields(cls)):
+        for f in reversed([f for f in dataclasses.fields(cls) if "help" in f.metadata]):  # option() fields only
             hint, meta = types[f.name], f.metadata
+            name_or_unset = optional_type(hint) is str  # `str | None`: None is "not given", not `auto`
             if cls is TrainConfig and f.name == "model":
                 kind = click.Choice(sorted(REGISTRY))
             elif meta["choices"]:
@@ -182,8 +185,10 @@ def config_options(cls):
                 func = click.option(f"{option_name(f.name)}/--no-{option_name(f.name)[2:]}", f.name, default=f.default,
                                     show_default=True, help=meta["help"] + scope)(func)
                 continue
-            func = click.option(option_name(f.name), f.name, type=kind, default=format_value(f.default) if kind is str else f.default,
-                                metavar="auto|N" if optional_type(hint) else None, show_default=f.default != "",
+            func = click.option(option_name(f.name), f.name, type=kind,
+                                default=format_value(f.default) if kind is str and not name_or_unset else f.default,
+                                metavar="auto|N" if optional_type(hint) and not name_or_unset else None,
+                                show_default=f.default != "",
                                 envvar=meta["envvar"], show_envvar=bool(meta["envvar"]),
                                 help=meta["help"] + extra + scope)(func)
         return func

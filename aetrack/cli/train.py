@@ -10,21 +10,17 @@ from pathlib import Path
 import click
 
 from aetrack.cli.options import (GroupedHelp, apply, config_options, data_options, explicit_options, friendly_errors,
-                                 settings_option, tracking_options, train_config, ui_hint, use_tracking_uri)
-from aetrack.config import MIN_VAL_EXAMPLES, TrackingOptions, TrainConfig, option_name, parse_settings
+                                 run_made_by_mlflow_run, settings_option, tracking_uri_option, train_config, ui_hint,
+                                 use_tracking_uri)
+from aetrack.config import TrackingOptions, TrainConfig, option_name, parse_settings
 from aetrack.models import REGISTRY
 
 
 @click.command(cls=GroupedHelp)
 @config_options(TrainConfig)
 @apply(data_options)
-@apply(tracking_options)
-@click.option("--register/--no-register", default=TrackingOptions.register, show_default=True,
-              help="Register generative models in the MLflow registry.")
-@click.option("--registered-model", default=None, help="Registry name (default aetrack-<dataset>-<model>).")
-@click.option("--checkpoint-dir", default=TrackingOptions.checkpoint_dir, show_default=True,
-              help="Where the checkpoint goes (<dir>/<run id>/last.pt): the first epoch, then one every few "
-                   "seconds, and the last finished epoch at the end or on a signal; removed when the run finishes.")
+@tracking_uri_option
+@config_options(TrackingOptions)
 @click.option("--resume", "resume_run", default=None, metavar="RUN_ID",
               help="Go on with a stopped (KILLED or FAILED) run from its last checkpoint, with the run's own settings.")
 @settings_option
@@ -64,21 +60,19 @@ def train(ctx, data_dir, download, tracking_uri, experiment, run_name, register,
         resume = open_checkpoint(resume_run, checkpoint_dir)
         config = TrainConfig.from_params(resume["config"])
     splits = datasets.load_for(config, data_dir=data_dir, download=download)
-    if REGISTRY[config.model].semi_supervised and config.labeled > len(splits.train_y):
-        raise click.UsageError(f"--labeled {config.labeled} is larger than the training set ({len(splits.train_y)} examples)")
-    if len(splits.val_y) < MIN_VAL_EXAMPLES:
-        raise click.UsageError(f"--val-fraction {config.val_fraction} leaves {len(splits.val_y)} validation examples; "
-                               f"at least {MIN_VAL_EXAMPLES} are needed")
+    datasets.check_fits(config, splits)
     if not resume_run:
         use_tracking_uri(tracking_uri)
-    options = TrackingOptions(experiment, run_name, register, registered_model, checkpoint_dir)
+    options = TrackingOptions(experiment=experiment, run_name=run_name, register=register,
+                              registered_model=registered_model, checkpoint_dir=checkpoint_dir)
     # With logins: may this user create the run and register the model? Asked before any work, one line if not.
     registers = register and (REGISTRY[config.model].generative or registered_model)
     access.check_training(None if resume_run else experiment,
                           (registered_model or registered_name(config)) if registers else None)
     use_threads(config)
     try:
-        result = train_tracked(config, splits, options, data_dir=data_dir, progress=not quiet, resume=resume)
+        result = train_tracked(config, splits, options, data_dir=data_dir, progress=not quiet, resume=resume,
+                               reuse_run_id=None if resume else run_made_by_mlflow_run())
     except RunStopped as stop:
         if stop.epoch < 1:  # no epoch finished, so no checkpoint: a --resume would fail
             click.echo(f"\n{stop}; it stopped before its first epoch ended, so there is no checkpoint to resume "

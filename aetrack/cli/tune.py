@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import click
 
-from aetrack.cli.options import (apply, config_options, data_options, friendly_errors, settings_option, tracking_options,
-                                 train_config, use_tracking_uri)
+from aetrack.cli.options import (apply, config_options, data_options, friendly_errors, run_made_by_mlflow_run,
+                                 settings_option, tracking_uri_option, train_config, use_tracking_uri)
 from aetrack.config import TrackingOptions, TrainConfig, TuneConfig, from_strings
 from aetrack.models import REGISTRY
 from aetrack.tuning.space import space_for
@@ -16,12 +16,8 @@ TUNE_FIELDS = tuple(TuneConfig.__dataclass_fields__)
 @click.command()
 @config_options(TrainConfig)
 @apply(data_options)
-@apply(tracking_options)
-@click.option("--register/--no-register", default=TrackingOptions.register, show_default=True,
-              help="Register the best trials' models and crown the champion.")
-@click.option("--registered-model", default=None, help="Registry name (default aetrack-<dataset>-<model>).")
-@click.option("--checkpoint-dir", default=TrackingOptions.checkpoint_dir, show_default=True,
-              help="Per-trial checkpoints (<dir>/<run id>/last.pt).")
+@tracking_uri_option
+@config_options(TrackingOptions)
 @settings_option
 @click.option("--quiet", is_flag=True, help="No line per trial; only the summary.")
 @config_options(TuneConfig)
@@ -55,13 +51,14 @@ def tune(ctx, data_dir, download, tracking_uri, experiment, run_name, register, 
     registered_model = (registered_model or registered_name(base)) if register else None
     if ctx.get_parameter_source("experiment") == click.core.ParameterSource.DEFAULT:
         experiment = tuning_experiment(experiment)  # trials' short curves stay out of the training runs' charts
-    tracking = TrackingOptions(experiment, run_name or None, checkpoint_dir=checkpoint_dir)
+    tracking = TrackingOptions(experiment=experiment, run_name=run_name or None, checkpoint_dir=checkpoint_dir)
     from aetrack.tracking import access
 
     access.check_training(experiment, registered_model)  # with logins: one line before any trial, not a 403 after
     try:
         tune_study(base, space, search, data_dir=data_dir or None, download=download, tracking=tracking,
-                   registered_model=registered_model, echo=(lambda line: None) if quiet else click.echo, summary=click.echo)
+                   registered_model=registered_model, echo=(lambda line: None) if quiet else click.echo, summary=click.echo,
+                   reuse_run_id=run_made_by_mlflow_run())
     except RunStopped as stop:  # the trial's run is KILLED; the study retries it, as a new trial, when a worker starts
         click.echo(f"\nthis worker stopped: trial {stop}; start the command again to go on with the study", err=True)
         ctx.exit(128 + stop.signum)

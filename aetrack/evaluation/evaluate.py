@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from aetrack import images
-from aetrack.config import DEFAULT_NOISE_LEVELS
+from aetrack.config import DEFAULT_NOISE_LEVELS  # noqa: F401 (re-exported)
+from aetrack.evaluation_settings import Settings
 from aetrack.evaluation.measures import (batches, bound_terms, denoising_table, generate_images, jacobian_norm,
                                          kl_per_dimension, nll_iw, reconstruction_measures, traversal, traversal_units,
                                          slice_labels)
@@ -30,16 +31,6 @@ from aetrack.samplers import encode_all
 def default_iw_samples(test_images: int) -> int:
     """About a million decoder passes over the test set, between 50 and 5000 samples per image."""
     return int(min(5000, max(50, 1_000_000 // max(test_images, 1))))
-
-
-@dataclass(frozen=True)
-class Settings:
-    iw_samples: int | None = None       # None: default_iw_samples
-    nll_images: int | None = None       # the NLL on the first N test images only (None: all)
-    samples: int | None = None          # generated images scored by FCD and KID (None: the test set's size, <= 10000)
-    cas_samples: int = 20_000           # at most this many generated training images for the CAS classifier
-    noise_levels: tuple[float, ...] = DEFAULT_NOISE_LEVELS
-    seed: int = 0
 
 
 @dataclass

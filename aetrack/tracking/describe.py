@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from aetrack.config import TrainConfig
+from aetrack.config import MIXTURE_PRIORS, TrainConfig
 from aetrack.models import REGISTRY
 from aetrack.tracking import metric_names as names
 from aetrack.tracking import tags
@@ -29,7 +29,7 @@ SCOPE_ORDER = tuple(SCOPE_LABELS)
 # Settings of a variant's own groups that its other settings can leave idle: a mixture's components under a normal
 # prior, K importance samples under the ELBO, the KL-sparsity target under L1.
 IDLE_UNLESS = {
-    "prior_components": lambda c: c.prior in ("mog", "vamp"),
+    "prior_components": lambda c: c.prior in MIXTURE_PRIORS,
     "train_samples": lambda c: c.objective != "elbo",
     "sparsity_target": lambda c: c.sparsity == "kl",
 }
@@ -130,8 +130,7 @@ def run_description(config: TrainConfig, *, train_images: int, val_images: int, 
 
 WARMED_UP = tuple(name for name, variant in REGISTRY.items() if "variational" in variant.scopes)
 
-# The test figures a description and a model version's tags show, in this order, where the run has them.
-KEY_TEST_METRICS = ("recon_loss", "psnr", "nll_iw", "neg_elbo", "fcd", "label_accuracy", "error", "probe_accuracy")
+KEY_TEST_METRICS = names.KEY_TEST_METRICS  # one list, in metric_names: registry.KEY_METRICS reads it too
 
 
 def key_test_figures(metrics: dict[str, float]) -> dict[str, float]:

@@ -33,6 +33,8 @@ EPOCH = "epoch"                      # the training loop's epoch number: the ste
 BEST_VAL_LOSS, BEST_EPOCH = "val/best_loss", "val/best_epoch"
 EPOCH_TIME = "system/epoch_time"
 TEST_PREFIX = "test/"
+# The test figures a run's description and its model versions' tags show, in this order, where the run has them.
+KEY_TEST_METRICS = ("recon_loss", "psnr", "nll_iw", "neg_elbo", "fcd", "label_accuracy", "error", "probe_accuracy")
 GROUPS = {"train": "per_step", "val": "val", "test": "test"}  # the loop's key prefix -> its MLflow group
 
 

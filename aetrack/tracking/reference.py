@@ -29,11 +29,12 @@ def find_version(client: mlflow.MlflowClient, name: str) -> str | None:
 
 
 def reference_classifier(dataset: str, *, data_dir: str | None = None, download: bool = False, device="cpu",
-                         log=None) -> Classifier:
+                         log=None, nested: bool = False) -> Classifier:
     """The registered reference classifier of `dataset`, trained and registered on first use.
 
     It is trained on the data set's canonical training split (grey levels, seed 0, 10 % held out), whichever
-    run asked first, so that it does not depend on that run's settings.
+    run asked first, so that it does not depend on that run's settings. `nested`: the caller has a run open, in
+    which the classifier's training run is then nested.
     """
     client = mlflow.MlflowClient()
     name = registered_name(dataset)
@@ -47,15 +48,14 @@ def reference_classifier(dataset: str, *, data_dir: str | None = None, download:
         log(f"training the reference classifier for {dataset} (once; it is registered as {name})")
     classifier = train_classifier(data.train_x, data.train_y, data.shape, data.num_classes, data.name)
     classifier.test_accuracy = classifier.accuracy(data.test_x, data.test_y)
-    classifier.name, classifier.version = name, register(classifier, data, client)
+    classifier.name, classifier.version = name, register(classifier, data, client, nested=nested)
     return classifier
 
 
-def register(classifier: Classifier, data, client: mlflow.MlflowClient) -> str:
+def register(classifier: Classifier, data, client: mlflow.MlflowClient, *, nested: bool = False) -> str:
     name = registered_name(data.name)
     experiment_id = describe.open_experiment(client, EXPERIMENT, "Reference classifiers that score generated samples "
                                              "(FCD, KID, label accuracy), one registered model per data set.")
-    nested = mlflow.active_run() is not None
     with mlflow.start_run(experiment_id=experiment_id, run_name=name, nested=nested), tempfile.TemporaryDirectory() as tmp:
         mlflow.log_params({"dataset": data.name, "recipe": RECIPE, "epochs": EPOCHS.get(data.name, 5),
                            "train_images": len(data.train_y)})

@@ -14,8 +14,7 @@ from aetrack.tracking import tags
 from aetrack.tracking.describe import registered_model_description
 from aetrack.tracking.metric_names import champion_metric  # noqa: F401 (re-exported)
 
-KEY_METRICS = (names.BEST_VAL_LOSS, *(names.test(m) for m in ("recon_loss", "neg_elbo", "nll_iw", "fcd",
-                                                               "label_accuracy", "error")))
+KEY_METRICS = (names.BEST_VAL_LOSS, *(names.test(m) for m in names.KEY_TEST_METRICS))
 
 
 def version_tags(metrics: dict[str, float]) -> dict[str, str]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import math
-import os
 import re
 import shutil
 import subprocess
@@ -62,6 +61,8 @@ class RunResult:
 
 
 def registered_name(config: TrainConfig) -> str:
+    """The registry's name of a run's model unless --registered-model gives one (and a study's unless --study-name
+    does): built here only."""
     return f"aetrack-{config.dataset}-{config.model}"
 
 
@@ -219,8 +220,10 @@ def build(config: TrainConfig, data: Splits) -> torch.nn.Module:
 
 def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *, data_dir: str | None = None,
                   progress: bool = True, callbacks: tuple = (), parent_run_id: str | None = None,
-                  tags: dict[str, str] | None = None, resume: dict | None = None) -> RunResult:
-    """One MLflow run around `fit`; the run created by `mlflow run` (MLFLOW_RUN_ID) is reused, not duplicated.
+                  tags: dict[str, str] | None = None, resume: dict | None = None,
+                  reuse_run_id: str | None = None) -> RunResult:
+    """One MLflow run around `fit`; `reuse_run_id`, the run created by `mlflow run` (its MLFLOW_RUN_ID, which the
+    CLI reads), is reused, not duplicated.
 
     With `parent_run_id` the run is a child of that run, in its experiment (tuning: one child per trial);
     `callbacks` join the per-epoch image logging and may stop training by raising. With `resume` (a checkpoint,
@@ -245,11 +248,11 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
             experiment_id = None
             if parent_run_id:
                 experiment_id = mlflow.get_run(parent_run_id).info.experiment_id
-            elif "MLFLOW_RUN_ID" not in os.environ:
+            elif reuse_run_id is None:
                 experiment_id = describe.open_experiment(mlflow.MlflowClient(), options.experiment)
                 lifecycle.close_dead_runs(experiment_id, say)
-            run = mlflow.start_run(run_name=pick_run_name(config, options, experiment_id), experiment_id=experiment_id,
-                                   parent_run_id=parent_run_id, tags=tags)
+            run = mlflow.start_run(run_id=reuse_run_id, run_name=pick_run_name(config, options, experiment_id),
+                                   experiment_id=experiment_id, parent_run_id=parent_run_id, tags=tags)
         run_id = run.info.run_id
         folder = Path(options.checkpoint_dir) / run_id
         log = None

@@ -14,7 +14,7 @@ import typing
 from dataclasses import dataclass
 from typing import Any
 
-from aetrack.config import ConfigError, TrainConfig, field_scope, parse_value
+from aetrack.config import MIXTURE_PRIORS, PRIORS, ConfigError, TrainConfig, field_scope, parse_value
 from aetrack.models import Variant
 from aetrack.tracking.metric_names import champion_metric
 from aetrack.tuning import TuningError
@@ -139,13 +139,15 @@ def _number(value) -> str:
 DEFAULT_SPACE = {"lr": "float:1e-4:1e-2:log", "latent_dim": "int:2:32:log"}
 HIDDEN_CHOICES = {"mlp": "cat:128,256-128,512-256", "conv": "cat:16-32,32-64,64-128"}
 SCOPE_SPACES = {
-    "variational": {"beta": "float:0.25:2:log", "prior": "cat:normal,mog,vamp", "prior_components": "int:2:20"},
+    # The uniform prior changes the posterior too (a box, not a Gaussian): chosen by hand, never searched by default.
+    "variational": {"beta": "float:0.25:2:log", "prior": "cat:" + ",".join(p for p in PRIORS if p != "uniform"),
+                    "prior_components": "int:2:20"},
     "noise": {"noise_level": "float:0.05:0.5"},
     "sparsity": {"sparsity_weight": "float:1e-5:1e-1:log"},
     "contractive": {"contractive_weight": "float:1e-4:1:log"},
     "semi_supervised": {"classifier_weight": "float:0.01:1:log"},
 }
-CONDITIONS = {"prior_components": ("prior", ("mog", "vamp"))}
+CONDITIONS = {"prior_components": ("prior", MIXTURE_PRIORS)}
 # `--sampler grid`: "try several latent sizes and architectures".
 GRID_SPACE = {"latent_dim": "cat:2,4,8,16,32"}
 

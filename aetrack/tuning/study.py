@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import time
 from typing import Callable
 
@@ -19,10 +18,10 @@ import mlflow
 import optuna
 from optuna.trial import TrialState
 
-from aetrack.config import TrainConfig, TuneConfig
+from aetrack.config import ConfigError, TrainConfig, TuneConfig
 from aetrack.models import REGISTRY
 from aetrack.tracking import describe, lifecycle, tags
-from aetrack.tracking.run import TrackingOptions, git_commit, run_params
+from aetrack.tracking.run import TrackingOptions, git_commit, registered_name, run_params
 from aetrack.tuning import TuningError
 from aetrack.tuning.objective import WORKER, Objective
 from aetrack.tuning.report import (CHAMPION, FAILURES_IN_A_ROW, STATE_WORDS, Crowning, TrialLines, best_trial, crown_best,
@@ -57,9 +56,11 @@ def tuning_description(name: str) -> str:
 
 def tune_study(base: TrainConfig, space: SearchSpace, tune: TuneConfig, *, data_dir: str | None = None,
                download: bool = False, tracking: TrackingOptions = TrackingOptions(), registered_model: str | None = None,
-               echo: Callable[[str], None] = print, summary: Callable[[str], None] = print) -> optuna.Study:
-    """One worker of the study `tune.study_for(base)`: the whole of `aetrack tune` after option parsing.
-    MLflow's tracking URI is the caller's to set."""
+               echo: Callable[[str], None] = print, summary: Callable[[str], None] = print,
+               reuse_run_id: str | None = None) -> optuna.Study:
+    """One worker of the study `--study-name` (default: `registered_name(base)`): the whole of `aetrack tune` after option parsing.
+    MLflow's tracking URI is the caller's to set; `reuse_run_id` is the run `mlflow run -e tune` made (its
+    MLFLOW_RUN_ID, which the CLI reads): it becomes the study's parent when it is the first."""
     import aetrack
     from aetrack import data as datasets
 
@@ -67,13 +68,15 @@ def tune_study(base: TrainConfig, space: SearchSpace, tune: TuneConfig, *, data_
     for handler in logging.getLogger("optuna").handlers:  # a signal is said in one line by the CLI, not a traceback
         handler.addFilter(no_interrupt_traceback)
     variant = REGISTRY[base.model]
-    metric, study_name = tune.metric or default_metric(variant), tune.study_for(base)
+    metric, study_name = tune.metric or default_metric(variant), tune.study_name or registered_name(base)
     n_trials = tune.n_trials or (space.size() if tune.sampler == "grid" else 20)
     if tune.sampler == "grid":
         n_trials = min(n_trials, space.size())  # a grid has no more distinct trials
     data = datasets.load_for(base, data_dir=data_dir, download=download)
-    if variant.semi_supervised and base.labeled > len(data.train_y):
-        raise TuningError(f"--labeled {base.labeled} is larger than the training set ({len(data.train_y)} examples)")
+    try:
+        datasets.check_fits(base, data)
+    except ConfigError as err:  # a search that cannot start: tune's own error, as before
+        raise TuningError(str(err)) from None
     base = base.resolve(len(data.train_y))  # every trial gets the same epoch budget, also for the pruner
     if metric not in (known := available_metrics(base, data)):
         raise TuningError(f"--metric {metric}: --model {base.model} reports {', '.join(known)}")
@@ -91,8 +94,6 @@ def tune_study(base: TrainConfig, space: SearchSpace, tune: TuneConfig, *, data_
         differ = ", ".join(f"{k} {recorded.get(k)} (not {v})" for k, v in wanted.items() if recorded.get(k) != v)
         raise TuningError(f"study {study_name} tunes {differ}; use the same options or another --study-name")
 
-    # `mlflow run -e tune` made a run: it becomes the parent (when first), and children must not resume it.
-    reuse_run_id = os.environ.pop("MLFLOW_RUN_ID", None)
     client = mlflow.MlflowClient()
     experiment_id = (client.get_run(reuse_run_id).info.experiment_id if reuse_run_id
                      else describe.open_experiment(client, tracking.experiment, tuning_description(tracking.experiment)))
