@@ -195,9 +195,8 @@ class TrainConfig:
     def from_params(cls, params: dict[str, str]) -> TrainConfig:
         """Rebuild from logged params; unknown keys (tracking options) are ignored."""
         config = from_strings(cls, params)
-        if config.model == "m2" and config.features:  # M1+M2 as logged before it was a variant of its own (m1m2)
-            config = dataclasses.replace(config, model="m1m2")
-        return config
+        legacy = config.model == "m2" and config.features  # M1+M2 as logged before it was a variant of its own (m1m2)
+        return dataclasses.replace(config, model="m1m2") if legacy else config
 
 
 @dataclass(frozen=True)
