@@ -3,8 +3,10 @@ Every function returns a PIL image, ready for `mlflow.log_image`."""
 
 from __future__ import annotations
 
+import functools
 import io
 import math
+from typing import Callable
 
 import matplotlib
 
@@ -100,14 +102,21 @@ def rows(*blocks: torch.Tensor, labels: tuple[str, ...] | None = None, per_row: 
     return grid(torch.cat(chunks), nrow=per_row, row_labels=row_labels)
 
 
-@torch.no_grad()
 def sample_grid(model, generator: torch.Generator, *, conditional: bool, num_classes: int, sampler=None) -> Image.Image:
     """8 x 8 samples; for a conditional model one row per label."""
+    return sample_drawing(model, generator, conditional=conditional, num_classes=num_classes, sampler=sampler)()
+
+
+@torch.no_grad()
+def sample_drawing(model, generator: torch.Generator, *, conditional: bool, num_classes: int,
+                   sampler=None) -> Callable[[], Image.Image]:
+    """`sample_grid`'s samples drawn now, and what makes their picture: a call that another thread may make."""
     device = next(model.parameters()).device
     labels = torch.arange(num_classes, device=device).repeat_interleave(IMAGE_ROWS) if conditional else None
     count = IMAGE_ROWS * IMAGE_ROWS if labels is None else len(labels)
     row_labels = [f"label {c}" for c in range(num_classes)] if conditional else None
-    return grid(generate(model, count, labels, generator, sampler=sampler), IMAGE_ROWS, row_labels=row_labels)
+    return functools.partial(grid, generate(model, count, labels, generator, sampler=sampler), IMAGE_ROWS,
+                             row_labels=row_labels)
 
 
 FIGURE_DPI = 128  # a 5-inch figure is 640 pixels: at least MIN_GRID_WIDTH, full screen as in the report

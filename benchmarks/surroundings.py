@@ -137,6 +137,8 @@ def train_command(args: list[str], uri: str, workdir: str, threads: int | None =
     """One `aetrack train --no-register --quiet` in a fresh process: its wall, and what its run says."""
     import mlflow
 
+    from aetrack.tracking import metric_names as names
+
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MLFLOW_TRACKING_URI")}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
@@ -146,7 +148,7 @@ def train_command(args: list[str], uri: str, workdir: str, threads: int | None =
     client = mlflow.MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("aetrack").experiment_id], order_by=["start_time DESC"],
                              max_results=1)[0]
-    history = client.get_metric_history(run.info.run_id, "epoch_time")
+    history = client.get_metric_history(run.info.run_id, "system/epoch_time")
     # The metrics of an epoch are stamped when the loop hands them over: between the first and the last epoch's, the
     # epochs after the first took this long, of which their steps took sum(epoch_time).
     span = (history[-1].timestamp - history[0].timestamp) / 1000
@@ -156,7 +158,7 @@ def train_command(args: list[str], uri: str, workdir: str, threads: int | None =
     picture = Path(client.download_artifacts(run.info.run_id, samples[0], workdir)).read_bytes() if samples else b""
     return {"wall_s": round(wall, 2), "epochs": len(history), "epoch_steps_s": round(sum(m.value for m in history), 2),
             "per_epoch_work_share": round(1 - steps / span, 3) if span > 0 else None,
-            "best_val_loss": run.data.metrics.get("best_val_loss"), "samples_png_sha1": hashlib.sha1(picture).hexdigest()}
+            "best_val_loss": run.data.metrics.get(names.BEST_VAL_LOSS), "samples_png_sha1": hashlib.sha1(picture).hexdigest()}
 
 
 def command(data_dir: str | None) -> dict:

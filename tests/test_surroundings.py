@@ -101,3 +101,48 @@ def test_the_end_of_run_pictures_are_drawn_while_the_model_is_sent(tmp_path, mon
     assert "warnings" not in " ".join(found.data.tags)  # every picture made it
     images = {a.path for a in client.list_artifacts(found.info.run_id, "images")}
     assert any("result~latent" in path for path in images) and any("result~loss_curves" in path for path in images)
+
+
+@pytest.mark.slow
+def test_the_pictures_of_each_epoch_are_composed_beside_training(tmp_path, monkeypatch):
+    """The model's outputs come from the training thread; the pictures are composed (and encoded) in the logging
+    thread, and arrive as before."""
+    import mlflow
+
+    from aetrack import images
+    from aetrack.cli.train import train
+
+    threads = []
+    rows = images.rows
+    monkeypatch.setattr(images, "rows", lambda *a, **k: threads.append(threading.current_thread().name) or rows(*a, **k))
+    uri = f"sqlite:///{tmp_path}/s.db"
+    result = CliRunner().invoke(train, ["--tracking-uri", uri, "--epochs", "3", "--no-register", "--quiet",
+                                        "--checkpoint-dir", str(tmp_path / "c")])
+    assert result.exit_code == 0, result.output
+    assert threads[:4] == ["aetrack-logging"] * 4  # steps 0 to 3, during training
+    client = mlflow.MlflowClient(uri)
+    (found,) = client.search_runs([client.get_experiment_by_name("aetrack").experiment_id])
+    steps = sorted(int(a.path.split("+step+")[1].split("+")[0]) for a in client.list_artifacts(found.info.run_id, "images")
+                   if a.path.startswith("images/progress~reconstructions") and a.path.endswith(".png"))
+    assert steps == [0, 1, 2, 3]  # every epoch of a short run; the best (3) is not logged twice
+
+
+def test_a_picture_that_cannot_be_drawn_is_a_warning_and_logging_goes_on(tmp_path):
+    import mlflow
+
+    from aetrack.tracking.lifecycle import MetricBuffer
+
+    uri = f"sqlite:///{tmp_path}/s.db"
+    mlflow.set_tracking_uri(uri)
+    try:
+        client = mlflow.MlflowClient(uri)
+        run = client.create_run(client.create_experiment("e"))
+        said = []
+        buffer = MetricBuffer(run.info.run_id, echo=said.append)
+        buffer.image(lambda: 1 / 0, key="progress/samples", step=1)
+        buffer({"train_loss": 1.5}, 1)
+        assert buffer.flush(timeout=60)
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert client.get_run(run.info.run_id).data.metrics == {"per_step/loss": 1.5}
+    assert any("progress/samples" in line and "ZeroDivisionError" in line for line in said), said

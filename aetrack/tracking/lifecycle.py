@@ -266,9 +266,23 @@ class MetricBuffer:
         self._check_waiting()
 
     def image(self, picture, key: str, step: int) -> None:
+        """`picture` (PIL), or a call that makes it: made in this buffer's thread, once, beside training; one that
+        fails to be made is a warning, not a request retried for ever."""
         self.flush(wait=False)  # keep the order: metrics logged before the picture go first
         mark, self.pictures = not self.pictures, self.pictures + 1
-        self.items.put((f"picture {key}", lambda: log_picture(self.client, self.run_id, picture, key, step, mark=mark), []))
+        made = [] if callable(picture) else [picture]
+
+        def send() -> None:
+            if not made:
+                try:
+                    made.append(picture())
+                except Exception as err:  # noqa: BLE001 - a picture that cannot be drawn must not stop logging
+                    made.append(None)
+                    self.echo(f"warning: the picture {key} at step {step} could not be drawn: {type(err).__name__}: {err}")
+            if made[0] is not None:
+                log_picture(self.client, self.run_id, made[0], key, step, mark=mark)
+
+        self.items.put((f"picture {key}", send, []))
         self._check_waiting()
 
     def flush(self, wait: bool = True, timeout: float | None = None) -> bool:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import functools
 import math
 import re
 import shutil
@@ -16,6 +17,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import mlflow
 import torch
@@ -112,8 +114,9 @@ class EpochImages:
         if epoch in self.logged:
             return
         model.eval()
-        for key, picture in self.pictures(model).items():
-            self.send.image(picture, key=image_key(EPOCH_IMAGES, key), step=epoch)
+        # The model's outputs are computed here; the pictures are composed and encoded in the logging thread.
+        for key, drawing in self.drawings(model).items():
+            self.send.image(drawing, key=image_key(EPOCH_IMAGES, key), step=epoch)
         self.logged.add(epoch)
 
     def log_initial(self, config: TrainConfig, data: Splits, model: torch.nn.Module | None = None) -> None:
@@ -127,18 +130,24 @@ class EpochImages:
         self.log(0, model.to(self.x.device))
 
     def pictures(self, model) -> dict:
-        pictures = {}
+        return {key: drawing() for key, drawing in self.drawings(model).items()}
+
+    @torch.no_grad()
+    def drawings(self, model) -> dict[str, Callable[[], object]]:
+        """The pictures' images computed now, each picture made by a call that another thread may make."""
+        drawings = {}
         device = self.x.device
         if self.variant.denoising:
             noisy = model.corrupt(self.x, torch.Generator(device).manual_seed(self.seed))
-            pictures["reconstructions"] = images.rows(noisy, model.reconstruct(noisy), self.x, labels=images.DENOISING_ROWS)
+            drawings["reconstructions"] = functools.partial(images.rows, noisy, model.reconstruct(noisy), self.x,
+                                                            labels=images.DENOISING_ROWS)
         else:
-            pictures["reconstructions"] = images.rows(self.x, model.reconstruct(self.x, self.y),
-                                                      labels=images.RECONSTRUCTION_ROWS)
+            drawings["reconstructions"] = functools.partial(images.rows, self.x, model.reconstruct(self.x, self.y),
+                                                            labels=images.RECONSTRUCTION_ROWS)
         if self.variant.generative:
-            pictures["samples"] = images.sample_grid(model, torch.Generator(device).manual_seed(self.seed),
-                                                     conditional=self.variant.conditional, num_classes=self.num_classes)
-        return pictures
+            drawings["samples"] = images.sample_drawing(model, torch.Generator(device).manual_seed(self.seed),
+                                                        conditional=self.variant.conditional, num_classes=self.num_classes)
+        return drawings
 
 
 @torch.no_grad()
