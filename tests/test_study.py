@@ -16,6 +16,7 @@ from aetrack.tracking.studies import STUDIES
 from aetrack.tracking.run import IMAGE_STEPS, image_epochs, train_tracked
 
 TINY = "epochs=2,hidden=32,latent_dim=4,batch_size=256"
+ONE_DAE = "arch=mlp,noise=gaussian,noise_level=0.3"  # and the ae of the same architecture, its baseline
 
 
 def study(*args: str):
@@ -36,6 +37,10 @@ def test_list_shows_every_study_and_its_grid():
     (["priors", "--set", "noise_level=0.5"], "no model of study priors takes it"),
     (["priors", "--set", "latent_dim=0"], "--latent-dim must be at least 1"),
     (["priors", "--set", "epochs=many"], "--set"),
+    (["denoising", "--only", "arch=rnn"], "--only arch=rnn: no setting of study denoising matches"),
+    (["denoising", "--only", "colour=red"], "--only: expects NAME=VALUE with NAME a training option, got 'colour=red'"),
+    (["denoising", "--workers", "0"], "--workers"),
+    (["denoising", "--storage", "redis://host/0"], "--storage 'redis://host/0': give an SQLAlchemy URL"),
 ])
 def test_bad_study_options_are_one_line_errors(args, message):
     result = study(*args)
@@ -50,7 +55,7 @@ def training_runs(client: MlflowClient, experiment: str) -> list:
 
 
 def test_study_trains_evaluates_compares_and_resumes(tmp_path):
-    result = study("denoising", "--seeds", "2", "--set", TINY, "--output", str(tmp_path / "report"))
+    result = study("denoising", "--seeds", "2", "--set", TINY, "--only", ONE_DAE, "--output", str(tmp_path / "report"))
     assert result.exit_code == 0, result.stderr
     # The table: one line per setting, mean ± spread over the two seeds, the dae scored against the ae baseline.
     dae_line = next(line for line in result.output.splitlines() if line.strip().startswith("dae"))
@@ -71,7 +76,7 @@ def test_study_trains_evaluates_compares_and_resumes(tmp_path):
     assert client.get_run(report_id).data.tags["aetrack.kind"] == "comparison"
 
     # Again, with a third seed: the four finished runs are reused, only seed 2 trains.
-    again = study("denoising", "--seeds", "3", "--set", TINY)
+    again = study("denoising", "--seeds", "3", "--set", TINY, "--only", ONE_DAE)
     assert again.exit_code == 0, again.stderr
     assert again.stderr.count("training") == 2
     assert len(training_runs(client, "study-denoising-digits")) == 6

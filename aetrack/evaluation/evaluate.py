@@ -18,7 +18,8 @@ from aetrack.config import DEFAULT_NOISE_LEVELS, TrainConfig
 from aetrack.evaluation.measures import (aggregate_posterior_mismatch, batches, bound_terms, denoising_matrix,
                                          denoising_table, generate_images, jacobian_norm, kl_per_dimension,
                                          lifetime_sparsity, nearest_distance, nll_iw, perturbed_reconstruction,
-                                         reconstruction_measures, sample_confidence, slice_labels, traversal,
+                                         reconstruction_measures, sample_confidence, slice_labels, supervised_only_error,
+                                         traversal,
                                          traversal_units)
 from aetrack.evaluation.metrics import (active_units, code_statistics, frechet_distance, kernel_inception_distance,
                                         knn_accuracy, label_accuracy, probe_accuracy)
@@ -48,6 +49,7 @@ class Settings:
     robustness_kinds: tuple[str, ...] = NOISE_KINDS        # a dae is also scored on every kind of noise ...
     robustness_levels: tuple[float, ...] = (0.1, 0.3, 0.5)  # ... at these levels: the robustness matrix
     perturbation: float = 0.05          # std of the small Gaussian input perturbation of perturbed_mse
+    supervised_baseline: bool = False   # semi-supervised models: also train a supervised-only classifier (seconds)
     seed: int = 0
 
 
@@ -75,6 +77,10 @@ def evaluate_model(model, config, data, *, settings: Settings = Settings(), refe
     if variant.classifies:
         result.metrics["error"] = float(torch.cat([model.classify(x[i]) != y[i] for i in batches(len(x), 1000)]).float().mean())
         result.notes["error"] = f"q(y|x) test error, trained with {config.labeled} labels"
+    if variant.semi_supervised and settings.supervised_baseline:
+        result.metrics["supervised_error"] = supervised_only_error(config, data)
+        result.notes["supervised_error"] = (f"test error of M2's q(y|x) network trained on the same {config.labeled} "
+                                            f"labelled images alone (pixels), best of its validation checks")
     if variant.generative or sampler is not None:
         generator = torch.Generator(next(model.parameters()).device).manual_seed(settings.seed)
         result.pictures["samples"] = images.sample_grid(model, generator, conditional=variant.conditional,

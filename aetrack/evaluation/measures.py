@@ -286,3 +286,39 @@ def nearest_distance(images: torch.Tensor, pool: torch.Tensor, batch_size: int =
         distances = torch.cdist(images[index].flatten(1).float(), flat_pool)
         out.append(distances.amin(1) / math.sqrt(flat_pool.shape[1]))
     return torch.cat(out)
+
+
+def supervised_only_error(config, data, steps: int = 1000, check_every: int = 50) -> float:
+    """Test error of M2's q(y|x) network (same architecture and widths) trained on the same `config.labeled` labelled
+    images alone, with cross-entropy and Adam at `config.lr`, kept at its best validation error: the baseline that
+    tells what M2's unlabelled images add (Kingma et al. 2014 compare against such a classifier)."""
+    from aetrack.data import labeled_indices
+    from aetrack.nets import Encoder
+
+    device = data.test_y.device
+    pick = labeled_indices(data.train_y, config.labeled, data.num_classes, config.seed).to(device)
+    train_x, train_y = data.train_x[pick], data.train_y[pick]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        net = Encoder(data.shape, config.hidden, data.num_classes, config.arch, activation=config.activation).to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    best, state = math.inf, None
+    for step in range(1, steps + 1):
+        net.train()
+        loss = torch.nn.functional.cross_entropy(net(train_x), train_y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % check_every == 0:
+            error = classification_error(net, data.val_x, data.val_y)
+            if error < best:
+                best, state = error, {k: v.clone() for k, v in net.state_dict().items()}
+    net.load_state_dict(state)
+    return classification_error(net, data.test_x, data.test_y)
+
+
+@torch.no_grad()
+def classification_error(net, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    net.eval()
+    wrong = torch.cat([net(x[index]).argmax(-1) != y[index] for index in batches(len(x), batch_size)])
+    return float(wrong.float().mean())
