@@ -24,11 +24,13 @@ def study(*args: str):
 
 
 def test_list_shows_every_study_and_its_grid():
-    result = study("--list")
+    result = study("--list", "--seeds", "2")
     assert result.exit_code == 0
     for name, entry in STUDIES.items():
         assert f"{name}: {entry.question}" in result.output
-    assert "model=vae;prior=vamp" in result.output
+        assert f"trains {len(entry.grid)} settings x 2 seeds = {2 * len(entry.grid)} runs" in result.output
+    assert "model=vae;prior=vamp;latent_dim=2" in result.output
+    assert re.search(r"last measured: digits \d+ min", result.output)  # from benchmarks/results/questions/
 
 
 @pytest.mark.parametrize("args,message", [
@@ -47,6 +49,46 @@ def test_bad_study_options_are_one_line_errors(args, message):
     assert result.exit_code == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_latent_size_pairs_architectures_of_matching_size_on_digits():
+    from aetrack.models import build_model
+
+    sizes = {}
+    for setting in STUDIES["latent-size"].grid:
+        model = build_model(TrainConfig(**setting), (1, 8, 8), 10)
+        sizes[(setting["model"], setting["latent_dim"], setting["arch"])] = sum(p.numel() for p in model.parameters())
+    for (model, latent, arch), count in sizes.items():
+        if arch == "mlp":
+            assert abs(count / sizes[(model, latent, "conv")] - 1) < 0.1, sizes
+
+
+def test_every_dae_is_scored_against_the_ae_of_its_architecture_and_trained_after_it():
+    denoising = STUDIES["denoising"]
+    daes = [s for s in denoising.grid if s["model"] == "dae"]
+    assert {(s["noise"], s["noise_level"]) for s in daes} == {(k, v) for k in ("gaussian", "masking", "salt-pepper")
+                                                             for v in (0.1, 0.3, 0.5)}
+    order = [denoising.grid[i] for i in denoising.order()]
+    for setting in daes:
+        baseline = denoising.baseline_of(setting)
+        assert baseline["model"] == "ae" and baseline["arch"] == setting["arch"] and baseline["hidden"] == setting["hidden"]
+        assert order.index(baseline) < order.index(setting)
+    part = denoising.restricted({"arch": "conv", "noise": "masking"})
+    assert [s["model"] for s in part.grid] == ["ae", "dae", "dae", "dae"] and part.grid[0]["arch"] == "conv"
+    # M1+M2 names the vae run of its seed, which comes first
+    conditional = STUDIES["conditional"]
+    assert conditional.needs(conditional.grid[-1]) == [{"model": "vae"}]
+
+
+def test_the_strengths_table_ranks_each_setting_by_the_studys_directions():
+    from aetrack.tracking.studies import Cell, StudyResult
+
+    regularised = STUDIES["regularised"]
+    cells = [Cell(s, ["run"], [{"recon_loss": float(i), "probe_accuracy": float(i)}]) for i, s in enumerate(regularised.grid)]
+    table = StudyResult(regularised, "digits", "x", cells).as_dict()["strengths"]
+    assert table[0]["strengths"] == ["recon_loss"] and table[0]["weaknesses"] == ["probe_accuracy"]
+    assert table[-1]["strengths"] == ["probe_accuracy"] and table[-1]["weaknesses"] == ["recon_loss"]
+    assert table[len(table) // 2] == {"setting": table[len(table) // 2]["setting"], "strengths": [], "weaknesses": []}
 
 
 def training_runs(client: MlflowClient, experiment: str) -> list:

@@ -99,5 +99,8 @@ def study(name, show, dataset, seeds, experiment, settings, output, only, worker
                        workers=workers, storage=storage, lease=lease)
     click.echo(f"{chosen.question}  ({dataset}, {seeds} seed{'s' if seeds > 1 else ''}: mean ± standard deviation)")
     click.echo(result.text())
+    if chosen.better:
+        click.echo("\nstrengths (+: best third of the settings) and weaknesses (-: worst third):")
+        click.echo(result.strengths_text())
     click.echo(f"\nreport: run {result.report_run_id} in experiment {result.experiment + COMPARISONS_SUFFIX!r} "
                f"(comparison/report.html){f'; local copy in {output}' if output else ''}")

@@ -30,6 +30,7 @@ class Study:
     reference: bool = True                   # needs the reference classifier (generation metrics)
     baseline: dict[str, object] | None = None  # dae: evaluate with the run of these settings (same seed) as baseline
     evaluation: dict[str, object] = field(default_factory=dict)  # aetrack.evaluation.Settings other than the defaults
+    better: dict[str, str] = field(default_factory=dict)  # metric -> "higher" or "lower": the strengths table's
 
     def describe(self, seeds: int = 3, measured: str = "") -> str:
         settings = "\n".join(f"    {setting_key(s)}" for s in self.grid)
@@ -123,7 +124,9 @@ STUDIES = {study.name: study for study in (
           by="model",
           metrics=("fraction_near_zero", "lifetime_sparsity", "jacobian_frobenius_sq", "perturbed_mse", "probe_accuracy",
                    "recon_loss"),
-          reference=False),
+          reference=False,
+          better={"fraction_near_zero": "higher", "lifetime_sparsity": "higher", "jacobian_frobenius_sq": "lower",
+                  "perturbed_mse": "lower", "probe_accuracy": "higher", "recon_loss": "lower"}),
 )}
 
 
@@ -189,11 +192,36 @@ class StudyResult:
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header, *rows])
 
+    def strengths(self) -> list[dict[str, object]]:
+        """Per setting, the metrics of `study.better` where its mean ranks in the best third of the settings that have
+        the metric (strengths) and in the worst third (weaknesses)."""
+        table = [{"setting": setting_key(c.setting), "strengths": [], "weaknesses": []} for c in self.cells]
+        for metric, direction in self.study.better.items():
+            means = [(found[0], i) for i, c in enumerate(self.cells) if (found := c.summary(metric))]
+            if len(means) < 3:
+                continue
+            ranked = [i for _, i in sorted(means, reverse=direction == "higher")]
+            third = len(ranked) // 3
+            for i in ranked[:third]:
+                table[i]["strengths"].append(metric)
+            for i in ranked[-third:]:
+                table[i]["weaknesses"].append(metric)
+        return table
+
+    def strengths_text(self) -> str:
+        rows = self.strengths()
+        width = max(len(r["setting"]) for r in rows)
+        return "\n".join(f"{r['setting']:{width}}  + {', '.join(r['strengths']) or '-'}   - {', '.join(r['weaknesses']) or '-'}"
+                         for r in rows)
+
     def as_dict(self) -> dict:
-        return {"study": self.study.name, "question": self.study.question, "dataset": self.dataset,
-                "experiment": self.experiment, "report_run_id": self.report_run_id,
-                "cells": [{"setting": c.setting, "run_ids": c.run_ids, "metrics": c.metrics,
-                           "summary": {m: c.summary(m) for m in self.study.metrics}} for c in self.cells]}
+        record = {"study": self.study.name, "question": self.study.question, "dataset": self.dataset,
+                  "experiment": self.experiment, "report_run_id": self.report_run_id,
+                  "cells": [{"setting": c.setting, "run_ids": c.run_ids, "metrics": c.metrics,
+                             "summary": {m: c.summary(m) for m in self.study.metrics}} for c in self.cells]}
+        if self.study.better:
+            record["strengths"] = self.strengths()
+        return record
 
 
 def format_spread(mean: float, spread: float, count: int) -> str:
