@@ -49,7 +49,7 @@ class Settings:
     robustness_kinds: tuple[str, ...] = NOISE_KINDS        # a dae is also scored on every kind of noise ...
     robustness_levels: tuple[float, ...] = (0.1, 0.3, 0.5)  # ... at these levels: the robustness matrix
     perturbation: float = 0.05          # std of the small Gaussian input perturbation of perturbed_mse
-    supervised_baseline: bool = False   # semi-supervised models: also train a supervised-only classifier (seconds)
+    supervised_baseline: bool = True    # semi-supervised models: also train the supervised-only classifier (seconds)
     seed: int = 0
 
 
