@@ -255,9 +255,11 @@ def _robustness_plot(matrix: list[dict], config):
         grid[i, j], gain[i, j] = row["psnr_denoised"], row["psnr_denoised"] - row["psnr_noisy"]
     fig, ax = plt.subplots(figsize=(1.3 * len(levels) + 2.5, 0.7 * len(kinds) + 1.6))
     shown = ax.imshow(grid, cmap="viridis", aspect="auto")
+    middle = np.nanmean([np.nanmin(grid), np.nanmax(grid)])
     for (i, j), value in np.ndenumerate(grid):
-        if np.isfinite(value):
-            ax.text(j, i, f"{value:.1f}\n({gain[i, j]:+.1f})", ha="center", va="center", color="white", fontsize=8)
+        if np.isfinite(value):  # dark text on viridis' light end
+            ax.text(j, i, f"{value:.1f}\n({gain[i, j]:+.1f})", ha="center", va="center", fontsize=8,
+                    color="black" if value > middle else "white")
     ax.set(xticks=range(len(levels)), xticklabels=[f"{v:g}" for v in levels], yticks=range(len(kinds)), yticklabels=kinds,
            xlabel="noise level", title=f"denoised PSNR (dB, gain), trained on {config.noise} {config.noise_level:g}")
     fig.colorbar(shown, ax=ax)
