@@ -25,7 +25,7 @@ from aetrack.tracking.studies import STUDIES
               help="Only the grid's settings with these values (and the runs they need), e.g. --only arch=mlp,noise=masking.")
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True,
               help="Worker processes on this machine (one torch thread each) that share the grid.")
-@click.option("--storage", default=None, envvar="AETRACK_STUDY_STORAGE", metavar="URL",
+@click.option("--storage", default=None, envvar="AETRACK_STUDY_STORAGE", show_envvar=True, metavar="URL",
               help="SQLAlchemy URL of the database where workers lease the grid's runs: the team's PostgreSQL for "
                    "workers on several hosts (with one MLflow server) [default: one machine, no database needed].")
 @click.option("--lease", type=click.FloatRange(5, 86_400), default=120.0, show_default=True, metavar="SECONDS",
