@@ -228,21 +228,24 @@ def test_reference_classifier_is_trained_once_registered_and_reused(digits, monk
 
 # --- which measures apply to which model ------------------------------------------------------
 
-CODES = {"mean_activation", "fraction_near_zero"}
-BOUND = {"neg_elbo", "elbo_recon_loss", "kl", "nll_iw", "active_units"}
-GENERATION = {"fcd", "kid"}
+CODES = {"mean_activation", "fraction_near_zero", "lifetime_sparsity"}
+BOUND = {"neg_elbo", "elbo_recon_loss", "kl", "nll_iw", "active_units", "aggregate_kl"}
+GENERATION = {"fcd", "kid", "sample_confidence", "nearest_train_distance", "memorisation_ratio"}
+ROBUSTNESS = {f"psnr_{what}_{kind}_at_{level}" for what in ("noisy", "denoised") for level in (0.1, 0.3, 0.5)
+              for kind in ("gaussian", "masking", "salt-pepper")}
 EXPECTED = {
     "ae": GENERATION | CODES,
     "sae": GENERATION | CODES,
     "cae": GENERATION | CODES,
-    "dae": GENERATION | CODES | {"psnr_denoised_at_0.3", "psnr_noisy_at_0.3"},
+    "dae": GENERATION | CODES | {"psnr_denoised_at_0.3", "psnr_noisy_at_0.3"} | ROBUSTNESS,
     "vae": GENERATION | BOUND,
     "hvae": GENERATION | BOUND,
     "cvae": GENERATION | BOUND | {"label_accuracy", "cas"},
-    "m2": GENERATION | BOUND | {"label_accuracy", "cas", "error"},
-    "m1m2": GENERATION | BOUND | {"label_accuracy", "cas", "error"},
+    "m2": GENERATION | BOUND | {"label_accuracy", "cas", "error", "supervised_error"},
+    "m1m2": GENERATION | BOUND | {"label_accuracy", "cas", "error", "supervised_error"},
 }
-EVERY_MODEL = {"recon_loss", "mse", "psnr", "probe_accuracy", "knn_accuracy", "jacobian_frobenius_sq"}
+EVERY_MODEL = {"recon_loss", "mse", "psnr", "probe_accuracy", "knn_accuracy", "jacobian_frobenius_sq", "parameters",
+               "perturbed_mse"}
 
 
 @pytest.fixture(scope="module")
@@ -273,9 +276,9 @@ def test_evaluate_model_applies_the_measures_that_fit_each_variant(name, digits,
     result = ev.evaluate_model(model, config, digits, settings=settings, reference=small_reference, sampler=sampler)
     assert set(result.metrics) == EVERY_MODEL | EXPECTED[name]
     assert all(math.isfinite(v) for v in result.metrics.values())
-    expected_pictures = {"reconstructions", "traversals", "samples"}
+    expected_pictures = {"reconstructions", "traversals", "samples", "nearest_training"}
     expected_pictures |= {"kl_per_dim"} if REGISTRY[name].generative else set()
-    expected_pictures |= {"denoising", "denoised"} if name == "dae" else set()
+    expected_pictures |= {"denoising", "denoised", "robustness"} if name == "dae" else set()
     assert set(result.pictures) == expected_pictures
     for key in ("probe_accuracy", "knn_accuracy") + (("label_accuracy", "cas") if REGISTRY[name].conditional else ()):
         assert 0 <= result.metrics[key] <= 1

@@ -205,3 +205,120 @@ def traversal(model, x: torch.Tensor, y: torch.Tensor | None, codes: torch.Tenso
     z = torch.cat(rows)
     label = None if y is None else y[:1].repeat(len(z))
     return model.decode(z, label)
+
+
+@torch.no_grad()
+def denoising_matrix(model, x: torch.Tensor, kinds: tuple[str, ...], levels: tuple[float, ...], baseline=None,
+                     seed: int = 0) -> list[dict]:
+    """The robustness matrix: PSNR of the noisy input, the denoised output and a baseline's output against the clean
+    image, for every noise kind and level, whatever noise the model was trained on."""
+    from aetrack.models.autoencoders import corrupt
+
+    table = []
+    for kind in kinds:
+        for level in levels:
+            if kind != "gaussian" and level > 1:
+                continue
+            noisy = corrupt(x, kind, level, torch.Generator(x.device).manual_seed(seed))
+            row = {"noise": kind, "noise_level": level, "psnr_noisy": float(psnr(noisy, x).mean()),
+                   "psnr_denoised": float(psnr(model.reconstruct(noisy), x).mean())}
+            if baseline is not None:
+                row["psnr_baseline"] = float(psnr(baseline.reconstruct(noisy), x).mean())
+            table.append(row)
+    return table
+
+
+@torch.no_grad()
+def perturbed_reconstruction(model, x: torch.Tensor, y: torch.Tensor | None, level: float = 0.05, seed: int = 0,
+                             batch_size: int = 1000) -> float:
+    """Per-pixel MSE between the reconstruction of x + N(0, level^2) (clamped to [0, 1]) and the clean x: how much a
+    small input perturbation moves the output (Rifai et al. 2011's robustness, measured rather than penalised)."""
+    generator = torch.Generator(x.device).manual_seed(seed)
+    errors = []
+    for index in batches(len(x), batch_size):
+        xb = x[index]
+        noisy = (xb + level * torch.randn(xb.shape, generator=generator, device=x.device)).clamp(0, 1)
+        errors.append(mse_per_image(model.reconstruct(noisy, slice_labels(y, index)), xb))
+    return float(torch.cat(errors).mean())
+
+
+def lifetime_sparsity(codes: torch.Tensor) -> float:
+    """Treves-Rolls lifetime sparsity of each code unit over the inputs, averaged over units: 0 when a unit is equally
+    active for every input, 1 when it answers a single one (Willmore & Tolhurst 2001)."""
+    magnitude = codes.abs()
+    n = len(codes)
+    ratio = magnitude.mean(0) ** 2 / (magnitude.pow(2).mean(0)).clamp_min(1e-12)
+    return float(((1 - ratio) / (1 - 1 / n)).clamp(0, 1).mean()) if n > 1 else 0.0
+
+
+@torch.no_grad()
+def aggregate_posterior_mismatch(model, x: torch.Tensor, y: torch.Tensor | None, samples: int = 1000,
+                                 seed: int = 0) -> float:
+    """Monte Carlo KL(q(z) || p(z)) in nats, q(z) = (1/N) sum_n q(z|x_n) the aggregate posterior over the N images of
+    x (Hoffman & Johnson 2016, "ELBO surgery"): one draw z_j ~ q(z|x_j) for `samples` images, scored under every
+    image's posterior. Biased upwards by the finite N; comparable between models on the same images."""
+    body = model.body
+    cond = model.cond(y)
+    q = body.posterior(x, cond)
+    generator = torch.Generator(x.device).manual_seed(seed)
+    pick = torch.randperm(len(x), generator=generator, device=x.device)[:samples]
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        z = q.rsample()[pick]                                   # (M, D)
+    log_q = torch.cat([q.log_prob(z[index].unsqueeze(1)) for index in batches(len(z), 100)])  # (M, N)
+    log_aggregate = torch.logsumexp(log_q, dim=1) - math.log(len(x))
+    return float((log_aggregate - body.prior.log_prob(z)).mean())
+
+
+def sample_confidence(reference, images: torch.Tensor, batch_size: int = 1000) -> float:
+    """The reference classifier's mean top-class probability on generated images: blurred or ambiguous samples
+    score low (the idea of the Inception score, without its class-balance term)."""
+    probabilities = reference._apply(lambda xb: torch.softmax(reference.net(xb), -1).amax(-1), images, batch_size)
+    return float(probabilities.mean())
+
+
+@torch.no_grad()
+def nearest_distance(images: torch.Tensor, pool: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Per image, the root-mean-square pixel distance to its nearest image in `pool`."""
+    flat_pool = pool.flatten(1).float()
+    out = []
+    for index in batches(len(images), batch_size):
+        distances = torch.cdist(images[index].flatten(1).float(), flat_pool)
+        out.append(distances.amin(1) / math.sqrt(flat_pool.shape[1]))
+    return torch.cat(out)
+
+
+def supervised_only_error(config, data, steps: int = 1000, check_every: int = 50) -> float:
+    """Test error of M2's q(y|x) network (same architecture and widths) trained on the same `config.labeled` labelled
+    images alone, with cross-entropy and Adam at `config.lr`, kept at its best validation error: the baseline that
+    tells what M2's unlabelled images add (Kingma et al. 2014 compare against such a classifier)."""
+    from aetrack.data import labeled_indices
+    from aetrack.nets import Encoder
+
+    device = data.test_y.device
+    pick = labeled_indices(data.train_y, config.labeled, data.num_classes, config.seed).to(device)
+    train_x, train_y = data.train_x[pick], data.train_y[pick]
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(config.seed)
+        net = Encoder(data.shape, config.hidden, data.num_classes, config.arch, activation=config.activation).to(device)
+    optimizer = torch.optim.Adam(net.parameters(), lr=config.lr)
+    best, state = math.inf, None
+    for step in range(1, steps + 1):
+        net.train()
+        loss = torch.nn.functional.cross_entropy(net(train_x), train_y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        if step % check_every == 0:
+            error = classification_error(net, data.val_x, data.val_y)
+            if error < best:
+                best, state = error, {k: v.clone() for k, v in net.state_dict().items()}
+    net.load_state_dict(state)
+    return classification_error(net, data.test_x, data.test_y)
+
+
+@torch.no_grad()
+def classification_error(net, x: torch.Tensor, y: torch.Tensor, batch_size: int = 1000) -> float:
+    net.eval()
+    wrong = torch.cat([net(x[index]).argmax(-1) != y[index] for index in batches(len(x), batch_size)])
+    return float(wrong.float().mean())

@@ -1,8 +1,9 @@
 """The lesson's questions as studies: each trains a grid of runs over several seeds, evaluates every run and
 writes one `compare` report, so that one command answers one question from converged models.
 
-A study is resumable: a run of the grid that already finished and was evaluated in the study's experiment
-(tags `aetrack.study`, `aetrack.setting`, `seed`) is reused, not trained again.
+This module holds the grids and the result; aetrack.tracking.study_runner trains them, in one process or in many
+workers on many hosts (aetrack.tracking.study_claims). A study is resumable: a run of the grid that already finished
+and was evaluated in the study's experiment (tags `aetrack.study`, `aetrack.setting`, `seed`) is reused.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ import itertools
 import math
 import statistics
 from dataclasses import dataclass, field, replace
-from typing import Callable
 
-from aetrack.config import TrainConfig
-from aetrack.tracking import describe
 from aetrack.tracking import metric_names as names
-from aetrack.tracking import tags
+
+RUN_OF = "@"  # a setting's value "@KEY": the run id of the grid's setting KEY for the same seed (M1+M2's features)
+NOISE_KINDS = ("gaussian", "masking", "salt-pepper")
+NOISE_LEVELS = (0.1, 0.3, 0.5)
 
 
 @dataclass(frozen=True)
@@ -28,47 +29,118 @@ class Study:
     metrics: tuple[str, ...]                 # the test metrics that answer the question (without test_)
     reference: bool = True                   # needs the reference classifier (generation metrics)
     baseline: dict[str, object] | None = None  # dae: evaluate with the run of these settings (same seed) as baseline
+    evaluation: dict[str, object] = field(default_factory=dict)  # aetrack.evaluation.Settings other than the defaults
+    better: dict[str, str] = field(default_factory=dict)  # metric -> "higher" or "lower": the strengths table's
 
-    def describe(self) -> str:
+    def describe(self, seeds: int = 3, measured: str = "") -> str:
         settings = "\n".join(f"    {setting_key(s)}" for s in self.grid)
-        return f"{self.name}: {self.question}\n  trains {len(self.grid)} settings:\n{settings}"
+        runs = f"{len(self.grid)} settings x {seeds} seeds = {len(self.grid) * seeds} runs"
+        return f"{self.name}: {self.question}\n  trains {runs}{measured}:\n{settings}"
+
+    def baseline_of(self, setting: dict[str, object]) -> dict[str, object] | None:
+        """The grid's baseline setting for `setting` (a dae's): the baseline model with the same other settings
+        (architecture, widths), or None where the study has no baseline or `setting` is one."""
+        if not self.baseline or all(setting.get(k) == v for k, v in self.baseline.items()):
+            return None
+        for candidate in self.grid:
+            if all(candidate.get(k) == v for k, v in self.baseline.items()) and all(
+                    setting.get(k) == v for k, v in candidate.items() if k not in self.baseline):
+                return candidate
+        return None
+
+    def needs(self, setting: dict[str, object]) -> list[dict[str, object]]:
+        """The grid's settings whose run (same seed) this one needs first: its baseline, the run its `@` values name."""
+        by_key = {setting_key(s): s for s in self.grid}
+        needed = [by_key[str(v)[1:]] for v in setting.values() if isinstance(v, str) and v.startswith(RUN_OF)]
+        baseline = self.baseline_of(setting)
+        return needed + ([baseline] if baseline else [])
+
+    def restricted(self, only: dict[str, str]) -> Study:
+        """This study on the settings that have every value of `only` (as `show` writes it, or the same number),
+        with the settings they need; `only` empty: the whole grid."""
+        chosen = [s for s in self.grid if all(k in s and same(s[k], value) for k, value in only.items())]
+        keys = {setting_key(s) for s in chosen}
+        keys |= {setting_key(need) for s in chosen for need in self.needs(s)}
+        return replace(self, grid=tuple(s for s in self.grid if setting_key(s) in keys))
+
+    def order(self) -> list[int]:
+        """The grid's indices with every setting after those it needs."""
+        done: list[int] = []
+        keys = [setting_key(s) for s in self.grid]
+
+        def visit(index: int) -> None:
+            if index not in done:
+                for need in self.needs(self.grid[index]):
+                    visit(keys.index(setting_key(need)))
+                done.append(index)
+        for index in range(len(self.grid)):
+            visit(index)
+        return done
 
 
 def grid(**axes) -> tuple[dict[str, object], ...]:
     """Every combination of the axes' values, in order: grid(model=("ae", "vae"), latent_dim=(2, 8))."""
-    names = list(axes)
-    return tuple(dict(zip(names, values)) for values in itertools.product(*axes.values()))
+    keys = list(axes)
+    return tuple(dict(zip(keys, values)) for values in itertools.product(*axes.values()))
 
+
+# latent-size: a conv net of 32-64 channels and an MLP whose widths give it about as many parameters on digits (8x8),
+# within 5 % at each latent size (ae: 38.9k vs 40.0k, 42.0k vs 44.3k, 54.3k vs 55.7k); each run logs test/parameters.
+MATCHED_MLP = {2: (144, 72), 8: (152, 76), 32: (168, 84)}
+CONV = {"arch": "conv", "hidden": (32, 64)}
+ARCHITECTURES = ({"arch": "mlp", "hidden": (256, 128)}, CONV)
+GENERATION = ("fcd", "kid", "sample_confidence", "nearest_train_distance", "memorisation_ratio")
 
 STUDIES = {study.name: study for study in (
-    # Each architecture at its own usual width: an MLP of 256-128 units, a conv net of 32-64 channels.
     Study("latent-size", "How do latent size and architecture change reconstructions?",
-          tuple({**s, **a} for s in grid(model=("ae", "vae"), latent_dim=(2, 8, 32))
-                for a in ({"arch": "mlp", "hidden": (256, 128)}, {"arch": "conv", "hidden": (32, 64)})),
-          by="latent_dim",
-          metrics=("recon_loss", "psnr", "probe_accuracy"), reference=False),
-    Study("denoising", "How well does a denoising autoencoder clean images, against a plain one?",
-          ({"model": "ae"}, {"model": "dae", "noise": "gaussian", "noise_level": 0.3}), by="model",
-          metrics=("psnr_noisy_at_0.3", "psnr_denoised_at_0.3", "psnr_baseline_at_0.3",
-                   "psnr_noisy_at_0.5", "psnr_denoised_at_0.5", "psnr_baseline_at_0.5"),
+          tuple({"model": model, "latent_dim": latent, **a} for model, latent in itertools.product(("ae", "vae"), (2, 8, 32))
+                for a in ({"arch": "mlp", "hidden": MATCHED_MLP[latent]}, CONV)),
+          by="latent_dim", metrics=("recon_loss", "psnr", "probe_accuracy", "parameters"), reference=False),
+    Study("denoising", "How well does a denoising autoencoder clean images of each kind of noise, against a plain one?",
+          tuple({"model": "ae", **a} for a in ARCHITECTURES)
+          + tuple({"model": "dae", "noise": kind, "noise_level": level, **a}
+                  for kind, level, a in itertools.product(NOISE_KINDS, NOISE_LEVELS, ARCHITECTURES)),
+          by="model", metrics=tuple(f"psnr_{what}_{kind}_at_0.3" for kind in NOISE_KINDS for what in ("denoised", "baseline")),
           reference=False, baseline={"model": "ae"}),
     Study("generation", "Does a VAE generate better images than a plain autoencoder with a latent mixture?",
-          ({"model": "ae"}, {"model": "vae"}), by="model", metrics=("fcd", "kid", "recon_loss")),
+          ({"model": "ae"}, {"model": "vae", "prior": "normal"}, {"model": "vae", "prior": "mog"}), by="model",
+          metrics=(*GENERATION, "recon_loss")),
     Study("priors", "How does the prior shape samples and the latent space?",
-          grid(model=("vae",), prior=("normal", "mog", "uniform", "vamp")), by="prior",
-          metrics=("nll_iw", "neg_elbo", "kl", "active_units", "probe_accuracy", "fcd")),
-    Study("conditional", "How do a conditional VAE and M2 compare with a plain VAE?",
-          ({"model": "vae"}, {"model": "cvae"}, {"model": "m2"}), by="model",
-          metrics=("label_accuracy", "cas", "error", "probe_accuracy", "fcd")),
-    Study("regularised", "What do sparse and contractive autoencoders do differently?",
-          ({"model": "ae"}, {"model": "sae"}, {"model": "cae"}), by="model",
-          metrics=("fraction_near_zero", "mean_activation", "jacobian_frobenius_sq", "recon_loss", "probe_accuracy"),
-          reference=False),
+          grid(model=("vae",), prior=("normal", "mog", "uniform", "vamp"), latent_dim=(2, 8)), by="prior",
+          metrics=("fcd", "kid", "sample_confidence", "active_units", "aggregate_kl", "probe_accuracy", "knn_accuracy",
+                   "nll_iw")),
+    # M1+M2: M2 on the codes of the same seed's vae run (`--features RUN`). The supervised-only classifier (M2's
+    # q(y|x) on the same 100 labels) is measured with each semi-supervised run: supervised_error.
+    Study("conditional", "How do a conditional VAE, M2 and M1+M2 compare with a plain VAE?",
+          ({"model": "vae"}, {"model": "cvae"}, {"model": "m2"}, {"model": "m1m2", "features": RUN_OF + "model=vae"}),
+          by="model", metrics=("label_accuracy", "error", "supervised_error", "cas", "fcd", "kid", "sample_confidence"),
+          evaluation={"supervised_baseline": True}),
+    Study("regularised", "What do sparse, contractive and denoising autoencoders do differently?",
+          ({"model": "ae"}, {"model": "dae"},
+           *({"model": "sae", "sparsity": "l1", "sparsity_weight": w} for w in (1e-4, 1e-3, 1e-2)),
+           *({"model": "sae", "sparsity": "kl", "sparsity_weight": w} for w in (0.01, 0.1, 1.0)),
+           *({"model": "cae", "contractive_weight": w} for w in (1e-3, 1e-2, 1e-1)),
+           {"model": "vae"}),
+          by="model",
+          metrics=("fraction_near_zero", "lifetime_sparsity", "jacobian_frobenius_sq", "perturbed_mse", "probe_accuracy",
+                   "recon_loss"),
+          reference=False,
+          better={"fraction_near_zero": "higher", "lifetime_sparsity": "higher", "jacobian_frobenius_sq": "lower",
+                  "perturbed_mse": "lower", "probe_accuracy": "higher", "recon_loss": "lower"}),
 )}
 
 
 def setting_key(setting: dict[str, object]) -> str:
     return ";".join(f"{k}={show(v)}" for k, v in setting.items())
+
+
+def same(value: object, written: str) -> bool:
+    if show(value) == written:
+        return True
+    try:
+        return isinstance(value, (int, float)) and float(written) == float(value)
+    except ValueError:
+        return False
 
 
 def show(value: object) -> str:
@@ -120,78 +192,38 @@ class StudyResult:
         widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
         return "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header, *rows])
 
+    def strengths(self) -> list[dict[str, object]]:
+        """Per setting, the metrics of `study.better` where its mean ranks in the best third of the settings that have
+        the metric (strengths) and in the worst third (weaknesses)."""
+        table = [{"setting": setting_key(c.setting), "strengths": [], "weaknesses": []} for c in self.cells]
+        for metric, direction in self.study.better.items():
+            means = [(found[0], i) for i, c in enumerate(self.cells) if (found := c.summary(metric))]
+            if len(means) < 3:
+                continue
+            ranked = [i for _, i in sorted(means, reverse=direction == "higher")]
+            third = len(ranked) // 3
+            for i in ranked[:third]:
+                table[i]["strengths"].append(metric)
+            for i in ranked[-third:]:
+                table[i]["weaknesses"].append(metric)
+        return table
+
+    def strengths_text(self) -> str:
+        rows = self.strengths()
+        width = max(len(r["setting"]) for r in rows)
+        return "\n".join(f"{r['setting']:{width}}  + {', '.join(r['strengths']) or '-'}   - {', '.join(r['weaknesses']) or '-'}"
+                         for r in rows)
+
     def as_dict(self) -> dict:
-        return {"study": self.study.name, "question": self.study.question, "dataset": self.dataset,
-                "experiment": self.experiment, "report_run_id": self.report_run_id,
-                "cells": [{"setting": c.setting, "run_ids": c.run_ids, "metrics": c.metrics,
-                           "summary": {m: c.summary(m) for m in self.study.metrics}} for c in self.cells]}
+        record = {"study": self.study.name, "question": self.study.question, "dataset": self.dataset,
+                  "experiment": self.experiment, "report_run_id": self.report_run_id,
+                  "cells": [{"setting": c.setting, "run_ids": c.run_ids, "metrics": c.metrics,
+                             "summary": {m: c.summary(m) for m in self.study.metrics}} for c in self.cells]}
+        if self.study.better:
+            record["strengths"] = self.strengths()
+        return record
 
 
 def format_spread(mean: float, spread: float, count: int) -> str:
     digits = 3 if abs(mean) < 10 else 2 if abs(mean) < 100 else 1
     return f"{mean:.{digits}f}" + (f" ± {spread:.{digits}f}" if count > 1 else "")
-
-
-def run_study(study: Study, *, dataset: str = "digits", seeds: int = 3, experiment: str | None = None,
-              base: TrainConfig = TrainConfig(), data_dir: str | None = None,
-              device: str = "cpu", echo: Callable[[str], None] = print, report_dir=None) -> StudyResult:
-    """Train (or reuse), evaluate and compare every run of `study`; returns the table's numbers."""
-    import mlflow
-
-    from aetrack import data as datasets
-    from aetrack.evaluation import Settings
-    from aetrack.tracking import compare
-    from aetrack.tracking.evaluate import evaluate_run
-    from aetrack.tracking.run import TrackingOptions, train_tracked
-
-    experiment = experiment or f"study-{study.name}-{dataset}"
-    client = mlflow.MlflowClient()
-    experiment_id = describe.open_experiment(client, experiment, f"`aetrack study {study.name}`: {study.question}")
-    cells = [Cell(setting) for setting in study.grid]
-    loaded: dict[int, object] = {}
-    baseline_runs: dict[int, str] = {}
-    # The baseline's setting is trained first, so that every dae evaluation finds its seed's baseline run.
-    order = sorted(range(len(cells)), key=lambda i: cells[i].setting != study.baseline)
-    for seed, index in itertools.product(range(seeds), order):
-        cell = cells[index]
-        config = replace(base, dataset=dataset, seed=seed, **cell.setting)
-        key = setting_key(cell.setting)
-        run_id = finished_run(client, experiment_id, study.name, key, seed)
-        if run_id is None:
-            if seed not in loaded:
-                loaded.clear()  # one seed's split at a time
-                loaded[seed] = datasets.load(dataset, data_dir=data_dir, binarize=config.binarize,
-                                             val_fraction=config.val_fraction, seed=seed, device=device)
-            echo(f"[{study.name}] training {key} seed {seed}")
-            marks = {tags.STUDY: study.name, tags.SETTING: key}
-            options = TrackingOptions(experiment, f"{study.name} {key} seed {seed}", register=False)
-            run_id = train_tracked(config, loaded[seed], options, data_dir=data_dir, progress=False, tags=marks).run_id
-        metrics = client.get_run(run_id).data.metrics
-        if names.test("recon_loss") not in metrics:
-            echo(f"[{study.name}] evaluating {key} seed {seed} ({run_id})")
-            baseline = baseline_runs.get(seed) if study.baseline and cell.setting != study.baseline else None
-            evaluate_run(run_id, Settings(seed=seed), use_reference=study.reference, baseline=baseline,
-                         data_dir=data_dir, device=device, echo=echo)
-            client.set_tag(run_id, tags.EVALUATED, "true")
-            metrics = client.get_run(run_id).data.metrics
-        if study.baseline and cell.setting == study.baseline:
-            baseline_runs[seed] = run_id
-        cell.run_ids.append(run_id)
-        cell.metrics.append({names.short(k): v for k, v in metrics.items() if names.is_test(k)})
-    result = StudyResult(study, dataset, experiment, cells)
-    runs = [client.get_run(run_id) for cell in cells for run_id in cell.run_ids]
-    present = {m for cell in cells for row in cell.metrics for m in row}
-    report = compare.build_report(runs, by=study.by, metrics=tuple(m for m in study.metrics if m in present), client=client)
-    title = f"aetrack study {study.name} on {dataset}: {study.question}"
-    result.report_run_id, _ = compare.publish(client, experiment_id, report, title, output=report_dir,
-                                              run_name=f"{study.name} report")
-    return result
-
-
-def finished_run(client, experiment_id: str, study: str, key: str, seed: int) -> str | None:
-    """The id of this setting's finished run for `seed` in the study's experiment, if one exists."""
-    runs = client.search_runs([experiment_id], f"tags.`{tags.STUDY}` = '{study}' and attributes.status = 'FINISHED'",
-                              max_results=1000)
-    # A run logs only the settings it changed: seed 0, the default, is no param.
-    matching = [r for r in runs if r.data.tags.get(tags.SETTING) == key and TrainConfig.from_params(r.data.params).seed == seed]
-    return matching[0].info.run_id if matching else None
