@@ -31,11 +31,15 @@ def evaluate(target, baseline, reference, device, data_dir, download, tracking_u
 
     \b
     Every model: test/recon_loss (nats/image, the model's likelihood), test/mse, test/psnr,
-      test/probe_accuracy, test/knn_accuracy, test/jacobian_frobenius_sq.
-    Autoencoders: test/mean_activation, test/fraction_near_zero.
-    vae/cvae/m2: test/neg_elbo, test/elbo_recon_loss, test/kl, test/nll_iw, test/active_units, KL per unit.
-    Every model that generates (AEs through their fitted latent mixture): test/fcd, test/kid.
-    cvae/m2: test/label_accuracy, test/cas.   m2: test/error.   dae: PSNR per noise level.
+      test/probe_accuracy, test/knn_accuracy, test/jacobian_frobenius_sq, test/parameters,
+      test/perturbed_mse (reconstruction error under a small input perturbation).
+    Autoencoders: test/mean_activation, test/fraction_near_zero, test/lifetime_sparsity.
+    VAEs: test/neg_elbo, test/elbo_recon_loss, test/kl, test/nll_iw, test/active_units, test/aggregate_kl
+      (aggregate posterior against the prior), KL per unit.
+    Every model that generates (AEs through their fitted latent mixture): test/fcd, test/kid,
+      test/sample_confidence, test/nearest_train_distance, test/memorisation_ratio.
+    Conditional models: test/label_accuracy, test/cas.   m2/m1m2: test/error, test/supervised_error
+      (the same classifier trained on the labels alone).   dae: PSNR per noise level and kind.
     """
     settings = from_strings(Settings, values).validate()
     from aetrack.config import resolve_device
