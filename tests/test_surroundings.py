@@ -146,3 +146,29 @@ def test_a_picture_that_cannot_be_drawn_is_a_warning_and_logging_goes_on(tmp_pat
         mlflow.set_tracking_uri(None)
     assert client.get_run(run.info.run_id).data.metrics == {"per_step/loss": 1.5}
     assert any("progress/samples" in line and "ZeroDivisionError" in line for line in said), said
+
+
+def test_short_epochs_share_a_request_and_none_waits_more_than_a_second(tmp_path, monkeypatch):
+    import mlflow
+
+    from aetrack.tracking import lifecycle
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/s.db")
+    try:
+        client = mlflow.MlflowClient()
+        run = client.create_run(client.create_experiment("e"))
+        buffer = lifecycle.MetricBuffer(run.info.run_id)
+        batches = []
+        monkeypatch.setattr(buffer.client, "log_batch", lambda run_id, metrics: batches.append(len(metrics)))
+        for epoch in range(1, 21):  # twenty short epochs: one request, not twenty
+            buffer({"val_loss": 1.0 / epoch, "epoch": epoch}, epoch * 10)
+        buffer.flush()
+        assert batches == [1, 19]  # the first epoch at once, the next nineteen together
+        monkeypatch.setattr(lifecycle, "BATCH_SECONDS", 0.0)  # epochs longer than BATCH_SECONDS: one request each
+        batches.clear()
+        for epoch in range(21, 24):
+            buffer({"val_loss": 1.0 / epoch, "epoch": epoch}, epoch * 10)
+            buffer.flush()
+        assert batches == [1, 1, 1]
+    finally:
+        mlflow.set_tracking_uri(None)
