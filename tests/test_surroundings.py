@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+from pathlib import Path
 
 import pytest
 import torch
@@ -172,3 +173,38 @@ def test_short_epochs_share_a_request_and_none_waits_more_than_a_second(tmp_path
         assert batches == [1, 1, 1]
     finally:
         mlflow.set_tracking_uri(None)
+
+
+def test_logging_a_model_skips_mlflows_scan_of_every_installed_package(tmp_path, monkeypatch):
+    """MLflow's check of the requirements against this environment maps every installed distribution (seconds);
+    aetrack's requirements come from this environment, so the check is skipped, and the requirements logged are
+    the same."""
+    import mlflow
+    from mlflow.utils import environment, requirements_utils
+
+    from aetrack import data as datasets, modelio
+    from aetrack.models import build_model
+    from aetrack.serving import generator as served
+    from aetrack.tracking import artifacts
+
+    assert callable(environment.warn_dependency_requirement_mismatches)  # what is skipped still exists in MLflow
+
+    def scan():
+        raise AssertionError("MLflow scanned every installed distribution")
+
+    monkeypatch.setattr(requirements_utils, "_MODULES_TO_PACKAGES", None)
+    monkeypatch.setattr(requirements_utils.importlib_metadata, "packages_distributions", scan)
+    digits = datasets.load("digits")
+    config = TrainConfig(epochs=1)
+    folder = modelio.save(build_model(config, digits.shape, digits.num_classes), modelio.ModelInfo(config, digits.shape, digits.classes),
+                          tmp_path / "model")
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path}/s.db")
+    try:
+        with mlflow.start_run():
+            logged = artifacts.log_generator(folder)
+        local = Path(mlflow.artifacts.download_artifacts(logged.model_uri, dst_path=str(tmp_path / "down")))
+    finally:
+        mlflow.set_tracking_uri(None)
+    assert environment.warn_dependency_requirement_mismatches is not None and "lambda" not in repr(
+        environment.warn_dependency_requirement_mismatches)  # put back
+    assert (local / "requirements.txt").read_text().split() == served.requirements()
