@@ -33,21 +33,23 @@ def log_pyfunc(entry: Path, folder: Path, artifact: str, *, signature, registere
 
 @contextlib.contextmanager
 def pinned_here():
-    """MLflow checks a model's requirements against this environment (`warn_dependency_requirement_mismatches`) by
-    mapping every installed distribution to its modules: 6 s of a 38 s digits run (profiled, quiet machine). aetrack's
-    requirements are pinned from this very environment (`served.requirements`), so the check cannot find a mismatch:
-    it is skipped while the model is logged. Where MLflow has no such function, nothing changes."""
+    """MLflow checks a model's requirements against this environment (`warn_dependency_requirement_mismatches`, when
+    it writes the model and again when it loads it to check the input example) by mapping every installed distribution
+    to its modules: 6 s of a 38 s digits run (profiled, quiet machine). aetrack's requirements are pinned from this
+    very environment (`served.requirements`), so the check cannot find a mismatch: it is skipped while the model is
+    logged. Where MLflow has no such function, nothing changes."""
+    from mlflow import pyfunc
     from mlflow.utils import environment
 
-    check = getattr(environment, "warn_dependency_requirement_mismatches", None)
-    if check is None:
-        yield
-        return
-    environment.warn_dependency_requirement_mismatches = lambda requirements: None
+    name = "warn_dependency_requirement_mismatches"
+    checks = {module: getattr(module, name) for module in (environment, pyfunc) if hasattr(module, name)}
+    for module in checks:
+        setattr(module, name, lambda requirements: None)
     try:
         yield
     finally:
-        environment.warn_dependency_requirement_mismatches = check
+        for module, check in checks.items():
+            setattr(module, name, check)
 
 
 def log_generator(model_dir: Path, registered_model_name: str | None = None):
