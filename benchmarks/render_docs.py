@@ -575,8 +575,9 @@ def block_surroundings() -> str:
     return "\n".join([
         f"`python benchmarks/surroundings.py --data-dir /work/shared/data` at commit {str(r['git_commit'])[:7]}, "
         f"{m['cores']} CPU cores, {m['date']}, load average {m['load_average_1m_before']} before and "
-        f"{m['load_average_1m_after']} after (another job shared the machine: compare within a row, not with other "
-        "pages); the checkpoint row again with `--part checkpoints --epochs 60`.", "",
+        f"{m['load_average_1m_after']} after"
+        + (" (another job shared the machine: compare within a row, not with other pages)" if m["load_average_1m_before"] > 1.5
+           else " (a quiet machine)") + ".", "",
         "| what | before | now | how |", "| --- | ---: | ---: | --- |",
         f"| t-SNE picture of the latent space, MNIST VAE 784-400-20 after one epoch ({pic['epoch_s']:.2f} s) | "
         f"{pic['tsne_all_codes_s']:.2f} s (t-SNE alone, all {pic['codes']} codes) | {pic['latent_plots_s']:.2f} s "
@@ -587,28 +588,32 @@ def block_surroundings() -> str:
         "interpolation, PCA, t-SNE, loss curves |",
         f"| checkpoints, share of `fit` on digits ({ck['epochs']} epochs, one torch thread, median of {ck['repeats']} "
         f"alternating runs, load average {ck.get('load_average_1m_before', m['load_average_1m_before'])}; "
-        f"{ck['fit_without_s']:.2f} s without) | {100 * ck['share_every_epoch']:.1f} % ({ck['writes_every_epoch']} "
-        f"writes, every epoch) | {100 * ck['share_throttled']:.1f} % ({ck['writes_throttled']} writes"
-        f"{'; faster than without: the runs spread more than the checkpoints cost' if ck['share_throttled'] < 0 else ''}) | the first "
+        f"{ck['fit_without_s']:.2f} s without) | {100 * ck.get('inside_share_every_epoch', ck['share_every_epoch']):.1f} % "
+        f"({ck['writes_every_epoch']} writes, every epoch) | "
+        f"**{100 * ck.get('inside_share_throttled', ck['share_throttled']):.1f} %** ({ck['writes_throttled']} writes) | the "
+        f"time inside the checkpoint code (copying each epoch's state, writing it); whole fits differ by "
+        f"{100 * ck['share_every_epoch']:.1f} % and {100 * ck['share_throttled']:.1f} %. The first "
         f"epoch, then at most one every {ck['checkpoint_seconds']:g} s, and always the last finished epoch at the end "
         "or on a signal |",
         f"| a new local sqlite store, first access (median of {st['repeats']} fresh processes) | "
         f"{st['new_store_s']:.2f} s | {st['new_aetrack_store_s']:.2f} s | an empty store migrated once by MLflow, "
         f"cached and copied; an existing store takes {st['existing_store_s']:.2f} s |",
-        *command_rows(r.get("command")),
+        *command_rows(r.get("command"), r),
     ])
 
 
-def command_rows(c: dict | None) -> list[str]:
-    """The whole commands of `surroundings.py --part command`, when measured."""
+def command_rows(c: dict | None, record: dict) -> list[str]:
+    """The whole commands of `surroundings.py` (part command), when measured."""
     if not c:
         return []
+    c = {"git_commit": record["git_commit"], "load_average_1m_before": record["machine"]["load_average_1m_before"],
+         "load_average_1m_after": record["machine"]["load_average_1m_after"], **c}
     new, again, two = c["digits_new_store"], c["digits_existing_store"], c["digits_two_threads"]
     same = ("the same model: best validation loss {:.4f} both, the same samples picture".format(new["best_val_loss"])
             if c["digits_same_model"] else "**not the same model**: best validation loss {:.4f} against {:.4f}".format(
                 new["best_val_loss"], two["best_val_loss"]))
     rows = [
-        "", f"Whole commands, each in a fresh process (`--part command`, commit {str(c['git_commit'])[:7]}, load average "
+        "", f"Whole commands, each in a fresh process (commit {str(c['git_commit'])[:7]}, load average "
         f"{c['load_average_1m_before']} before and {c['load_average_1m_after']} after):", "",
         "| command | wall | of which optimisation steps | per-epoch work beyond the steps | note |",
         "| --- | ---: | ---: | ---: | --- |",
