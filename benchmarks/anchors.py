@@ -38,7 +38,7 @@ from aetrack import data as datasets
 from aetrack import evaluation
 from aetrack.cli.options import quiet_mlflow
 from aetrack.tracking import artifacts
-from aetrack.tracking import evaluate as tracked_evaluation
+from aetrack.tracking.workflows import evaluate as tracked_evaluation
 from aetrack.config import ConfigError, TrainConfig, parse_settings
 from aetrack.tracking.run import RunStopped, TrackingOptions, git_commit, open_checkpoint, train_tracked
 

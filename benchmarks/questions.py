@@ -39,8 +39,8 @@ def run_group(group: str, workdir: Path, only: set[str], data_dir: str | None) -
     """In this process: every study of the group, results written one file per study."""
     import torch
 
-    from aetrack.tracking.studies import STUDIES
-    from aetrack.tracking.study_runner import run_study
+    from aetrack.tracking.workflows.studies import STUDIES
+    from aetrack.tracking.workflows.study_runner import run_study
 
     torch.set_num_threads(1)
     uri = f"sqlite:///{workdir / (group + '.db')}"

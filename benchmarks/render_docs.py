@@ -22,7 +22,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # this checkout's aetrack, whichever one is installed
-from aetrack.tracking import metric_names, studies, verdicts  # noqa: E402
+from aetrack.tracking import metric_names  # noqa: E402
+from aetrack.tracking.reports import verdicts  # noqa: E402
+from aetrack.tracking.workflows import studies  # noqa: E402
 RESULTS = ROOT / "benchmarks" / "results"
 DOCS = ROOT / "docs"
 BLOCK = re.compile(r"(<!-- render: (?P<name>[\w@.:-]+) -->\n)(?P<body>.*?)(<!-- /render: (?P=name) -->)", re.S)
@@ -185,7 +187,7 @@ def seeds_of(q: dict) -> str:
 
 
 def block_verdicts(key: str) -> str:
-    """A study's verdicts on one data set, computed from its record by aetrack.tracking.verdicts: a bullet per pair
+    """A study's verdicts on one data set, computed from its record by aetrack.tracking.reports.verdicts: a bullet per pair
     of settings compared, grouped by the axis they differ in."""
     q = question(key)
     found = verdicts.comparisons(q)

@@ -57,7 +57,7 @@ def main() -> None:
     parser.add_argument("--set", default="", help="training settings every run shares, e.g. epochs=5")
     args = parser.parse_args()
     from aetrack.config import parse_settings
-    from aetrack.tracking.studies import STUDIES
+    from aetrack.tracking.workflows.studies import STUDIES
 
     settings = parse_settings((args.set,)) if args.set else {}
     shared = ["--set", args.set] if args.set else []

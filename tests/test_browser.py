@@ -23,8 +23,9 @@ from aetrack import data as datasets
 from aetrack.config import TrainConfig, TuneConfig
 from aetrack.evaluation import Settings
 from aetrack.models import REGISTRY
-from aetrack.tracking import compare, describe
-from aetrack.tracking.evaluate import evaluate_run
+from aetrack.tracking.reports import compare
+from aetrack.tracking import describe
+from aetrack.tracking.workflows.evaluate import evaluate_run
 from aetrack.tracking.metric_names import champion_metric
 from aetrack.tracking.registry import run_score
 from aetrack.tracking.run import TrackingOptions, train_tracked

@@ -16,7 +16,7 @@ from click.testing import CliRunner
 from mlflow.entities import Metric, Param
 from PIL import Image
 
-from aetrack.tracking import compare, figures
+from aetrack.tracking.reports import compare, figures
 from aetrack.cli import main
 from aetrack.config import TrainConfig
 

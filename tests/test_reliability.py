@@ -528,8 +528,9 @@ def test_compare_evaluate_and_tune_close_a_silent_run_of_their_experiment(tmp_pa
 
     from aetrack.cli import main
     from aetrack.evaluation import Settings
-    from aetrack.tracking import compare, lifecycle
-    from aetrack.tracking.evaluate import evaluate_run
+    from aetrack.tracking.reports import compare
+    from aetrack.tracking import lifecycle
+    from aetrack.tracking.workflows.evaluate import evaluate_run
     from aetrack.tracking.run import TrackingOptions, train_tracked
 
     uri = f"sqlite:///{tmp_path}/pods.db"

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 from aetrack import data as datasets
 from aetrack.cli import main
 from aetrack.config import TrackingOptions, TrainConfig
-from aetrack.tracking.studies import STUDIES
+from aetrack.tracking.workflows.studies import STUDIES
 from aetrack.tracking.run import IMAGE_STEPS, image_epochs, train_tracked
 
 TINY = "epochs=2,hidden=32,latent_dim=4,batch_size=256"
@@ -81,7 +81,7 @@ def test_every_dae_is_scored_against_the_ae_of_its_architecture_and_trained_afte
 
 
 def test_the_strengths_table_ranks_each_setting_by_the_studys_directions():
-    from aetrack.tracking.studies import Cell, StudyResult
+    from aetrack.tracking.workflows.studies import Cell, StudyResult
 
     regularised = STUDIES["regularised"]
     cells = [Cell(s, ["run"], [{"recon_loss": float(i), "probe_accuracy": float(i)}]) for i, s in enumerate(regularised.grid)]

@@ -13,7 +13,7 @@ from collections import Counter
 import pytest
 from mlflow import MlflowClient
 
-from aetrack.tracking.study_claims import Claims
+from aetrack.tracking.workflows.study_claims import Claims
 from conftest import aetrack_command, free_port, stop
 from test_stack import CLIENT_ENV, hosts, wait_for_line  # noqa: F401 (hosts: the namespaces fixture, as tuning uses it)
 

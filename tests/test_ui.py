@@ -21,9 +21,9 @@ from aetrack.evaluation import Settings
 from aetrack.models import REGISTRY
 from aetrack.tracking import artifacts, describe, registry
 from aetrack.tracking import metric_names as names
-from aetrack.tracking.evaluate import evaluate_run
+from aetrack.tracking.workflows.evaluate import evaluate_run
 from aetrack.tracking.run import resolved_tags, TrackingOptions, run_params, train_tracked
-from aetrack.tracking.studies import STUDIES
+from aetrack.tracking.workflows.studies import STUDIES
 from aetrack.tuning.space import available_metrics, default_metric
 from conftest import STAND_IN_M1, stand_in_m1
 

@@ -1,4 +1,4 @@
-"""A study's verdicts are computed from its record by one stated rule (aetrack.tracking.verdicts): small synthetic
+"""A study's verdicts are computed from its record by one stated rule (aetrack.tracking.reports.verdicts): small synthetic
 records in the format of `StudyResult.as_dict()`, and the records the documentation quotes."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from scipy.special import betainc
 
-from aetrack.tracking import verdicts
+from aetrack.tracking.reports import verdicts
 
 QUESTIONS = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "questions"
 

@@ -28,8 +28,8 @@ def test_the_prior_names_are_one_list_that_priors_build_and_the_cli_and_the_sear
     assert set(searched) <= set(config.PRIORS)
     assert space.CONDITIONS["prior_components"] == ("prior", config.MIXTURE_PRIORS)
     assert set(config.MIXTURE_PRIORS) <= set(config.PRIORS)
-    # tracking/studies.py: the prior study's grid, what it compares (today every prior); left to the studies' owners.
-    assert modules_saying(r"""["']vamp["']""") == ["aetrack/config.py", "aetrack/priors.py", "aetrack/tracking/studies.py"]
+    # tracking/workflows/studies.py: the prior study's grid, what it compares (today every prior); left to the studies' owners.
+    assert modules_saying(r"""["']vamp["']""") == ["aetrack/config.py", "aetrack/priors.py", "aetrack/tracking/workflows/studies.py"]
 
 
 def test_the_registered_model_name_is_built_in_one_place():

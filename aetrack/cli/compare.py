@@ -1,4 +1,4 @@
-"""`aetrack compare`: one report over an experiment's runs (aetrack.tracking.compare)."""
+"""`aetrack compare`: one report over an experiment's runs (aetrack.tracking.reports.compare)."""
 
 from __future__ import annotations
 
@@ -34,7 +34,7 @@ def compare(experiment, run_ids, by, metrics, output, run_name, no_log, tracking
     import mlflow
 
     from aetrack.cli.options import ui_hint
-    from aetrack.tracking.compare import COMPARISONS_SUFFIX, build_report, publish, select_runs
+    from aetrack.tracking.reports.compare import COMPARISONS_SUFFIX, build_report, publish, select_runs
     from aetrack.tracking import describe
 
     use_tracking_uri(tracking_uri)

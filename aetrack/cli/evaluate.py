@@ -45,7 +45,7 @@ def evaluate(target, baseline, reference, device, data_dir, download, tracking_u
     from aetrack.config import resolve_device
     from aetrack.evaluation import format_table
     from aetrack.tracking import metric_names as names
-    from aetrack.tracking.evaluate import evaluate_run
+    from aetrack.tracking.workflows.evaluate import evaluate_run
 
     use_tracking_uri(tracking_uri)
     # MLflow prints "View run ..." lines to stdout; stdout is kept for the result alone.

@@ -1,4 +1,4 @@
-"""`aetrack study`: answer one of the lesson's questions (aetrack.tracking.studies)."""
+"""`aetrack study`: answer one of the lesson's questions (aetrack.tracking.workflows.studies)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import click
 from aetrack.cli.options import apply, data_options, device_option, friendly_errors, tracking_uri_option, use_tracking_uri
 from aetrack.config import DATASETS, ConfigError, TrainConfig, field_scope, from_strings, parse_settings
 from aetrack.models import REGISTRY
-from aetrack.tracking.studies import STUDIES
+from aetrack.tracking.workflows.studies import STUDIES
 
 
 @click.command()
@@ -40,7 +40,7 @@ def study(name, show, dataset, seeds, experiment, settings, output, only, worker
     """Answer one of the lesson's questions: train its grid over several seeds, evaluate every run, and write
     the compare report. Runs already finished and evaluated in the study's experiment are reused."""
     if show or not name:
-        from aetrack.tracking.study_runner import last_measured
+        from aetrack.tracking.workflows.study_runner import last_measured
 
         for entry in STUDIES.values():
             times = last_measured(entry.name)
@@ -87,11 +87,11 @@ def study(name, show, dataset, seeds, experiment, settings, output, only, worker
             raise click.UsageError(f"{name} on {dataset}: {err}") from None
     from aetrack import data as datasets
     from aetrack.config import resolve_device
-    from aetrack.tracking.study_runner import run_study
+    from aetrack.tracking.workflows.study_runner import run_study
 
     if download:
         datasets.load(dataset, data_dir=data_dir, download=True)
-    from aetrack.tracking.compare import COMPARISONS_SUFFIX
+    from aetrack.tracking.reports.compare import COMPARISONS_SUFFIX
 
     use_tracking_uri(tracking_uri)
     result = run_study(chosen, dataset=dataset, seeds=seeds, experiment=experiment, base=base, data_dir=data_dir,

@@ -1,7 +1,7 @@
 """Evaluating a trained model on its data set: every measure that applies to it.
 
 Which measures apply is read from the variant's declared capabilities (generative, conditional,
-classifies, denoising), never from its name or its attributes. No MLflow here: tracking/evaluate.py
+classifies, denoising), never from its name or its attributes. No MLflow here: tracking/workflows/evaluate.py
 loads a logged model and logs the result back to its run.
 """
 

@@ -1,5 +1,6 @@
-"""MLflow around everything else: a training run (run), tag keys (tags), models as artifacts (artifacts), the
-reference classifiers (reference), evaluation logged to a run (evaluate), compare reports (compare), the model
-registry (registry), the lesson's studies (studies), their verdicts computed from a study's record (verdicts) and
-the team's MLflow server as `aetrack server` starts it (server). Only this package, serving, tuning and the CLI
-import MLflow."""
+"""MLflow around everything else, in three rooms. Here, the run's lifecycle: a training run (run), its recovery after
+a stop (recovery, lifecycle), models as artifacts (artifacts, pictures), tag keys and metric names (tags,
+metric_names), run descriptions (describe), the model registry (registry), the reference classifiers (reference),
+logins (access) and the team's MLflow server as `aetrack server` starts it (server, store). In reports/: the compare
+report, its figures and a study's verdicts. In workflows/: evaluating a run, and the lesson's studies with the
+workers that share them. Only this package, serving, tuning and the CLI import MLflow."""

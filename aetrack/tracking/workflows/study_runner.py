@@ -1,7 +1,7 @@
-"""Running a study (aetrack.tracking.studies): its tasks, one setting and one seed each, trained and evaluated by one
+"""Running a study (aetrack.tracking.workflows.studies): its tasks, one setting and one seed each, trained and evaluated by one
 or more workers, then collected into one table and one `compare` report.
 
-Workers share the grid through leases (aetrack.tracking.study_claims): `--workers N` starts N processes on this
+Workers share the grid through leases (aetrack.tracking.workflows.study_claims): `--workers N` starts N processes on this
 machine (one torch thread each); workers on other hosts join with the same `--storage` and MLflow server. The
 study's MLflow experiment is the record of what is done: a task is done when its run finished and was evaluated.
 """
@@ -19,8 +19,8 @@ from aetrack.config import TrainConfig, UserError
 from aetrack.tracking import describe
 from aetrack.tracking import metric_names as names
 from aetrack.tracking import tags
-from aetrack.tracking.studies import RUN_OF, Cell, Study, StudyResult, setting_key
-from aetrack.tracking.study_claims import Claims, NoClaims
+from aetrack.tracking.workflows.studies import RUN_OF, Cell, Study, StudyResult, setting_key
+from aetrack.tracking.workflows.study_claims import Claims, NoClaims
 
 POLL_SECONDS = 2.0  # how often a worker with nothing to take looks again for tasks that others hold
 
@@ -144,7 +144,7 @@ def run_task(plan: Plan, study: Study, setting: dict, seed: int, runs: dict, loa
     """Train the task's run unless it finished, then evaluate it unless it was."""
     from aetrack import data as datasets
     from aetrack.evaluation import Settings
-    from aetrack.tracking.evaluate import evaluate_run
+    from aetrack.tracking.workflows.evaluate import evaluate_run
     from aetrack.tracking.run import TrackingOptions, train_tracked
 
     key = setting_key(setting)
@@ -197,7 +197,7 @@ def finished_run(client, experiment_id: str, study: str, key: str, seed: int) ->
 def collect_and_report(study: Study, plan: Plan, client, report_dir) -> StudyResult:
     from mlflow.exceptions import MlflowException
 
-    from aetrack.tracking import compare
+    from aetrack.tracking.reports import compare
 
     experiment_id = client.get_experiment_by_name(plan.experiment).experiment_id
     runs = study_runs(client, experiment_id, study.name)
@@ -229,7 +229,7 @@ def last_measured(name: str, root: Path | None = None) -> dict[str, tuple[float,
     checkout has it (`python benchmarks/questions.py` writes it)."""
     import json
 
-    folder = (root or Path(__file__).resolve().parents[2]) / "benchmarks" / "results" / "questions"
+    folder = (root or Path(__file__).resolve().parents[3]) / "benchmarks" / "results" / "questions"
     found = {}
     for path in sorted(folder.glob(f"{name}@*.json")) if folder.exists() else ():
         record = json.loads(path.read_text())

@@ -30,7 +30,7 @@ from aetrack.models import REGISTRY
 from aetrack.tracking import describe, lifecycle
 from aetrack.tracking import metric_names as names
 from aetrack.tracking import tags
-from aetrack.tracking.figures import (Row, bar_panel, better_label, group_order, line_panel,  # noqa: F401
+from aetrack.tracking.reports.figures import (Row, bar_panel, better_label, group_order, line_panel,  # noqa: F401
                                       loss_curves, metric_figure, metric_groups, series)
 
 # Settings that never describe a run's model (how it was logged or where it ran), and what `auto` resolved to.

@@ -1,8 +1,8 @@
 """The lesson's questions as studies: each trains a grid of runs over several seeds, evaluates every run and
 writes one `compare` report, so that one command answers one question from converged models.
 
-This module holds the grids and the result; aetrack.tracking.study_runner trains them, in one process or in many
-workers on many hosts (aetrack.tracking.study_claims). A study is resumable: a run of the grid that already finished
+This module holds the grids and the result; aetrack.tracking.workflows.study_runner trains them, in one process or in many
+workers on many hosts (aetrack.tracking.workflows.study_claims). A study is resumable: a run of the grid that already finished
 and was evaluated in the study's experiment (tags `aetrack.study`, `aetrack.setting`, `seed`) is reused.
 """
 

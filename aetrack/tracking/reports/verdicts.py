@@ -164,7 +164,7 @@ def values(cell: dict, metric: str) -> tuple[float, ...]:
 
 def baseline_label(record: dict, settings: list[dict]) -> str:
     """The study's baseline setting (a dae's plain ae), by its value on the grid's first axis."""
-    from aetrack.tracking.studies import STUDIES
+    from aetrack.tracking.workflows.studies import STUDIES
 
     study = STUDIES.get(record.get("study"))
     base = study.baseline if study else None
