@@ -69,7 +69,9 @@ def test_racing_workers_claim_each_task_once(storage):
 
 
 def study_runs(experiment: str) -> list:
-    client = MlflowClient()
+    # The environment's URI, where the workers' processes logged: an in-process command of an earlier test may have
+    # set another one in this process (`mlflow.set_tracking_uri`), which MlflowClient() would take first.
+    client = MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     found = client.get_experiment_by_name(experiment)
     return [r for r in client.search_runs([found.experiment_id]) if r.data.tags.get("aetrack.kind") != "comparison"]
 

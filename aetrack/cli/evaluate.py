@@ -35,7 +35,7 @@ def evaluate(target, baseline, reference, device, data_dir, download, tracking_u
       test/perturbed_mse (reconstruction error under a small input perturbation).
     Autoencoders: test/mean_activation, test/fraction_near_zero, test/lifetime_sparsity.
     VAEs: test/neg_elbo, test/elbo_recon_loss, test/kl, test/nll_iw, test/active_units, test/aggregate_kl
-      (aggregate posterior against the prior), KL per unit.
+      (one latent layer's aggregate posterior against the prior), KL per unit.
     Every model that generates (AEs through their fitted latent mixture): test/fcd, test/kid,
       test/sample_confidence, test/nearest_train_distance, test/memorisation_ratio.
     Conditional models: test/label_accuracy, test/cas.   m2/m1m2: test/error, test/supervised_error
