@@ -1,8 +1,11 @@
 """How much memory training a config needs, estimated from its sizes before torch allocates anything, and how much
-this machine has: `config.validate` refuses a model that cannot fit in one line, not mid-run. Imports nothing of
-aetrack (config, the lowest room, reads it)."""
+this machine has: `config.validate` refuses a model that cannot fit in one line, not mid-run; and when Python's cyclic
+collector runs in a command (`start_up`, `settle`). Imports nothing of aetrack (config, the lowest room, reads it)."""
 
 from __future__ import annotations
+
+import atexit
+import gc
 
 # Values per example the networks see: what the model-size check counts before anything is allocated.
 INPUT_SIZES = {"digits": 64, "mnist": 784, "fashion-mnist": 784, "cifar10": 3072}
@@ -61,3 +64,31 @@ def available_bytes() -> int | None:
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+# Importing torch, MLflow and scikit-learn leaves about a million objects that live as long as the process. At Python's
+# default thresholds the cyclic collector walks all of them again each time they grow by a quarter, and once more at
+# exit: 1.3 s in the collector and 2.2 s of exit in a 23 s digits job (gc.callbacks, this machine). During start-up
+# only the young objects are collected, every START_UP_ALLOCATIONS allocations; what start-up leaves is then set
+# aside for good (gc.freeze), so collections during training walk only what training allocates.
+START_UP_ALLOCATIONS = 100_000
+DEFAULT_THRESHOLDS = gc.get_threshold()
+_frozen = False
+
+
+def start_up() -> None:
+    """A command starts: until `settle`, collect only young objects, and rarely. At exit, skip the final walk over
+    everything: `gc.freeze` is registered before any library's atexit handler, so it runs after all of them."""
+    gc.set_threshold(START_UP_ALLOCATIONS, *DEFAULT_THRESHOLDS[1:])
+    atexit.unregister(gc.freeze)
+    atexit.register(gc.freeze)
+
+
+def settle() -> None:
+    """Start-up is over (training starts): the collector runs at its default thresholds, and what start-up left is
+    frozen, once per process (a tuning worker's later trials collect as usual)."""
+    global _frozen
+    gc.set_threshold(*DEFAULT_THRESHOLDS)
+    if not _frozen:
+        _frozen = True
+        gc.freeze()

@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 import torch
 from tqdm.auto import tqdm
 
-from aetrack import checkpoints
+from aetrack import checkpoints, memory
 from aetrack.config import TrainConfig, resolve_device  # noqa: F401 (resolve_device: re-exported)
 from aetrack.data import Splits
 from aetrack.models import OwnBatches, build_model
@@ -324,6 +324,7 @@ def fit(config: TrainConfig, data: Splits, *, model: torch.nn.Module | None = No
     last finished one whenever fit ends, however it ends (a signal's KeyboardInterrupt too). `resume` is such a
     checkpoint (`checkpoints.load`): training goes on from its epoch and, with the same data, ends with the same
     weights as a run that was never stopped."""
+    memory.settle()
     torch.manual_seed(config.seed)
     device = data.train_images.device
     n_train = len(data.train_y)

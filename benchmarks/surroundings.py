@@ -13,7 +13,9 @@ share of `fit` on digits, and a new local sqlite store's set-up.
   best validation loss and the samples picture of each (the same model?); the canonical MNIST VAE for one epoch, whose
   wall beyond its epoch is the fixed cost; and what each epoch spends beyond its optimisation steps (validation,
   metrics, pictures at their cadence, checkpoints), from the runs' own metrics: 1 - sum(epoch_time) / (wall between
-  the first and the last epoch's metrics), on digits and over 3 MNIST epochs.
+  the first and the last epoch's metrics), on digits and over 3 MNIST epochs. The digits job on the existing store
+  and the MNIST epoch run --repeats times each, alternating with the same command whose cyclic collector is left at
+  Python's defaults (`memory.start_up` and `memory.settle` replaced by nothing): medians of both.
 
     python benchmarks/surroundings.py --data-dir /work/shared/data
     python benchmarks/surroundings.py --part checkpoints --epochs 60   (that part again, one torch thread)
@@ -47,6 +49,14 @@ if sys.argv[2:] == ["aetrack"]:
     store.prepare(sys.argv[1])
 mlflow.MlflowClient().search_experiments(max_results=1)
 print(time.perf_counter() - started)
+"""
+# `aetrack` with Python's cyclic collector at its defaults: the reference for `memory.start_up` and `memory.settle`.
+COLLECTOR_DEFAULTS = """
+import sys
+from aetrack import memory
+memory.start_up = memory.settle = lambda: None
+from aetrack.cli import main
+main(sys.argv[1:], prog_name="aetrack")
 """
 
 
@@ -153,7 +163,8 @@ def store(repeats: int) -> dict:
     return {"repeats": repeats, **{f"{kind}_store_s": round(statistics.median(t), 2) for kind, t in times.items()}}
 
 
-def train_command(args: list[str], uri: str, workdir: str, threads: int | None = None) -> dict:
+def train_command(args: list[str], uri: str, workdir: str, threads: int | None = None,
+                  collector_defaults: bool = False) -> dict:
     """One `aetrack train --no-register --quiet` in a fresh process: its wall, and what its run says."""
     import mlflow
 
@@ -162,7 +173,8 @@ def train_command(args: list[str], uri: str, workdir: str, threads: int | None =
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MLFLOW_TRACKING_URI")}
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    command = [sys.executable, "-m", "aetrack", "train", "--no-register", "--quiet", "--tracking-uri", uri,
+    aetrack = [sys.executable, "-c", COLLECTOR_DEFAULTS] if collector_defaults else [sys.executable, "-m", "aetrack"]
+    command = [*aetrack, "train", "--no-register", "--quiet", "--tracking-uri", uri,
                "--checkpoint-dir", f"{workdir}/checkpoints", *args]
     wall = seconds(lambda: subprocess.run(command, capture_output=True, text=True, check=True, env=env))
     client = mlflow.MlflowClient(uri)
@@ -181,7 +193,26 @@ def train_command(args: list[str], uri: str, workdir: str, threads: int | None =
             "best_val_loss": run.data.metrics.get(names.BEST_VAL_LOSS), "samples_png_sha1": hashlib.sha1(picture).hexdigest()}
 
 
-def command(data_dir: str | None) -> dict:
+def median_run(runs: list[dict]) -> dict:
+    """The run of median wall (the lower middle one of an even number), with every run's wall beside it."""
+    middle = sorted(runs, key=lambda r: r["wall_s"])[(len(runs) - 1) // 2]
+    return {**middle, "walls_s": [r["wall_s"] for r in runs]}
+
+
+def alternating(args: list[str], uri: str, workdir: str, repeats: int) -> tuple[dict, dict]:
+    """The command as it is and with the collector at Python's defaults, alternating, `repeats` times each."""
+    runs = {False: [], True: []}
+    for _ in range(repeats):
+        for defaults in (True, False):
+            runs[defaults].append(train_command(args, uri, workdir, collector_defaults=defaults))
+    return median_run(runs[False]), median_run(runs[True])
+
+
+def beyond_epoch(run: dict) -> float:
+    return round(run["wall_s"] - run["epoch_steps_s"], 2)
+
+
+def command(data_dir: str | None, repeats: int) -> dict:
     """Whole commands (see the module's docstring); the store template is built first, as any earlier aetrack
     command on this machine has built it."""
     from aetrack.tracking import store as stores
@@ -191,16 +222,20 @@ def command(data_dir: str | None) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/store.db"
         digits_new = train_command([], uri, tmp)
-        digits_again = train_command([], uri, tmp)
+        digits_again, digits_defaults = alternating([], uri, tmp, repeats)
         digits_two = train_command([], uri, tmp, threads=2)
-        mnist_one = train_command([*mnist, "--epochs", "1"], uri, tmp) if data_dir else None
-        mnist_three = train_command([*mnist, "--epochs", "3"], uri, tmp) if data_dir else None
-    record = {"digits_new_store": digits_new, "digits_existing_store": digits_again, "digits_two_threads": digits_two,
-              "digits_same_model": digits_new["best_val_loss"] == digits_two["best_val_loss"]
-              and digits_new["samples_png_sha1"] == digits_two["samples_png_sha1"]}
-    if mnist_one:
-        record.update(mnist_one_epoch=mnist_one, mnist_three_epochs=mnist_three,
-                      mnist_beyond_epoch_s=round(mnist_one["wall_s"] - mnist_one["epoch_steps_s"], 2))
+        if data_dir:
+            mnist_one, mnist_defaults = alternating([*mnist, "--epochs", "1"], uri, tmp, repeats)
+            mnist_three = train_command([*mnist, "--epochs", "3"], uri, tmp)
+    record = {"repeats": repeats, "digits_new_store": digits_new, "digits_existing_store": digits_again,
+              "digits_collector_defaults": digits_defaults, "digits_two_threads": digits_two,
+              "digits_same_model": all(run["best_val_loss"] == digits_new["best_val_loss"]
+                                       and run["samples_png_sha1"] == digits_new["samples_png_sha1"]
+                                       for run in (digits_again, digits_defaults, digits_two))}
+    if data_dir:
+        record.update(mnist_one_epoch=mnist_one, mnist_one_epoch_collector_defaults=mnist_defaults,
+                      mnist_three_epochs=mnist_three, mnist_beyond_epoch_s=beyond_epoch(mnist_one),
+                      mnist_beyond_epoch_collector_defaults_s=beyond_epoch(mnist_defaults))
     return record
 
 
@@ -217,13 +252,14 @@ def main() -> None:
     load_before = os.getloadavg()[0]
     if args.part != "all":
         record = json.loads(FILE.read_text())
-        part = checkpoint_share(args.epochs, args.repeats) if args.part == "checkpoints" else command(args.data_dir)
+        part = (checkpoint_share(args.epochs, args.repeats) if args.part == "checkpoints"
+                else command(args.data_dir, args.repeats))
         record[args.part] = {**part, "git_commit": git_commit(), "load_average_1m_before": round(load_before, 2),
                              "load_average_1m_after": round(os.getloadavg()[0], 2)}
     else:
         record = {"git_commit": git_commit(), "pictures": pictures(args.data_dir),
                   "checkpoints": checkpoint_share(args.epochs, args.repeats), "store": store(args.repeats),
-                  "command": command(args.data_dir),
+                  "command": command(args.data_dir, args.repeats),
                   "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
                               "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                               "load_average_1m_before": round(load_before, 2),

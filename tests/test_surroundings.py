@@ -1,9 +1,12 @@
-"""What surrounds the optimisation steps (issue 24): the CPU threads a small model trains on, and the end-of-run
-pictures drawn while the model is written and sent."""
+"""What surrounds the optimisation steps (issue 24): the CPU threads a small model trains on, when the cyclic
+collector runs, and the end-of-run pictures drawn while the model is written and sent."""
 
 from __future__ import annotations
 
+import gc
 import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -68,6 +71,61 @@ def test_aetrack_train_picks_the_threads_unless_omp_num_threads_says(quick_train
     monkeypatch.setenv("OMP_NUM_THREADS", "2")
     _, seen = quick_train("--epochs", "1")
     assert seen["threads"] == 2  # as the fixture left it
+
+
+@pytest.fixture
+def collector(monkeypatch):
+    """The collector's settings as the test found them, restored after it."""
+    monkeypatch.setattr(memory, "_frozen", False)
+    before = gc.get_threshold()
+    yield
+    gc.set_threshold(*before)
+    gc.unfreeze()
+
+
+def test_the_aetrack_group_starts_every_command_with_the_start_up_collector(collector, monkeypatch):
+    from aetrack.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["aetrack"])
+    CliRunner().invoke(main, ["train", "--epochs", "0"])  # the group's start-up runs before the usage error
+    assert gc.get_threshold() == (memory.START_UP_ALLOCATIONS, *memory.DEFAULT_THRESHOLDS[1:])
+
+
+def test_training_ends_the_start_up_collector_and_freezes_what_start_up_left(collector):
+    from aetrack import data as datasets
+    from aetrack.training import fit
+
+    memory.start_up()
+    assert gc.get_threshold()[0] == memory.START_UP_ALLOCATIONS
+    fit(TrainConfig(epochs=1), datasets.load("digits", seed=0), progress=False)
+    assert gc.get_threshold() == memory.DEFAULT_THRESHOLDS
+    assert gc.get_freeze_count() > 10_000  # torch's objects, among others
+    gc.unfreeze()
+    fit(TrainConfig(epochs=1), datasets.load("digits", seed=0), progress=False)
+    assert gc.get_freeze_count() == 0  # once per process: a tuning worker's later trials collect as usual
+
+
+def test_at_exit_the_collector_does_not_walk_everything_again_after_every_atexit_handler(tmp_path):
+    """A command's exit: no final collection over what the process holds, but every atexit handler still runs (MLflow
+    flushes there). A garbage cycle with a finaliser shows whether the final walk happened."""
+    program = """
+import atexit, sys
+from aetrack import memory
+if sys.argv[1] == "start-up":
+    memory.start_up()
+atexit.register(lambda: print("handler ran", flush=True))
+class Cycle:
+    def __del__(self):
+        print("walked at exit", flush=True)
+cycle = Cycle()
+cycle.itself = cycle
+del cycle
+"""
+    outputs = {how: subprocess.run([sys.executable, "-c", program, how], capture_output=True, text=True, check=True,
+                                   timeout=60).stdout.split()
+               for how in ("start-up", "default")}
+    assert outputs["default"] == ["handler", "ran", "walked", "at", "exit"]
+    assert outputs["start-up"] == ["handler", "ran"]
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import cloup
 
+from aetrack import memory
 from aetrack.cli.compare import compare
 from aetrack.cli.evaluate import evaluate
 from aetrack.cli.options import quiet_mlflow
@@ -29,4 +30,5 @@ def main():
 
     Start here: `aetrack train` trains the default VAE on the digits to convergence, registers it, and prints the
     command that shows it in the MLflow UI. Then `aetrack evaluate RUN_ID`. Each command's --help lists its options."""
+    memory.start_up()
     quiet_mlflow()
