@@ -7,8 +7,10 @@ render their tables from them (`<!-- render: questions:STUDY@DATASET -->` blocks
     python benchmarks/questions.py --only priors@digits --only generation@mnist
     python benchmarks/questions.py --docs-only     # rewrite the docs' tables from the results files
 
-Each group of studies runs in its own process (one torch thread) with its own MLflow store under
---workdir, two groups at a time: a long job split into resumable legs, since runs already in a store are kept.
+Each group of studies runs in its own process with its own MLflow store under --workdir, --jobs groups at a time,
+and each study trains its grid in --workers processes (`aetrack study --workers`), one torch thread each: a long job
+split into resumable legs, since runs already in a store are kept. The default, one group at a time with two
+workers, keeps both cores busy to a study's end, so that each study's time on its page is its own.
 """
 
 from __future__ import annotations
@@ -18,8 +20,10 @@ import concurrent.futures
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -35,10 +39,11 @@ GROUPS = {
 }
 
 
-def run_group(group: str, workdir: Path, only: set[str], data_dir: str | None) -> None:
+def run_group(group: str, workdir: Path, only: set[str], data_dir: str | None, workers: int) -> None:
     """In this process: every study of the group, results written one file per study."""
     import torch
 
+    from aetrack.tracking.run import git_commit
     from aetrack.tracking.workflows.studies import STUDIES
     from aetrack.tracking.workflows.study_runner import run_study
 
@@ -49,13 +54,69 @@ def run_group(group: str, workdir: Path, only: set[str], data_dir: str | None) -
         if only and f"{name}@{dataset}" not in only:
             continue
         started = time.time()
-        result = run_study(STUDIES[name], dataset=dataset, seeds=seeds, data_dir=data_dir,
+        result = run_study(STUDIES[name], dataset=dataset, seeds=seeds, data_dir=data_dir, workers=workers,
                            echo=lambda line: print(f"[{group}] {line}", flush=True))
         record = {**result.as_dict(), "table": result.markdown(), "seconds": round(time.time() - started),
+                  "workers": workers, "git_commit": git_commit(), "pictures": copy_pictures(name, dataset, result.as_dict()["cells"]),
                   "store": uri, "machine": machine()}
         (RESULTS / "questions").mkdir(parents=True, exist_ok=True)
         (RESULTS / "questions" / f"{name}@{dataset}.json").write_text(json.dumps(record, indent=2) + "\n")
         print(f"[{group}] {name}@{dataset} done in {record['seconds']} s", flush=True)
+
+
+# The pictures each study page shows, from its first seed's runs: (the settings that pick a cell, the picture's key in
+# the run's evaluation/ artifacts, what it shows). The picture of each matching cell is copied to docs/studies/runs/.
+RUN_PICTURES = {
+    "latent-size": [({"model": "vae", "arch": "mlp"}, "reconstructions", "test images (top) and their reconstructions")],
+    "denoising": [({"model": "dae", "noise_level": 0.3, "arch": "mlp"}, "denoised",
+                   "noisy, denoised and clean rows, on the noise the dae was trained on"),
+                  ({"model": "dae", "noise_level": 0.3, "arch": "mlp"}, "robustness",
+                   "the robustness matrix: denoised PSNR on every kind and level of noise")],
+    "generation": [({}, "samples", "samples"), ({}, "nearest_training", "samples above their nearest training image")],
+    "priors": [({"latent_dim": 2}, "latent_prior", "test codes over the prior's density"),
+               ({"latent_dim": 8}, "samples", "samples")],
+    "conditional": [({}, "samples", "samples; one row per label where the model takes one")],
+    "regularised": [({"model": "ae"}, "traversals", "latent traversals"),
+                    ({"model": "sae", "sparsity_weight": 0.01}, "traversals", "latent traversals"),
+                    ({"model": "cae", "contractive_weight": 0.1}, "traversals", "latent traversals"),
+                    ({"model": "vae"}, "traversals", "latent traversals")],
+}
+PICTURES = ROOT / "docs" / "studies" / "runs"
+
+
+def picture_label(setting: dict) -> str:
+    """A cell's settings as a file name's part: its plain values (not the tuples, nor a run reference)."""
+    return "-".join(str(v) for v in setting.values() if isinstance(v, (int, float)) or
+                    isinstance(v, str) and not any(c in v for c in "=:/"))
+
+
+def copy_pictures(name: str, dataset: str, cells: list[dict]) -> list[dict]:
+    """Each RUN_PICTURES picture of the study, from the first seed's run of every matching cell, into PICTURES: what
+    the record lists, for the page to show. The study's earlier pictures there are removed first."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    PICTURES.mkdir(parents=True, exist_ok=True)
+    for old in PICTURES.glob(f"{name}@{dataset}-*.png"):
+        old.unlink()
+    copied = []
+    with tempfile.TemporaryDirectory() as folder:
+        for match, key, caption in RUN_PICTURES.get(name, []):
+            for cell in cells:
+                setting = cell["setting"]
+                if any(setting.get(k) != v for k, v in match.items()):
+                    continue
+                run_id = cell["run_ids"][0]
+                target = PICTURES / f"{name}@{dataset}-{picture_label(setting)}-{key}.png"
+                try:
+                    path = client.download_artifacts(run_id, f"evaluation/{key}.png", folder)
+                except Exception as err:  # noqa: BLE001 - a run without that picture: left out, and said
+                    print(f"  no {key} picture in run {run_id}: {err}", file=sys.stderr)
+                    continue
+                shutil.move(path, target)
+                copied.append({"setting": setting, "key": key, "caption": caption, "run_id": run_id,
+                               "file": target.relative_to(ROOT / "docs" / "studies").as_posix()})
+    return copied
 
 
 def machine() -> dict:
@@ -92,14 +153,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--only", action="append", default=[], metavar="STUDY@DATASET")
     parser.add_argument("--workdir", type=Path, default=ROOT / "benchmarks" / "work")
-    parser.add_argument("--jobs", type=int, default=2)
+    parser.add_argument("--jobs", type=int, default=1, help="groups at a time")
+    parser.add_argument("--workers", type=int, default=2, help="processes per study (aetrack study --workers)")
     parser.add_argument("--data-dir", default=os.environ.get("AETRACK_DATA_DIR"))
     parser.add_argument("--docs-only", action="store_true")
     parser.add_argument("--group", help=argparse.SUPPRESS)  # internal: run one group in this process
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.group:
-        run_group(args.group, args.workdir, set(args.only), args.data_dir)
+        run_group(args.group, args.workdir, set(args.only), args.data_dir, args.workers)
         return
     if not args.docs_only:
         groups = [g for g, studies in GROUPS.items()
@@ -107,7 +169,8 @@ def main() -> None:
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
 
         def launch(group: str) -> int:
-            command = [sys.executable, __file__, "--group", group, "--workdir", str(args.workdir)]
+            command = [sys.executable, __file__, "--group", group, "--workdir", str(args.workdir),
+                       "--workers", str(args.workers)]
             command += [item for only in args.only for item in ("--only", only)]
             command += ["--data-dir", args.data_dir] if args.data_dir else []
             return subprocess.run(command, env=env).returncode

@@ -177,8 +177,28 @@ def question(key: str) -> dict:
 def block_question(key: str) -> str:
     q = question(key)
     seeds = len(q["cells"][0]["run_ids"])
+    workers = q.get("workers", 1)
     return (f"{q['table'].strip()}\n\n{seeds} seed{'s' if seeds != 1 else ''} per setting, "
-            f"{q['machine']['cores']} CPU cores, measured {q['machine']['date']}.")
+            f"{q['machine']['cores']} CPU cores, measured {q['machine']['date']}: the whole study took "
+            f"{q['seconds'] / 60:.0f} min with {workers} worker{'s' if workers != 1 else ''}.")
+
+
+def block_pictures(key: str) -> str:
+    """The pictures a study's record lists (benchmarks/questions.py copies them from its first seed's runs): one table
+    per kind of picture, a column per setting."""
+    q = question(key)
+    pictures = q.get("pictures") or []
+    if not pictures:
+        return f"This record ({q['dataset']}, {q['machine']['date']}) lists no run pictures."
+    lines = []
+    for caption in dict.fromkeys(p["caption"] for p in pictures):
+        group = [p for p in pictures if p["caption"] == caption]
+        heads = [", ".join(f"{k} {v}" for k, v in p["setting"].items() if not isinstance(v, (list, tuple))
+                           and not (isinstance(v, str) and any(c in v for c in "=:/"))) for p in group]
+        lines += [f"*{caption[0].upper()}{caption[1:]}*, the first seed's run of each setting:", "",
+                  "| " + " | ".join(heads) + " |", "|" + " --- |" * len(group),
+                  "| " + " | ".join(f"![{caption}: {head}]({p['file']})" for p, head in zip(group, heads)) + " |", ""]
+    return "\n".join(lines).rstrip()
 
 
 def seeds_of(q: dict) -> str:
@@ -611,26 +631,42 @@ def command_rows(c: dict | None, record: dict) -> list[str]:
     c = {"git_commit": record["git_commit"], "load_average_1m_before": record["machine"]["load_average_1m_before"],
          "load_average_1m_after": record["machine"]["load_average_1m_after"], **c}
     new, again, two = c["digits_new_store"], c["digits_existing_store"], c["digits_two_threads"]
-    same = ("the same model: best validation loss {:.4f} both, the same samples picture".format(new["best_val_loss"])
-            if c["digits_same_model"] else "**not the same model**: best validation loss {:.4f} against {:.4f}".format(
-                new["best_val_loss"], two["best_val_loss"]))
+    same = ("the same model in every run: best validation loss {:.4f}, the same samples picture".format(new["best_val_loss"])
+            if c["digits_same_model"] else "**not the same model in every run**")
+
+    def walls(run: dict) -> str:
+        return f" (median of {', '.join(f'{w:.1f}' for w in run['walls_s'])})" if "walls_s" in run else ""
     rows = [
         "", f"Whole commands, each in a fresh process (commit {str(c['git_commit'])[:7]}, load average "
-        f"{c['load_average_1m_before']} before and {c['load_average_1m_after']} after):", "",
+        f"{c['load_average_1m_before']} before and {c['load_average_1m_after']} after); where a row has several runs, "
+        "they alternated with the row above or below it:", "",
         "| command | wall | of which optimisation steps | per-epoch work beyond the steps | note |",
         "| --- | ---: | ---: | ---: | --- |",
         f"| default `aetrack train --no-register` on digits, new store, two torch threads (torch's choice before) | "
         f"{two['wall_s']:.1f} s | {two['epoch_steps_s']:.1f} s | {100 * two['per_epoch_work_share']:.1f} % | {two['epochs']} epochs |",
-        f"| the same, new store, one thread (`memory.cpu_threads`: a step too small to share) | {new['wall_s']:.1f} s | "
-        f"{new['epoch_steps_s']:.1f} s | {100 * new['per_epoch_work_share']:.1f} % | {same}; target 25 s |",
-        f"| the same again, on that store | {again['wall_s']:.1f} s | {again['epoch_steps_s']:.1f} s | "
+    ]
+    if "digits_collector_defaults" in c:
+        d = c["digits_collector_defaults"]
+        rows.append(f"| the same, one thread, a new store each time, the cyclic collector at Python's defaults | "
+                    f"{d['wall_s']:.1f} s{walls(d)} | {d['epoch_steps_s']:.1f} s | "
+                    f"{100 * d['per_epoch_work_share']:.1f} % | the reference |")
+    rows += [
+        f"| the same, one thread (`memory.cpu_threads`: a step too small to share), a new store each time, as aetrack "
+        f"runs it (`memory.start_up`, `memory.settle`) | **{new['wall_s']:.1f} s**{walls(new)} | "
+        f"{new['epoch_steps_s']:.1f} s | {100 * new['per_epoch_work_share']:.1f} % | target 25 s; {same} |",
+        f"| the same again, on an existing store | {again['wall_s']:.1f} s | {again['epoch_steps_s']:.1f} s | "
         f"{100 * again['per_epoch_work_share']:.1f} % | |",
     ]
     if "mnist_one_epoch" in c:
         one, three = c["mnist_one_epoch"], c["mnist_three_epochs"]
+        if "mnist_one_epoch_collector_defaults" in c:
+            d = c["mnist_one_epoch_collector_defaults"]
+            rows.append(f"| MNIST VAE 784-400-20, `--epochs 1`, the collector at Python's defaults | {d['wall_s']:.1f} s"
+                        f"{walls(d)} | {d['epoch_steps_s']:.1f} s | | "
+                        f"{c['mnist_beyond_epoch_collector_defaults_s']:.1f} s beyond its epoch (median over runs) |")
         rows += [
-            f"| MNIST VAE 784-400-20, `--epochs 1` | {one['wall_s']:.1f} s | {one['epoch_steps_s']:.1f} s | | "
-            f"**{c['mnist_beyond_epoch_s']:.1f} s beyond its epoch** (target 10 s) |",
+            f"| MNIST VAE 784-400-20, `--epochs 1` | {one['wall_s']:.1f} s{walls(one)} | {one['epoch_steps_s']:.1f} s | | "
+            f"**{c['mnist_beyond_epoch_s']:.1f} s beyond its epoch** (median over runs; target 10 s) |",
             f"| the same, `--epochs 3` | {three['wall_s']:.1f} s | {three['epoch_steps_s']:.1f} s | "
             f"{100 * three['per_epoch_work_share']:.1f} % | the share over epochs 2 and 3 (target 10 %) |",
         ]
@@ -858,7 +894,7 @@ BLOCKS = {
 
 def render_block(name: str) -> str:
     kind, _, key = name.partition(":")
-    blocks = {"questions": block_question, "verdicts": block_verdicts, "tests": block_tests}
+    blocks = {"questions": block_question, "verdicts": block_verdicts, "tests": block_tests, "pictures": block_pictures}
     if key and kind in blocks:
         return blocks[kind](key)
     if name not in BLOCKS:

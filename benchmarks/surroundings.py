@@ -13,9 +13,10 @@ share of `fit` on digits, and a new local sqlite store's set-up.
   best validation loss and the samples picture of each (the same model?); the canonical MNIST VAE for one epoch, whose
   wall beyond its epoch is the fixed cost; and what each epoch spends beyond its optimisation steps (validation,
   metrics, pictures at their cadence, checkpoints), from the runs' own metrics: 1 - sum(epoch_time) / (wall between
-  the first and the last epoch's metrics), on digits and over 3 MNIST epochs. The digits job on the existing store
-  and the MNIST epoch run --repeats times each, alternating with the same command whose cyclic collector is left at
-  Python's defaults (`memory.start_up` and `memory.settle` replaced by nothing): medians of both.
+  the first and the last epoch's metrics), on digits and over 3 MNIST epochs. The digits job (each time on a new
+  store) and the MNIST epoch run --repeats times each, alternating with the same command whose cyclic collector is
+  left at Python's defaults (`memory.start_up` and `memory.settle` replaced by nothing): medians of both, and of each
+  run's wall beyond its epochs.
 
     python benchmarks/surroundings.py --data-dir /work/shared/data
     python benchmarks/surroundings.py --part checkpoints --epochs 60   (that part again, one torch thread)
@@ -194,22 +195,23 @@ def train_command(args: list[str], uri: str, workdir: str, threads: int | None =
 
 
 def median_run(runs: list[dict]) -> dict:
-    """The run of median wall (the lower middle one of an even number), with every run's wall beside it."""
+    """The run of median wall (the lower middle one of an even number), with every run's wall, and the median of
+    each run's wall beyond its epochs' steps."""
     middle = sorted(runs, key=lambda r: r["wall_s"])[(len(runs) - 1) // 2]
-    return {**middle, "walls_s": [r["wall_s"] for r in runs]}
+    beyond = sorted(r["wall_s"] - r["epoch_steps_s"] for r in runs)
+    return {**middle, "walls_s": [r["wall_s"] for r in runs], "beyond_epochs_s": [round(b, 2) for b in beyond],
+            "median_beyond_epochs_s": round(beyond[(len(runs) - 1) // 2], 2)}
 
 
-def alternating(args: list[str], uri: str, workdir: str, repeats: int) -> tuple[dict, dict]:
-    """The command as it is and with the collector at Python's defaults, alternating, `repeats` times each."""
+def alternating(args: list[str], workdir: str, repeats: int, new_store: bool, uri: str = "") -> tuple[dict, dict]:
+    """The command as it is and with the collector at Python's defaults, alternating, `repeats` times each; each run
+    on a store of its own where `new_store`."""
     runs = {False: [], True: []}
-    for _ in range(repeats):
+    for repeat in range(repeats):
         for defaults in (True, False):
-            runs[defaults].append(train_command(args, uri, workdir, collector_defaults=defaults))
+            where = f"sqlite:///{workdir}/new-{repeat}-{defaults}.db" if new_store else uri
+            runs[defaults].append(train_command(args, where, workdir, collector_defaults=defaults))
     return median_run(runs[False]), median_run(runs[True])
-
-
-def beyond_epoch(run: dict) -> float:
-    return round(run["wall_s"] - run["epoch_steps_s"], 2)
 
 
 def command(data_dir: str | None, repeats: int) -> dict:
@@ -221,11 +223,11 @@ def command(data_dir: str | None, repeats: int) -> dict:
     mnist = ["--dataset", "mnist", "--hidden", "400", "--latent-dim", "20", "--data-dir", str(data_dir)]
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/store.db"
-        digits_new = train_command([], uri, tmp)
-        digits_again, digits_defaults = alternating([], uri, tmp, repeats)
+        digits_new, digits_defaults = alternating([], tmp, repeats, new_store=True)
+        digits_again = train_command([], f"sqlite:///{tmp}/new-0-False.db", tmp)
         digits_two = train_command([], uri, tmp, threads=2)
         if data_dir:
-            mnist_one, mnist_defaults = alternating([*mnist, "--epochs", "1"], uri, tmp, repeats)
+            mnist_one, mnist_defaults = alternating([*mnist, "--epochs", "1"], tmp, repeats, new_store=False, uri=uri)
             mnist_three = train_command([*mnist, "--epochs", "3"], uri, tmp)
     record = {"repeats": repeats, "digits_new_store": digits_new, "digits_existing_store": digits_again,
               "digits_collector_defaults": digits_defaults, "digits_two_threads": digits_two,
@@ -234,8 +236,8 @@ def command(data_dir: str | None, repeats: int) -> dict:
                                        for run in (digits_again, digits_defaults, digits_two))}
     if data_dir:
         record.update(mnist_one_epoch=mnist_one, mnist_one_epoch_collector_defaults=mnist_defaults,
-                      mnist_three_epochs=mnist_three, mnist_beyond_epoch_s=beyond_epoch(mnist_one),
-                      mnist_beyond_epoch_collector_defaults_s=beyond_epoch(mnist_defaults))
+                      mnist_three_epochs=mnist_three, mnist_beyond_epoch_s=mnist_one["median_beyond_epochs_s"],
+                      mnist_beyond_epoch_collector_defaults_s=mnist_defaults["median_beyond_epochs_s"])
     return record
 
 
