@@ -174,11 +174,28 @@ def question(key: str) -> dict:
     return record(f"questions/{key}.json")
 
 
+def earlier_grid(q: dict) -> str:
+    """A warning where a record's settings are not its study's grid today (the grid changed after it was measured);
+    empty where they are."""
+    study = studies.STUDIES.get(q["study"])
+    if study is None:
+        return ""
+    def key(setting: dict) -> str:  # a record's tuples read back from JSON as lists
+        return studies.setting_key({k: tuple(v) if isinstance(v, list) else v for k, v in setting.items()})
+    today = {key(s) for s in study.grid}
+    measured = {key(c["setting"]) for c in q["cells"]}
+    if measured == today:
+        return ""
+    return (f"**An earlier grid:** this record ({q['dataset']}, {q['machine']['date']}) measured {len(measured)} "
+            f"settings, of which {len(measured & today)} are in the study's grid today of {len(today)}; "
+            f"`python benchmarks/questions.py --only {q['study']}@{q['dataset']}` measures the grid as it is.\n\n")
+
+
 def block_question(key: str) -> str:
     q = question(key)
     seeds = len(q["cells"][0]["run_ids"])
     workers = q.get("workers", 1)
-    return (f"{q['table'].strip()}\n\n{seeds} seed{'s' if seeds != 1 else ''} per setting, "
+    return (f"{earlier_grid(q)}{q['table'].strip()}\n\n{seeds} seed{'s' if seeds != 1 else ''} per setting, "
             f"{q['machine']['cores']} CPU cores, measured {q['machine']['date']}: the whole study took "
             f"{q['seconds'] / 60:.0f} min with {workers} worker{'s' if workers != 1 else ''}.")
 
@@ -213,9 +230,9 @@ def block_verdicts(key: str) -> str:
     found = verdicts.comparisons(q)
     tested = [c for c in found if c.p is not None]
     if not tested:
-        return (f"**Not tested on {q['dataset']}**: {seeds_of(q)}, and the rule asks for at least "
+        return (f"{earlier_grid(q)}**Not tested on {q['dataset']}**: {seeds_of(q)}, and the rule asks for at least "
                 f"{verdicts.MIN_SEEDS} a side, so the differences in its table are no verdict.")
-    lines = [f"**On {q['dataset']}** ({seeds_of(q)}):", ""]
+    lines = [f"{earlier_grid(q)}**On {q['dataset']}** ({seeds_of(q)}):", ""]
     grid_axes = verdicts.axes([c["setting"] for c in q["cells"]])
     for axis in dict.fromkeys(c.axis for c in found):
         group = [c for c in found if c.axis == axis]
