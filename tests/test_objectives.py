@@ -29,11 +29,17 @@ def twin(model, digits, **settings):
     return other
 
 
-@pytest.mark.parametrize("prior", ["mog", "vamp"])
-def test_with_one_sample_the_iwae_loss_is_the_elbo_on_the_same_draw(digits, prior):
+# The two-stochastic-layer VAE (Burda et al.'s network, small): its z1 KL under a mixture prior is sampled the same way.
+HVAE = {"model": "hvae", "hidden": (32,), "first_latent_dim": 8, "latent_hidden": (16,), "latent_dim": 4}
+
+
+@pytest.mark.parametrize("settings", [{"prior": "mog"}, {"prior": "vamp"}, {**HVAE, "prior": "mog"}],
+                         ids=["mog", "vamp", "hvae-mog"])
+def test_with_one_sample_the_iwae_loss_is_the_elbo_on_the_same_draw(digits, settings):
     # These priors estimate the KL with the posterior sample itself, so the same draw gives the same number.
     torch.manual_seed(0)
-    elbo = build_model(TrainConfig(prior=prior, hidden=(32,), latent_dim=4, prior_components=3), digits.shape, 10)
+    elbo = build_model(TrainConfig(**{"hidden": (32,), "latent_dim": 4, "prior_components": 3, **settings}),
+                       digits.shape, 10)
     iwae = twin(elbo, digits, objective="iwae", train_samples=1)
     for kl_scale in (0.3, 1.0):
         torch.manual_seed(1)

@@ -184,23 +184,23 @@ def _denoising_measures(result: Evaluation, model, config, x, settings: Settings
     table = denoising_table(model, x, levels, baseline, settings.seed)
     result.tables["denoising"] = table
     result.notes["denoising"] = f"{config.noise} noise; PSNR (dB) against the clean test image"
-    for row in table:
-        for key in ("psnr_noisy", "psnr_denoised", "psnr_baseline"):
-            if key in row:
-                result.metrics[f"{key}_at_{row['noise_level']:g}"] = row[key]
+    result.metrics.update(_psnr_metrics(table, kind=False))
     result.pictures["denoising"] = _denoising_plot(table, config.noise)
     if settings.robustness_kinds:
         matrix = denoising_matrix(model, x, settings.robustness_kinds, settings.robustness_levels, baseline, settings.seed)
         result.tables["robustness"] = matrix
         result.notes["robustness"] = f"trained on {config.noise} noise at {config.noise_level:g}; PSNR (dB) on every kind"
-        for row in matrix:
-            for key in ("psnr_noisy", "psnr_denoised", "psnr_baseline"):
-                if key in row:
-                    result.metrics[f"{key}_{row['noise']}_at_{row['noise_level']:g}"] = row[key]
+        result.metrics.update(_psnr_metrics(matrix, kind=True))
         result.pictures["robustness"] = _robustness_plot(matrix, config)
     fixed = x[:IMAGE_ROWS]
     noisy = model.corrupt(fixed, torch.Generator(x.device).manual_seed(settings.seed))
     result.pictures["denoised"] = images.rows(noisy, model.reconstruct(noisy), fixed, labels=images.DENOISING_ROWS)
+
+
+def _psnr_metrics(rows: list[dict], kind: bool) -> dict[str, float]:
+    """A denoising table's PSNRs as metrics: psnr_denoised_at_0.3, or with the noise's kind, psnr_denoised_masking_at_0.3."""
+    return {f"{key}_{row['noise']}_at_{row['noise_level']:g}" if kind else f"{key}_at_{row['noise_level']:g}": row[key]
+            for row in rows for key in ("psnr_noisy", "psnr_denoised", "psnr_baseline") if key in row}
 
 
 def _bar_chart(values: np.ndarray, xlabel: str, ylabel: str, title: str):
