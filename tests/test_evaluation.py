@@ -431,3 +431,21 @@ def test_iwae_logsumexp_is_stable_for_log_weights_far_below_zero():
     # Log-weights of -100,000 nats: exp underflows to 0, the log-sum-exp must not.
     log_w = torch.tensor([[-1e5], [-1e5 - math.log(3)]], dtype=torch.float64)
     assert float(iwae_nll(log_w)) == pytest.approx(1e5 - math.log((1 + 1 / 3) / 2), rel=1e-9)
+
+
+def test_the_supervised_only_baseline_learns_from_the_same_labelled_images_as_m2(monkeypatch):
+    """M2's q(y|x) trained on M2's own labelled images alone: it learns (far below chance on the digits) and it is
+    given exactly the images `labeled_indices` picks for M2 with that seed."""
+    from aetrack import data as data_module
+    from aetrack.config import TrainConfig
+    from aetrack.evaluation.measures import supervised_only_error
+
+    digits = datasets.load("digits", seed=0)
+    config = TrainConfig(model="m2", labeled=50, hidden=(64,), seed=1)
+    picked = []
+    pick = data_module.labeled_indices
+    monkeypatch.setattr(data_module, "labeled_indices", lambda *args: picked.append(pick(*args)) or picked[-1])
+    error = supervised_only_error(config, digits, steps=200)
+    assert torch.equal(picked[0], pick(digits.train_y, 50, 10, 1))  # M2's labelled images of seed 1
+    assert error < 0.35, error  # chance is 0.9
+    assert supervised_only_error(config, digits, steps=200) == error  # the seed fixes it
