@@ -82,6 +82,8 @@ def short(name: str) -> str:
 # (the KL, a code's sparsity or contraction) has no better direction.
 HIGHER = ("accuracy", "psnr", "active_units", "cas")
 LOWER = ("loss", "nll", "elbo", "fcd", "kid", "error", "mse")
+# What describes a setting rather than measures its outcome: shown in a study's table, never tested as a verdict.
+DESCRIBES = ("parameters",)
 
 
 def better(name: str) -> str | None:

@@ -37,6 +37,7 @@ def rule() -> str:
             f"t-test (two-sided, unequal variances) over the seeds, at {ALPHA:g}, when each side has at least "
             f"{MIN_SEEDS} seeds. \"Beats\" follows the metric's direction (lower is better for names with {lower}; "
             f"higher for {higher}); a metric with neither, such as a KL or a sparsity, reads \"is higher than\". "
+            f"What describes a setting rather than its outcome ({', '.join(names.DESCRIBES)}) is shown, not tested. "
             "Metrics named `M_ROLE_at_LEVEL` (the denoising PSNRs) also compare a setting's outputs with each other at "
             "each level. d is the difference of the means. Holm's correction over all of a record's tests is shown "
             "beside each p (a † on a verdict that holds after it), not used for the sentence: with three seeds a "
@@ -176,7 +177,7 @@ def comparisons(record: dict, min_seeds: int = MIN_SEEDS) -> list[Comparison]:
     """Every comparison the rule makes on a record, tested where the seeds allow, with Holm's p over the tested."""
     cells = record["cells"]
     settings = [c["setting"] for c in cells]
-    metrics = list(dict.fromkeys(m for c in cells for m in c["summary"]))
+    metrics = list(dict.fromkeys(m for c in cells for m in c["summary"] if names.short(m) not in names.DESCRIBES))
     grid_axes = axes(settings)
     found: list[Comparison] = []
     for axis, i, j in pairs(settings):
