@@ -218,6 +218,25 @@ def block_pictures(key: str) -> str:
     return "\n".join(lines).rstrip()
 
 
+def block_strengths(key: str) -> str:
+    """The strengths and weaknesses table a study's record computed (`StudyResult.strengths`): per setting, the metrics
+    where its mean is in the best third of the settings, and in the worst third."""
+    q = question(key)
+    rows = q.get("strengths")
+    if not rows:
+        return f"This record ({q['dataset']}, {q['machine']['date']}) has no strengths table."
+    study = studies.STUDIES[q["study"]]
+    ways = ", ".join(f"`{m}` {'higher' if d == 'higher' else 'lower'}" for m, d in study.better.items())
+    lines = [f"Better is: {ways}. A setting's strength is a metric where its mean over the seeds is in the best third "
+             f"of the {len(rows)} settings; a weakness, in the worst third. Ranks of means, not tests: the verdicts "
+             "above say which differences the seeds show.", "",
+             "| setting | strengths | weaknesses |", "| --- | --- | --- |"]
+    for row in rows:
+        lines.append(f"| {row['setting'].replace(';', ', ')} | {', '.join(f'`{m}`' for m in row['strengths']) or '—'} | "
+                     f"{', '.join(f'`{m}`' for m in row['weaknesses']) or '—'} |")
+    return "\n".join(lines)
+
+
 def seeds_of(q: dict) -> str:
     counts = sorted({len(c["metrics"]) for c in q["cells"]})
     return " to ".join(map(str, counts)) + f" seed{'s' if counts[-1] != 1 else ''} per setting"
@@ -929,7 +948,8 @@ BLOCKS = {
 
 def render_block(name: str) -> str:
     kind, _, key = name.partition(":")
-    blocks = {"questions": block_question, "verdicts": block_verdicts, "tests": block_tests, "pictures": block_pictures}
+    blocks = {"questions": block_question, "verdicts": block_verdicts, "tests": block_tests, "pictures": block_pictures,
+              "strengths": block_strengths}
     if key and kind in blocks:
         return blocks[kind](key)
     if name not in BLOCKS:
