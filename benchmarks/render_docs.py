@@ -171,7 +171,12 @@ def block_recipes_all() -> str:
 # ----- the lesson's questions ---------------------------------------------------------------------------------------
 
 def question(key: str) -> dict:
-    return record(f"questions/{key}.json")
+    """A study's record; one written before its study declared `derived` settings gets the declaration."""
+    q = record(f"questions/{key}.json")
+    study = studies.STUDIES.get(q["study"])
+    if study is not None and study.derived and "derived" not in q:
+        q = {**q, "derived": list(study.derived)}
+    return q
 
 
 def earlier_grid(q: dict) -> str:
@@ -191,11 +196,22 @@ def earlier_grid(q: dict) -> str:
             f"`python benchmarks/questions.py --only {q['study']}@{q['dataset']}` measures the grid as it is.\n\n")
 
 
+def table(q: dict) -> str:
+    """A record's table, drawn again from its cells (as `aetrack study` draws it) where the record is of the grid as
+    it is; as the record wrote it where the grid has changed since."""
+    if earlier_grid(q):
+        return q["table"].strip()
+    result = studies.StudyResult(studies.STUDIES[q["study"]], q["dataset"], q["experiment"], [
+        studies.Cell({k: tuple(v) if isinstance(v, list) else v for k, v in c["setting"].items()}, c["run_ids"],
+                     c["metrics"]) for c in q["cells"]])
+    return result.markdown()
+
+
 def block_question(key: str) -> str:
     q = question(key)
     seeds = len(q["cells"][0]["run_ids"])
     workers = q.get("workers", 1)
-    return (f"{earlier_grid(q)}{q['table'].strip()}\n\n{seeds} seed{'s' if seeds != 1 else ''} per setting, "
+    return (f"{earlier_grid(q)}{table(q)}\n\n{seeds} seed{'s' if seeds != 1 else ''} per setting, "
             f"{q['machine']['cores']} CPU cores, measured {q['machine']['date']}: the whole study took "
             f"{q['seconds'] / 60:.0f} min with {workers} worker{'s' if workers != 1 else ''}.")
 
@@ -252,7 +268,7 @@ def block_verdicts(key: str) -> str:
         return (f"{earlier_grid(q)}**Not tested on {q['dataset']}**: {seeds_of(q)}, and the rule asks for at least "
                 f"{verdicts.MIN_SEEDS} a side, so the differences in its table are no verdict.")
     lines = [f"{earlier_grid(q)}**On {q['dataset']}** ({seeds_of(q)}):", ""]
-    grid_axes = verdicts.axes([c["setting"] for c in q["cells"]])
+    grid_axes = verdicts.axes(verdicts.compared_settings(q))
     for axis in dict.fromkeys(c.axis for c in found):
         group = [c for c in found if c.axis == axis]
         others = [a[0] for a in grid_axes if a[0] != axis]

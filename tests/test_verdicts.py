@@ -125,3 +125,16 @@ def test_every_shown_difference_agrees_with_its_records_means(path):
                      c.second: sum(c.second_values) / len(c.second_values)}
             assert winner == better(means, key=means.get), text
         assert c.shown == (" beats " in text or " is higher than " in text)
+
+
+def test_settings_a_study_derives_from_the_others_are_no_axis():
+    """Question 1's MLP widths follow its latent size (a parameter count like the conv net's at each size): still,
+    the architecture and the latent size are each compared, the rest held equal."""
+    widths = {2: [144, 72], 8: [152, 76]}
+    cells = [cell({"latent_dim": z, "arch": arch, "hidden": widths[z] if arch == "mlp" else [32, 64]},
+                  recon_loss=[z + (arch == "conv") + i / 10 for i in range(3)]) for z in (2, 8) for arch in ("mlp", "conv")]
+    r = {**record(*cells), "derived": ["hidden"]}
+    assert sorted((c.axis, c.context) for c in verdicts.comparisons(r)) == [
+        ("arch", "latent_dim 2"), ("arch", "latent_dim 8"), ("latent_dim", "arch conv"), ("latent_dim", "arch mlp")]
+    del r["derived"]  # without the declaration, an MLP's widths are an axis that changes with everything else
+    assert {c.axis for c in verdicts.comparisons(r)} == {"latent_dim"}

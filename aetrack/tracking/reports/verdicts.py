@@ -173,10 +173,17 @@ def baseline_label(record: dict, settings: list[dict]) -> str:
     return label(base, grid_axes[0]) if base and grid_axes else "the baseline"
 
 
+def compared_settings(record: dict) -> list[dict]:
+    """The record's settings without those its study derives from the others (`derived`: the MLP's widths that
+    match the conv net's parameter count at each latent size vary with the latent size, but are no axis of theirs)."""
+    derived = set(record.get("derived", ()))
+    return [{k: v for k, v in c["setting"].items() if k not in derived} for c in record["cells"]]
+
+
 def comparisons(record: dict, min_seeds: int = MIN_SEEDS) -> list[Comparison]:
     """Every comparison the rule makes on a record, tested where the seeds allow, with Holm's p over the tested."""
     cells = record["cells"]
-    settings = [c["setting"] for c in cells]
+    settings = compared_settings(record)
     metrics = list(dict.fromkeys(m for c in cells for m in c["summary"] if names.short(m) not in names.DESCRIBES))
     grid_axes = axes(settings)
     found: list[Comparison] = []

@@ -31,6 +31,7 @@ class Study:
     baseline: dict[str, object] | None = None  # dae: evaluate with the run of these settings (same seed) as baseline
     evaluation: dict[str, object] = field(default_factory=dict)  # aetrack.evaluation.Settings other than the defaults
     better: dict[str, str] = field(default_factory=dict)  # metric -> "higher" or "lower": the strengths table's
+    derived: tuple[str, ...] = ()  # settings that follow from the others (an MLP's widths from its latent size): no axis
 
     def describe(self, seeds: int = 3, measured: str = "") -> str:
         settings = "\n".join(f"    {setting_key(s)}" for s in self.grid)
@@ -95,7 +96,8 @@ STUDIES = {study.name: study for study in (
     Study("latent-size", "How do latent size and architecture change reconstructions?",
           tuple({"model": model, "latent_dim": latent, **a} for model, latent in itertools.product(("ae", "vae"), (2, 8, 32))
                 for a in ({"arch": "mlp", "hidden": MATCHED_MLP[latent]}, CONV)),
-          by="latent_dim", metrics=("recon_loss", "psnr", "probe_accuracy", "parameters"), reference=False),
+          by="latent_dim", metrics=("recon_loss", "psnr", "probe_accuracy", "parameters"), reference=False,
+          derived=("hidden",)),
     Study("denoising", "How well does a denoising autoencoder clean images of each kind of noise, against a plain one?",
           tuple({"model": "ae", **a} for a in ARCHITECTURES)
           + tuple({"model": "dae", "noise": kind, "noise_level": level, **a}
@@ -221,9 +223,13 @@ class StudyResult:
                              "summary": {m: c.summary(m) for m in self.study.metrics}} for c in self.cells]}
         if self.study.better:
             record["strengths"] = self.strengths()
+        if self.study.derived:
+            record["derived"] = list(self.study.derived)
         return record
 
 
 def format_spread(mean: float, spread: float, count: int) -> str:
+    if spread == 0 and float(mean).is_integer():  # a count (parameters) that the seeds do not change
+        return f"{int(mean)}"
     digits = 3 if abs(mean) < 10 else 2 if abs(mean) < 100 else 1
     return f"{mean:.{digits}f}" + (f" ± {spread:.{digits}f}" if count > 1 else "")
