@@ -138,3 +138,25 @@ def test_settings_a_study_derives_from_the_others_are_no_axis():
         ("arch", "latent_dim 2"), ("arch", "latent_dim 8"), ("latent_dim", "arch conv"), ("latent_dim", "arch mlp")]
     del r["derived"]  # without the declaration, an MLP's widths are an axis that changes with everything else
     assert {c.axis for c in verdicts.comparisons(r)} == {"latent_dim"}
+
+
+def test_a_setting_a_key_does_not_apply_to_is_compared_on_the_rest():
+    """Question 3: a plain ae has no prior. It is still compared with the vae of each prior (the question itself),
+    the vae's priors with each other, and the context names the prior the vae side had."""
+    r = record(cell({"model": "ae"}, fcd=[3.0, 2.5, 2.8]),
+               cell({"model": "vae", "prior": "normal"}, fcd=[21.0, 19.0, 23.0]),
+               cell({"model": "vae", "prior": "mog"}, fcd=[12.0, 12.5, 11.5]))
+    found = {(c.axis, c.first, c.second, c.context) for c in verdicts.comparisons(r)}
+    assert found == {("model", "ae", "vae", "prior normal"), ("model", "ae", "vae", "prior mog"),
+                     ("prior", "normal", "mog", "vae")}
+    assert verdicts.sentence(next(c for c in verdicts.comparisons(r) if c.context == "prior normal")).startswith(
+        "ae beats vae on `fcd` by 18.2")
+
+
+def test_a_numeric_axis_compares_neighbours_among_the_settings_that_have_it():
+    settings = [{"model": "ae"}, *({"model": "sae", "sparsity_weight": w} for w in (1e-4, 1e-3, 1e-2))]
+    found = [(a[0], settings[i].get("sparsity_weight"), settings[j].get("sparsity_weight"))
+             for a, i, j in verdicts.pairs(settings)]
+    assert sorted(found, key=str) == sorted([("model", None, 1e-4), ("model", None, 1e-3), ("model", None, 1e-2),
+                                            ("sparsity_weight", 1e-4, 1e-3), ("sparsity_weight", 1e-3, 1e-2)], key=str)
+    assert verdicts.side(settings, 1, ("sparsity_weight",)) == "sparsity_weight 0.0001"

@@ -80,7 +80,7 @@ def short(name: str) -> str:
 
 # Which way is better, for labels ("lower is better") in reports; a figure that describes rather than scores
 # (the KL, a code's sparsity or contraction) has no better direction.
-HIGHER = ("accuracy", "psnr", "active_units", "cas")
+HIGHER = ("accuracy", "psnr", "active_units", "cas", "confidence")
 LOWER = ("loss", "nll", "elbo", "fcd", "kid", "error", "mse")
 # What describes a setting rather than measures its outcome: shown in a study's table, never tested as a verdict.
 DESCRIBES = ("parameters",)

@@ -126,32 +126,42 @@ def label(setting: dict, axis: tuple[str, ...]) -> str:
     return value_label(setting.get(axis[0], "none"))
 
 
+def present(settings: list[dict], axis: tuple[str, ...]) -> list:
+    """The axis's values in the settings that have it (a plain ae has no noise)."""
+    return [s[axis[0]] for s in settings if axis[0] in s]
+
+
 def side(settings: list[dict], i: int, axis: tuple[str, ...]) -> str:
     """A compared side's name in a sentence: `conv`, or `latent_dim 8` where the value is a bare number."""
     shown = label(settings[i], axis)
-    return f"{axis[0]} {shown}" if numeric([s.get(axis[0]) for s in settings]) else shown
+    return f"{axis[0]} {shown}" if numeric(present(settings, axis)) else shown
 
 
 def describe(setting: dict, others: list[tuple[str, ...]]) -> str:
     """What two compared settings share: `ae, latent_dim 2` (the model by its name alone)."""
     return ", ".join(label(setting, axis) if axis[0] == "model" else f"{axis[0]} {label(setting, axis)}"
-                     for axis in others)
+                     for axis in others if axis[0] in setting)
+
+
+def differ(a: dict, b: dict, axis: tuple[str, ...]) -> bool:
+    """Whether two settings differ on an axis. A setting without the axis's key is one the key does not apply to (a
+    plain ae has no prior, an sae no contractive weight): no difference there."""
+    return axis[0] in a and axis[0] in b and label(a, axis) != label(b, axis)
 
 
 def pairs(settings: list[dict]) -> list[tuple[tuple[str, ...], int, int]]:
-    """(axis, i, j): the settings i < j that differ in this axis only; a numeric axis: neighbouring values only."""
+    """(axis, i, j): the settings i < j that differ in this axis only, keys that do not apply to one of them aside;
+    a numeric axis: neighbouring values only."""
     found = []
     grid_axes = axes(settings)
     for axis in grid_axes:
         others = [a for a in grid_axes if a != axis]
-        values = [settings[i].get(axis[0]) for i in range(len(settings))]
+        values = present(settings, axis)
         ordered = sorted(set(values), key=float) if numeric(values) else None
         for i, j in itertools.combinations(range(len(settings)), 2):
-            if any(label(settings[i], a) != label(settings[j], a) for a in others):
+            if not differ(settings[i], settings[j], axis) or any(differ(settings[i], settings[j], a) for a in others):
                 continue
-            if label(settings[i], axis) == label(settings[j], axis):
-                continue
-            if ordered and abs(ordered.index(values[i]) - ordered.index(values[j])) != 1:
+            if ordered and abs(ordered.index(settings[i][axis[0]]) - ordered.index(settings[j][axis[0]])) != 1:
                 continue
             found.append((axis, i, j))
     return found
@@ -188,7 +198,7 @@ def comparisons(record: dict, min_seeds: int = MIN_SEEDS) -> list[Comparison]:
     grid_axes = axes(settings)
     found: list[Comparison] = []
     for axis, i, j in pairs(settings):
-        context = describe(settings[i], [a for a in grid_axes if a != axis])
+        context = describe({**settings[j], **settings[i]}, [a for a in grid_axes if a != axis])
         for metric in metrics:
             a, b = values(cells[i], metric), values(cells[j], metric)
             if a and b:
