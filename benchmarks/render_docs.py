@@ -314,6 +314,37 @@ def format_values(values: tuple[float, ...]) -> str:
     return studies.format_spread(mean, spread, len(values))
 
 
+def block_studies_speed() -> str:
+    """benchmarks/studies_speed.py: what a study spends beyond training, and two workers against one."""
+    if not (RESULTS / "studies-speed.json").exists():
+        return "Not measured yet: `python benchmarks/studies_speed.py`."
+    r = record("studies-speed.json")
+    return (f"`python benchmarks/studies_speed.py` ({r['date']}, {r['cores']} CPU cores, load average "
+            f"{r['load_average_1m']}): `aetrack study latent-size --seeds 1` ({r['runs']} runs, settings: "
+            f"{r['settings']}) took {r['one_worker_s']:.0f} s with one worker and {r['two_workers_s']:.0f} s with two, "
+            f"**{r['speedup']:.2f}x** (target at least 1.7x). Training the same {r['runs']} settings with the training "
+            f"loop alone, one thread, no tracking, took {r['bare_training_s']:.0f} s: everything else a study does per run "
+            f"(start-up, tracking, evaluation, pictures, the report) is **{100 * r['overhead_share']:.0f} %** of its "
+            "time with one worker (target at most 30 %).")
+
+
+def block_studies_times() -> str:
+    """Each digits study's last measured time, from its record, and their sum."""
+    rows, total = [], 0.0
+    for name in studies.STUDIES:
+        path = RESULTS / "questions" / f"{name}@digits.json"
+        if not path.exists():
+            continue
+        q = question(f"{name}@digits")
+        stale = " (an earlier grid)" if earlier_grid(q) else ""
+        runs = sum(len(c["run_ids"]) for c in q["cells"])
+        rows.append(f"| [{name}]({name}.md){stale} | {runs} | {q.get('workers', 1)} | {q['seconds'] / 60:.0f} min | "
+                    f"{q['machine']['date']} |")
+        total += q["seconds"]
+    return "\n".join(["| study (digits, 3 seeds) | runs | workers | time | measured |", "| --- | ---: | ---: | ---: | --- |",
+                      *rows, f"| **all six** | | | **{total / 60:.0f} min** (target: within 2 hours) | |"])
+
+
 def block_rule() -> str:
     return f"**The rule.** {verdicts.rule()}"
 
@@ -958,7 +989,7 @@ BLOCKS = {
     "priors": block_priors, "serving": block_serving,
     "serving-load": block_serving_load, "tuning-pruning": block_tuning_pruning, "tuning-workers": block_tuning_workers,
     "measured-figures": block_measured_figures, "train-options": block_train_options,
-    "verdict-rule": block_rule, "anchors-supervised": block_anchors_supervised, "studies-verdicts": block_studies_verdicts,
+    "verdict-rule": block_rule, "studies-speed": block_studies_speed, "studies-times": block_studies_times, "anchors-supervised": block_anchors_supervised, "studies-verdicts": block_studies_verdicts,
 }
 
 
