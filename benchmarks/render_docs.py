@@ -383,9 +383,9 @@ def block_studies_verdicts() -> str:
 # from aetrack.tracking.metric_names, as for the verdicts.
 STUDY_PICTURES = {
     "latent-size": [("recon_loss", "reconstruction loss (nats)"), ("psnr", "PSNR (dB)")],
-    # a panel of several metrics of one setting: the noisy input, the dae's output and the plain ae's, in dB
-    "denoising": [(("psnr_noisy_at_0.3", "psnr_denoised_at_0.3", "psnr_baseline_at_0.3"), "PSNR (dB), noise 0.3"),
-                  (("psnr_noisy_at_0.5", "psnr_denoised_at_0.5", "psnr_baseline_at_0.5"), "PSNR (dB), noise 0.5")],
+    # a panel of several metrics per setting: each dae's output and the plain ae's on the same noisy images, in dB
+    "denoising": [((f"psnr_denoised_{kind}_at_0.3", f"psnr_baseline_{kind}_at_0.3"), f"PSNR (dB), {kind} noise at 0.3")
+                  for kind in ("gaussian", "masking", "salt-pepper")],
     "generation": [("fcd", "FCD"), ("recon_loss", "reconstruction loss (nats)")],
     "priors": [("nll_iw", "test NLL (nats)"), ("fcd", "FCD"), ("active_units", "active units of 8")],
     "conditional": [("fcd", "FCD"), ("label_accuracy", "label accuracy"), ("cas", "CAS (trained on samples only)")],
@@ -395,6 +395,11 @@ STUDY_PICTURES = {
 
 
 PSNR_NAMES = {"psnr_noisy": "noisy input", "psnr_denoised": "dae output", "psnr_baseline": "plain ae output"}
+
+
+def series_name(metric: str) -> str:
+    """`psnr_denoised_masking_at_0.3` -> `dae output`."""
+    return next((name for prefix, name in PSNR_NAMES.items() if metric.startswith(prefix)), metric)
 
 
 def as_tuple(metric) -> tuple:
@@ -421,29 +426,35 @@ def draw_study(study: str) -> Path:
 
     records = [question(path.stem) for path in sorted((RESULTS / "questions").glob(f"{study}@*.json"))]
     panels = STUDY_PICTURES[study]
-    fig, axes = plt.subplots(len(records), len(panels), figsize=(3.6 * len(panels), 2.9 * len(records)), squeeze=False)
+    widest = max(len(r["cells"]) for r in records)
+    fig, axes = plt.subplots(len(records), len(panels), figsize=(max(3.6, 0.32 * widest) * len(panels), 2.9 * len(records)),
+                             squeeze=False)
     for row, r in zip(axes, records):
         cells = [c for c in r["cells"] if any(c["summary"].get(m) for metric, _ in panels for m in as_tuple(metric))]
+        if not cells:
+            continue
         varying = [k for k in cells[0]["setting"] if len({str(c["setting"].get(k)) for c in cells}) > 1
                    and not (k == "hidden" and "arch" in cells[0]["setting"])]  # the architecture names its sizes
         labels = [" ".join(str(c["setting"].get(k)) for k in varying) for c in cells]
         for ax, (metric, title) in zip(row, panels):
             direction = metric_names.better(as_tuple(metric)[0].split("_at_")[0])
-            if isinstance(metric, tuple):  # one setting's metrics side by side
-                found = [(PSNR_NAMES.get(m.split("_at_")[0], m), c["summary"][m]) for c in cells for m in metric
-                         if c["summary"].get(m)]
-            else:
-                found = [(label, c["summary"][metric]) for label, c in zip(labels, cells) if c["summary"].get(metric)]
-            ticks = [label for label, _ in found]
-            means = [m for _, (m, _, _) in found]
-            spreads = [sd or 0 for _, (_, sd, _) in found]
-            best = {"lower": min, "higher": max}.get(direction, lambda _: None)(means)
-            for x, (m, sd) in enumerate(zip(means, spreads)):  # points, not bars: a bar's zero would hide the gaps
-                ax.errorbar([x], [m], yerr=[sd], fmt="o", capsize=3, color="#1f5fa8" if m == best else "#8aa3c4")
-            ax.set_xlim(-0.6, len(found) - 0.4)
+            shown = [(label, c) for label, c in zip(labels, cells) if any(c["summary"].get(m) for m in as_tuple(metric))]
+            series = as_tuple(metric)
+            for k, m in enumerate(series):  # each metric a series; several of them side by side at each setting
+                found = [(x, c["summary"][m]) for x, (_, c) in enumerate(shown) if c["summary"].get(m)]
+                means = [mean for _, (mean, _, _) in found]
+                best = {"lower": min, "higher": max}.get(direction, lambda _: None)(means) if len(series) == 1 else None
+                offset = (k - (len(series) - 1) / 2) * 0.25
+                for x, (mean, sd, _) in found:  # points, not bars: a bar's zero would hide the gaps
+                    color = (f"C{k}" if len(series) > 1 else "#1f5fa8" if mean == best else "#8aa3c4")
+                    ax.errorbar([x + offset], [mean], yerr=[sd or 0], fmt="o", capsize=3, color=color,
+                                label=series_name(m) if len(series) > 1 and x == found[0][0] else None)
+            if len(series) > 1:
+                ax.legend(fontsize=7)
+            ax.set_xlim(-0.6, len(shown) - 0.4)
             ax.grid(axis="y", alpha=0.3)
-            ax.set_xticks(range(len(found)), ticks, rotation=45 if len(found) > 4 else 0,
-                          ha="right" if len(found) > 4 else "center", fontsize=7)
+            ax.set_xticks(range(len(shown)), [label for label, _ in shown], rotation=45 if len(shown) > 4 else 0,
+                          ha="right" if len(shown) > 4 else "center", fontsize=7)
             if metric == "jacobian_frobenius_sq":
                 ax.set_yscale("log")
             ax.set_title(f"{title} ({r['dataset']})" + (f", {direction} is better" if direction else ""), fontsize=8)

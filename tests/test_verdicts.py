@@ -160,3 +160,23 @@ def test_a_numeric_axis_compares_neighbours_among_the_settings_that_have_it():
     assert sorted(found, key=str) == sorted([("model", None, 1e-4), ("model", None, 1e-3), ("model", None, 1e-2),
                                             ("sparsity_weight", 1e-4, 1e-3), ("sparsity_weight", 1e-3, 1e-2)], key=str)
     assert verdicts.side(settings, 1, ("sparsity_weight",)) == "sparsity_weight 0.0001"
+
+
+def test_each_kind_of_noise_compares_a_daes_output_with_the_baselines_and_shared_outputs_stay_inside_a_setting():
+    """Question 2's grid: every dae is scored on every kind of noise; its output is compared with the plain ae's on
+    the same noisy images, kind by kind. The plain ae's output is the same for every dae of an architecture, so it
+    is no difference between two daes."""
+    def dae(kind, gain):
+        return cell({"model": "dae", "noise": kind}, psnr_denoised_gaussian_at_0=[14 + gain + i / 10 for i in range(3)],
+                    psnr_baseline_gaussian_at_0=[13.0, 13.1, 13.2], **{"psnr_denoised_salt-pepper_at_0": [12, 12.1, 12.2],
+                                                                       "psnr_baseline_salt-pepper_at_0": [12, 12.1, 12.2]})
+    r = {**record(cell({"model": "ae"}, recon_loss=[1.0, 1.1, 1.2]), dae("gaussian", 2), dae("masking", 0)),
+         "baseline": {"model": "ae"}}
+    found = verdicts.comparisons(r)
+    outputs = {(c.context, c.metric, c.shown) for c in found if c.axis == "output"}
+    assert outputs == {("the runs of dae, noise gaussian", "psnr_gaussian_at_0", True),
+                       ("the runs of dae, noise masking", "psnr_gaussian_at_0", True),
+                       ("the runs of dae, noise gaussian", "psnr_salt-pepper_at_0", False),
+                       ("the runs of dae, noise masking", "psnr_salt-pepper_at_0", False)}
+    across = {c.metric for c in found if c.axis == "noise"}
+    assert across == {"psnr_denoised_gaussian_at_0", "psnr_denoised_salt-pepper_at_0"}  # no baseline metric

@@ -26,8 +26,11 @@ from aetrack.tracking import metric_names as names
 
 ALPHA = 0.05
 MIN_SEEDS = 3
-ROLE = re.compile(r"^(?P<measure>[a-z]+)_(?P<role>[a-z]+)_at_(?P<level>[\d.]+)$")
+ROLE = re.compile(r"^(?P<measure>[a-z]+)_(?P<role>[a-z]+)(?:_(?P<kind>[a-z-]+))?_at_(?P<level>[\d.]+)$")
 ROLE_NAMES = {"noisy": "the noisy input"}  # the other roles are outputs: named by their model
+# The noisy input and the baseline's output are the same for every setting that shares the baseline: compared with a
+# setting's own output, not across settings.
+SHARED_ROLES = ("noisy", "baseline")
 
 
 def rule() -> str:
@@ -200,6 +203,8 @@ def comparisons(record: dict, min_seeds: int = MIN_SEEDS) -> list[Comparison]:
     for axis, i, j in pairs(settings):
         context = describe({**settings[j], **settings[i]}, [a for a in grid_axes if a != axis])
         for metric in metrics:
+            if (role := ROLE.match(metric)) and role["role"] in SHARED_ROLES:
+                continue
             a, b = values(cells[i], metric), values(cells[j], metric)
             if a and b:
                 found.append(Comparison(axis[0], context, metric, side(settings, i, axis), side(settings, j, axis),
@@ -217,19 +222,21 @@ def output_comparisons(record: dict, metrics: list[str]) -> list[Comparison]:
     for metric in metrics:
         match = ROLE.match(metric)
         if match:
-            roles.setdefault((match["measure"], match["level"]), []).append((match["role"], metric))
+            measure = f"{match['measure']}_{match['kind']}" if match["kind"] else match["measure"]
+            roles.setdefault((measure, match["level"]), []).append((match["role"], metric))
     settings = [c["setting"] for c in record["cells"]]
     found = []
     for cell in record["cells"] if roles else []:
         own = describe(cell["setting"], axes(settings))
+        output = str(cell["setting"].get("model", own))  # the setting's own output, by its model's name
         named = {**ROLE_NAMES, "baseline": baseline_label(record, settings)}
         for (measure, level), members in roles.items():
             for (role_a, metric_a), (role_b, metric_b) in itertools.combinations(members, 2):
                 a, b = values(cell, metric_a), values(cell, metric_b)
                 if a and b:
                     found.append(Comparison("output", f"the runs of {own}", f"{measure}_at_{level}",
-                                            named.get(role_a, own), named.get(role_b, own), a, b,
-                                            names.better(measure)))
+                                            named.get(role_a, output), named.get(role_b, output), a, b,
+                                            names.better(measure.split("_")[0])))
     return found
 
 
