@@ -248,7 +248,8 @@ def block_strengths(key: str) -> str:
              "above say which differences the seeds show.", "",
              "| setting | strengths | weaknesses |", "| --- | --- | --- |"]
     for row in rows:
-        lines.append(f"| {row['setting'].replace(';', ', ')} | {', '.join(f'`{m}`' for m in row['strengths']) or '—'} | "
+        shown = ", ".join(v if k == "model" else f"{k} {v}" for k, v in (part.split("=", 1) for part in row["setting"].split(";")))
+        lines.append(f"| {shown} | {', '.join(f'`{m}`' for m in row['strengths']) or '—'} | "
                      f"{', '.join(f'`{m}`' for m in row['weaknesses']) or '—'} |")
     return "\n".join(lines)
 
@@ -433,9 +434,10 @@ def draw_study(study: str) -> Path:
         cells = [c for c in r["cells"] if any(c["summary"].get(m) for metric, _ in panels for m in as_tuple(metric))]
         if not cells:
             continue
-        varying = [k for k in cells[0]["setting"] if len({str(c["setting"].get(k)) for c in cells}) > 1
-                   and not (k == "hidden" and "arch" in cells[0]["setting"])]  # the architecture names its sizes
-        labels = [" ".join(str(c["setting"].get(k)) for k in varying) for c in cells]
+        keys = dict.fromkeys(k for c in cells for k in c["setting"])
+        varying = [k for k in keys if len({str(c["setting"].get(k)) for c in cells}) > 1
+                   and not (k == "hidden" and "arch" in keys)]  # the architecture names its sizes
+        labels = [" ".join(str(c["setting"][k]) for k in varying if k in c["setting"]) for c in cells]
         for ax, (metric, title) in zip(row, panels):
             direction = metric_names.better(as_tuple(metric)[0].split("_at_")[0])
             shown = [(label, c) for label, c in zip(labels, cells) if any(c["summary"].get(m) for m in as_tuple(metric))]
