@@ -116,7 +116,7 @@ STUDIES = {study.name: study for study in (
     Study("conditional", "How do a conditional VAE, M2 and M1+M2 compare with a plain VAE?",
           ({"model": "vae"}, {"model": "cvae"}, {"model": "m2"}, {"model": "m1m2", "features": RUN_OF + "model=vae"}),
           by="model", metrics=("label_accuracy", "error", "supervised_error", "cas", "fcd", "kid", "sample_confidence"),
-          evaluation={"supervised_baseline": True}),
+          evaluation={"supervised_baseline": True}, derived=("features",)),
     Study("regularised", "What do sparse, contractive and denoising autoencoders do differently?",
           ({"model": "ae"}, {"model": "dae"},
            *({"model": "sae", "sparsity": "l1", "sparsity_weight": w} for w in (1e-4, 1e-3, 1e-2)),
