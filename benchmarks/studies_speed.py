@@ -57,6 +57,7 @@ def main() -> None:
     parser.add_argument("--set", default="", help="training settings every run shares, e.g. epochs=5")
     args = parser.parse_args()
     from aetrack.config import parse_settings
+    from aetrack.tracking.run import git_commit
     from aetrack.tracking.workflows.studies import STUDIES
 
     settings = parse_settings((args.set,)) if args.set else {}
@@ -70,7 +71,7 @@ def main() -> None:
     record = {"settings": settings or "defaults", "runs": len(grid), "one_worker_s": round(one, 1),
               "two_workers_s": round(two, 1), "speedup": round(one / two, 2), "bare_training_s": round(bare, 1),
               "overhead_share": round((one - bare) / one, 3), "cores": os.cpu_count(),
-              "load_average_1m": round(os.getloadavg()[0], 2),
+              "load_average_1m": round(os.getloadavg()[0], 2), "git_commit": git_commit(),
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     RECORD.write_text(json.dumps(record, indent=2) + "\n")
     print(json.dumps(record, indent=2))
