@@ -6,6 +6,7 @@ render their tables from them (`<!-- render: questions:STUDY@DATASET -->` blocks
     python benchmarks/questions.py                 # everything; resumes: finished, evaluated runs are reused
     python benchmarks/questions.py --only priors@digits --only generation@mnist
     python benchmarks/questions.py --docs-only     # rewrite the docs' tables from the results files
+    python benchmarks/questions.py --pictures-only --only generation@digits   # copy the run pictures again
 
 Each group of studies runs in its own process with its own MLflow store under --workdir, --jobs groups at a time,
 and each study trains its grid in --workers processes (`aetrack study --workers`), one torch thread each: a long job
@@ -72,7 +73,8 @@ RUN_PICTURES = {
                    "noisy, denoised and clean rows, on the noise the dae was trained on"),
                   ({"model": "dae", "noise_level": 0.3, "arch": "mlp"}, "robustness",
                    "the robustness matrix: denoised PSNR on every kind and level of noise")],
-    "generation": [({}, "samples", "samples"), ({}, "nearest_training", "samples above their nearest training image")],
+    "generation": [({}, "samples", "samples"), ({}, "nearest_training", "samples above their nearest training image"),
+                   ({}, "reconstructions", "test images (top) and their reconstructions")],
     "priors": [({"latent_dim": 2}, "latent_prior", "test codes over the prior's density"),
                ({"latent_dim": 8}, "samples", "samples")],
     "conditional": [({}, "samples", "samples; one row per label where the model takes one")],
@@ -119,6 +121,20 @@ def copy_pictures(name: str, dataset: str, cells: list[dict]) -> list[dict]:
     return copied
 
 
+def recopy_pictures(only: set[str]) -> None:
+    """Each record's run pictures copied again from the MLflow store the record names, the record's list rewritten."""
+    import mlflow
+
+    for path in sorted((RESULTS / "questions").glob("*@*.json")):
+        if only and path.stem not in only:
+            continue
+        record = json.loads(path.read_text())
+        mlflow.set_tracking_uri(record["store"])
+        record["pictures"] = copy_pictures(record["study"], record["dataset"], record["cells"])
+        path.write_text(json.dumps(record, indent=2) + "\n")
+        print(f"{path.stem}: {len(record['pictures'])} pictures")
+
+
 def machine() -> dict:
     return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
             "python": platform.python_version(), "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
@@ -157,13 +173,17 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="processes per study (aetrack study --workers)")
     parser.add_argument("--data-dir", default=os.environ.get("AETRACK_DATA_DIR"))
     parser.add_argument("--docs-only", action="store_true")
+    parser.add_argument("--pictures-only", action="store_true",
+                        help="copy each record's run pictures again from the store it names (RUN_PICTURES changed)")
     parser.add_argument("--group", help=argparse.SUPPRESS)  # internal: run one group in this process
     args = parser.parse_args()
     args.workdir.mkdir(parents=True, exist_ok=True)
     if args.group:
         run_group(args.group, args.workdir, set(args.only), args.data_dir, args.workers)
         return
-    if not args.docs_only:
+    if args.pictures_only:
+        recopy_pictures(set(args.only))
+    elif not args.docs_only:
         groups = [g for g, studies in GROUPS.items()
                   if not args.only or any(f"{n}@{d}" in args.only for n, d, _ in studies)]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
