@@ -749,46 +749,42 @@ def command_rows(c: dict | None, record: dict) -> list[str]:
         return []
     c = {"git_commit": record["git_commit"], "load_average_1m_before": record["machine"]["load_average_1m_before"],
          "load_average_1m_after": record["machine"]["load_average_1m_after"], **c}
-    new, again, two = c["digits_new_store"], c["digits_existing_store"], c["digits_two_threads"]
+    new = c["digits_new_store"]
     same = ("the same model in every run: best validation loss {:.4f}, the same samples picture".format(new["best_val_loss"])
             if c["digits_same_model"] else "**not the same model in every run**")
 
-    def walls(run: dict) -> str:
-        return f" (median of {', '.join(f'{w:.1f}' for w in run['walls_s'])})" if "walls_s" in run else ""
+    def row(command: str, run: dict, note: str, bold: bool = False, share: bool = True) -> str:
+        """One command's row: its wall (the median and every run's, where it ran several times), its steps, the
+        per-epoch work beyond them (where it trained more than one epoch), and a note."""
+        wall = f"{run['wall_s']:.1f} s"
+        if "walls_s" in run:
+            wall = (f"**{wall}**" if bold else wall) + f" (median of {', '.join(f'{w:.1f}' for w in run['walls_s'])})"
+        work = f"{100 * run['per_epoch_work_share']:.1f} %" if share else ""
+        return f"| {command} | {wall} | {run['epoch_steps_s']:.1f} s | {work} | {note} |"
+
     rows = [
         "", f"Whole commands, each in a fresh process (commit {str(c['git_commit'])[:7]}, load average "
         f"{c['load_average_1m_before']} before and {c['load_average_1m_after']} after); where a row has several runs, "
         "they alternated with the row above or below it:", "",
         "| command | wall | of which optimisation steps | per-epoch work beyond the steps | note |",
         "| --- | ---: | ---: | ---: | --- |",
-        f"| default `aetrack train --no-register` on digits, new store, two torch threads (torch's choice before) | "
-        f"{two['wall_s']:.1f} s | {two['epoch_steps_s']:.1f} s | {100 * two['per_epoch_work_share']:.1f} % | {two['epochs']} epochs |",
-    ]
-    if "digits_collector_defaults" in c:
-        d = c["digits_collector_defaults"]
-        rows.append(f"| the same, one thread, a new store each time, the cyclic collector at Python's defaults | "
-                    f"{d['wall_s']:.1f} s{walls(d)} | {d['epoch_steps_s']:.1f} s | "
-                    f"{100 * d['per_epoch_work_share']:.1f} % | the reference |")
-    rows += [
-        f"| the same, one thread (`memory.cpu_threads`: a step too small to share), a new store each time, as aetrack "
-        f"runs it (`memory.start_up`, `memory.settle`) | **{new['wall_s']:.1f} s**{walls(new)} | "
-        f"{new['epoch_steps_s']:.1f} s | {100 * new['per_epoch_work_share']:.1f} % | {target(new['wall_s'], 25)}; {same} |",
-        f"| the same again, on an existing store | {again['wall_s']:.1f} s | {again['epoch_steps_s']:.1f} s | "
-        f"{100 * again['per_epoch_work_share']:.1f} % | |",
+        row("default `aetrack train --no-register` on digits, new store, two torch threads (torch's choice before)",
+            c["digits_two_threads"], f"{c['digits_two_threads']['epochs']} epochs"),
+        row("the same, one thread, a new store each time, the cyclic collector at Python's defaults",
+            c["digits_collector_defaults"], "the reference"),
+        row("the same, one thread (`memory.cpu_threads`: a step too small to share), a new store each time, as aetrack "
+            "runs it (`memory.start_up`, `memory.settle`)", new, f"{target(new['wall_s'], 25)}; {same}", bold=True),
+        row("the same again, on an existing store", c["digits_existing_store"], ""),
     ]
     if "mnist_one_epoch" in c:
-        one, three = c["mnist_one_epoch"], c["mnist_three_epochs"]
-        if "mnist_one_epoch_collector_defaults" in c:
-            d = c["mnist_one_epoch_collector_defaults"]
-            rows.append(f"| MNIST VAE 784-400-20, `--epochs 1`, the collector at Python's defaults | {d['wall_s']:.1f} s"
-                        f"{walls(d)} | {d['epoch_steps_s']:.1f} s | | "
-                        f"{c['mnist_beyond_epoch_collector_defaults_s']:.1f} s beyond its epoch (median over runs) |")
         rows += [
-            f"| MNIST VAE 784-400-20, `--epochs 1` | {one['wall_s']:.1f} s{walls(one)} | {one['epoch_steps_s']:.1f} s | | "
-            f"**{c['mnist_beyond_epoch_s']:.1f} s beyond its epoch** (median over runs; "
-            f"{target(c['mnist_beyond_epoch_s'], 10)}) |",
-            f"| the same, `--epochs 3` | {three['wall_s']:.1f} s | {three['epoch_steps_s']:.1f} s | "
-            f"{100 * three['per_epoch_work_share']:.1f} % | the share over epochs 2 and 3 (target 10 %) |",
+            row("MNIST VAE 784-400-20, `--epochs 1`, the collector at Python's defaults",
+                c["mnist_one_epoch_collector_defaults"],
+                f"{c['mnist_beyond_epoch_collector_defaults_s']:.1f} s beyond its epoch (median over runs)", share=False),
+            row("MNIST VAE 784-400-20, `--epochs 1`", c["mnist_one_epoch"],
+                f"**{c['mnist_beyond_epoch_s']:.1f} s beyond its epoch** (median over runs; "
+                f"{target(c['mnist_beyond_epoch_s'], 10)})", share=False),
+            row("the same, `--epochs 3`", c["mnist_three_epochs"], "the share over epochs 2 and 3 (target 10 %)"),
         ]
     return rows
 
