@@ -150,3 +150,51 @@ def test_a_stopped_row_can_be_finished_where_it_stopped_and_is_measured_saying_s
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     assert mlflow.get_run(record["run_id"]).info.status == "FINISHED"
     assert f"ended with --finish after epoch {stopped}" in (tmp_path / "results" / "anchors.md").read_text()
+
+
+@pytest.mark.skipif(not DATA, reason="set AETRACK_TEST_DATA_DIR to the folder that holds MNIST/")
+def test_an_m2_recipe_is_swept_in_legs_and_read_on_the_validation_split_only(tmp_path):
+    """benchmarks/m2_sweep.py: a leg ended as --leg-minutes ends it, the next one resumed; the record holds both legs,
+    the validation curve of every epoch, and the run measured nothing on the test set."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "AETRACK_DATA_DIR": DATA,
+           "AETRACK_ANCHORS_RESULTS": str(tmp_path / "results")}
+    sweep = [sys.executable, str(REPO / "benchmarks" / "m2_sweep.py"), "pyro", "--checkpoint-dir", str(tmp_path / "ckpt")]
+    first = subprocess.Popen([*sweep, "--epochs", "3", "--set", "hidden=16,latent_dim=4,batch_size=1000"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list((tmp_path / "ckpt").glob("*/last.pt")) and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    first.send_signal(signal.SIGTERM)  # what --leg-minutes does at the end of a leg
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 3, err
+    assert "continue with: python benchmarks/m2_sweep.py pyro --resume" in err
+    stopped = json.loads((tmp_path / "results" / "m2-sweep.json").read_text())["pyro"]
+    assert not stopped["complete"] and len(stopped["legs"]) == 1 and 1 <= stopped["epochs_run"] < 3
+
+    second = subprocess.run([*sweep, "--resume"], env=env, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr
+    record = json.loads((tmp_path / "results" / "m2-sweep.json").read_text())["pyro"]
+    assert record["complete"] and record["run_id"] == stopped["run_id"] and len(record["legs"]) == 2
+    assert record["legs"][0] == stopped["legs"][0] and record["legs"][1]["epochs_to"] == 3
+    assert len(record["curve"]) == record["epochs_run"] == 3 and record["curve"][:len(stopped["curve"])] == stopped["curve"]
+    assert record["val_error_last"] == record["curve"][-1] and record["val_error_best"] == min(record["curve"])
+    assert record["settings"]["classifier_weight"] == "0.46" and record["settings"]["hidden"] == "16"
+    assert record["command"] == ("python benchmarks/m2_sweep.py pyro --epochs 3 "
+                                 "--set hidden=16,latent_dim=4,batch_size=1000")  # no local place in it
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    metrics = mlflow.get_run(record["run_id"]).data.metrics
+    assert "val/error" in metrics and not [name for name in metrics if name.startswith("test/")]
+
+
+def test_a_sweep_leg_recorded_in_the_repository_must_run_committed_code(monkeypatch):
+    import m2_sweep
+
+    import aetrack.tracking.run
+
+    monkeypatch.setattr(aetrack.tracking.run, "git_commit", lambda: "0c5ee05-dirty")
+    monkeypatch.setattr(m2_sweep, "RESULTS", m2_sweep.DEFAULT_RESULTS)
+    refused = CliRunner().invoke(m2_sweep.main, ["pyro"])
+    assert refused.exit_code == 2 and "the code differs from its commit (0c5ee05-dirty)" in refused.output
+    monkeypatch.setattr(m2_sweep, "RESULTS", Path("elsewhere"))  # a scratch record may come from any code
+    refused = CliRunner().invoke(m2_sweep.main, ["pyro", "--resume"])
+    assert refused.exit_code == 2 and "pyro: no stopped run to resume" in refused.output
