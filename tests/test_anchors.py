@@ -198,3 +198,31 @@ def test_a_sweep_leg_recorded_in_the_repository_must_run_committed_code(monkeypa
     monkeypatch.setattr(m2_sweep, "RESULTS", Path("elsewhere"))  # a scratch record may come from any code
     refused = CliRunner().invoke(m2_sweep.main, ["pyro", "--resume"])
     assert refused.exit_code == 2 and "pyro: no stopped run to resume" in refused.output
+
+
+def test_the_m2_sweep_table_names_the_recipe_lowest_on_validation_and_the_legs_still_to_run(tmp_path, monkeypatch):
+    import render_docs
+
+    (tmp_path / "anchors.json").write_text((anchors.DEFAULT_RESULTS / "anchors.json").read_text())
+    row = json.loads((tmp_path / "anchors.json").read_text())["m2-100"]["curve"]["values"][-1]
+
+    def recipe(name, last, epochs, planned):
+        curve = [30.0] * (epochs - 1) + [last]
+        return {"recipe": name, "complete": epochs == planned, "epochs_run": epochs, "epochs_planned": planned,
+                "val_error_last": last, "val_error_best": last, "best_epoch": epochs, "val_error_last_10_mean": 25.0,
+                "curve": curve, "legs": [{"git_commit": "abcdef0123", "epochs_to": epochs, "seconds": 600.0}],
+                "command": f"python benchmarks/m2_sweep.py {name}"}
+
+    def block(pyro: float) -> str:
+        records = {"pyro": recipe("pyro", pyro, 50, 50), "classifier-0.001": recipe("classifier-0.001", row + 1, 150, 150),
+                   "constant-1000": recipe("constant-1000", 20.0, 200, 1000)}
+        (tmp_path / "m2-sweep.json").write_text(json.dumps(records))
+        return render_docs.block_anchors_m2_sweep()
+
+    monkeypatch.setattr(render_docs, "RESULTS", tmp_path)
+    text = block(pyro=row - 2)
+    assert f"**pyro** reads lowest on validation at its last epoch ({row - 2:.2f} %, against {row:.2f} % for the " \
+           "m2-100 row's recipe): its test figure is measured next" in text
+    assert "`constant-1000` has run 200 of its 1000 epochs in 1 leg(s)" in text and "| 200 of 1000, stopped |" in text
+    text = block(pyro=row + 2)
+    assert "**the m2-100 row's recipe** reads lowest" in text and "no recipe swept so far beats the row's own" in text
