@@ -86,10 +86,14 @@ RUN_PICTURES = {
 PICTURES = ROOT / "docs" / "studies" / "runs"
 
 
+def readable(value) -> bool:
+    """A setting's value that names it to a reader (a number or a word), not a tuple of widths or a run reference."""
+    return isinstance(value, (int, float)) or isinstance(value, str) and not any(c in value for c in "=:/")
+
+
 def picture_label(setting: dict) -> str:
-    """A cell's settings as a file name's part: its plain values (not the tuples, nor a run reference)."""
-    return "-".join(str(v) for v in setting.values() if isinstance(v, (int, float)) or
-                    isinstance(v, str) and not any(c in v for c in "=:/"))
+    """A cell's settings as a file name's part: its readable values."""
+    return "-".join(str(v) for v in setting.values() if readable(v))
 
 
 def copy_pictures(name: str, dataset: str, cells: list[dict]) -> list[dict]:

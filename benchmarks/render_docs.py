@@ -40,6 +40,13 @@ def record(name: str):
     return json.loads(path.read_text())
 
 
+def questions_module():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import questions
+
+    return questions
+
+
 def anchors_module():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import anchors
@@ -226,8 +233,7 @@ def block_pictures(key: str) -> str:
     lines = []
     for caption in dict.fromkeys(p["caption"] for p in pictures):
         group = [p for p in pictures if p["caption"] == caption]
-        heads = [", ".join(f"{k} {v}" for k, v in p["setting"].items() if not isinstance(v, (list, tuple))
-                           and not (isinstance(v, str) and any(c in v for c in "=:/"))) for p in group]
+        heads = [", ".join(f"{k} {v}" for k, v in p["setting"].items() if questions_module().readable(v)) for p in group]
         lines += [f"*{caption[0].upper()}{caption[1:]}*, the first seed's run of each setting:", "",
                   "| " + " | ".join(heads) + " |", "|" + " --- |" * len(group),
                   "| " + " | ".join(f"![{caption}: {head}]({p['file']})" for p, head in zip(group, heads)) + " |", ""]
