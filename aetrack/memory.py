@@ -73,15 +73,18 @@ def available_bytes() -> int | None:
 # aside for good (gc.freeze), so collections during training walk only what training allocates.
 START_UP_ALLOCATIONS = 100_000
 DEFAULT_THRESHOLDS = gc.get_threshold()
-_frozen = False
+_frozen = _registered = False
 
 
 def start_up() -> None:
     """A command starts: until `settle`, collect only young objects, and rarely. At exit, skip the final walk over
-    everything: `gc.freeze` is registered before any library's atexit handler, so it runs after all of them."""
+    everything: `gc.freeze` is registered once, at the first command, before any library's atexit handler, so it
+    runs after all of them (a later command in the same process leaves it where it is)."""
+    global _registered
     gc.set_threshold(START_UP_ALLOCATIONS, *DEFAULT_THRESHOLDS[1:])
-    atexit.unregister(gc.freeze)
-    atexit.register(gc.freeze)
+    if not _registered:
+        _registered = True
+        atexit.register(gc.freeze)
 
 
 def settle() -> None:
