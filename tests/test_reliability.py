@@ -27,10 +27,12 @@ from aetrack import data as datasets
 from aetrack.cli.main import main
 from aetrack.config import ConfigError, TrainConfig
 from aetrack.tracking import metric_names as names
+from aetrack.tracking import pictures
 from aetrack.tracking import tags as tag
 from aetrack import training
 from aetrack.tracking import lifecycle
 from aetrack.tracking.lifecycle import Interrupted
+from aetrack.tracking.run import image_epochs
 from aetrack.training import Diverged, fit
 from conftest import aetrack_command, free_port, start_mlflow_server, stop
 
@@ -592,6 +594,10 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def last_picture(client, run_id: str) -> int:
+    return max((step for _, step in pictures.logged_pictures(client, run_id)), default=-1)
+
+
 def wait_for_checkpoint(path: Path, run_id: str, epoch: int, timeout: float = 120) -> int:
     """The epoch of the checkpoint at `path` once it is at least `epoch` (checkpoints come every CHECKPOINT_SECONDS)."""
     deadline = time.monotonic() + timeout
@@ -634,6 +640,7 @@ def test_a_sigkill_while_logging_is_behind_leaves_no_gap_after_resume(tmp_path, 
             while True:
                 assert process.poll() is None, "the run ended before the server had an epoch past a checkpoint"
                 if (len(history(client, run_id, names.VAL_LOSS)) > saved
+                        and last_picture(client, run_id) > saved
                         and checkpoints.load(checkpoint, run_id)["epoch"] == saved):  # and no checkpoint came since
                     break
                 saved = wait_for_checkpoint(checkpoint, run_id, saved)
@@ -646,8 +653,8 @@ def test_a_sigkill_while_logging_is_behind_leaves_no_gap_after_resume(tmp_path, 
         on_server = history(client, run_id, names.VAL_LOSS)
         if server == "behind":
             assert saved >= 14 and len(on_server) < saved  # the kill came while the server lacked checkpointed epochs
-        else:
-            assert len(on_server) > saved  # the server has epochs that no checkpoint holds
+        else:  # the server has epochs, and pictures of epochs, that no checkpoint holds
+            assert len(on_server) > saved and last_picture(client, run_id) > saved
 
         resumed = subprocess.run([*aetrack_command(), "train", "--resume", run_id, "--tracking-uri", url, "--quiet"],
                                  capture_output=True, text=True, cwd=tmp_path, timeout=300)
@@ -659,6 +666,10 @@ def test_a_sigkill_while_logging_is_behind_leaves_no_gap_after_resume(tmp_path, 
         train_steps = history(client, run_id, names.logged("train_loss"))
         assert len(train_steps) == len(set(train_steps))
         per_epoch = 11  # digits: 1294 training examples, batch 128, a point every 20 steps and at each epoch's end
+        if server == "ahead":  # every epoch's pictures exactly once, those the kill left on the server included
+            steps = [step for key, step in pictures.logged_pictures(client, run_id) if key == "progress/samples"]
+            best = int(client.get_run(run_id).data.metrics[names.BEST_EPOCH])  # its pictures come at the end
+            assert sorted(steps) == sorted({0, best} | image_epochs(epochs))
         assert train_steps == sorted({s for s in range(1, epochs * per_epoch + 1) if s % 20 == 0 or s % per_epoch == 0})
     finally:
         for pid in paused:

@@ -21,6 +21,18 @@ def picture_files(key: str, step: int, timestamp: int | None = None) -> tuple[st
     return f"{stem}.png", f"{stem}+compressed.webp"
 
 
+def logged_pictures(client, run_id: str) -> list[tuple[str, int]]:
+    """The (key, step) of every picture the run has, one per PNG (what `picture_files` names), in one listing."""
+    found = []
+    for artifact in client.list_artifacts(run_id, IMAGES_FOLDER):
+        name = artifact.path.rsplit("/", 1)[-1]
+        key, _, rest = name.partition("+step+")
+        step = rest.split("+", 1)[0]
+        if name.endswith(".png") and step.isdigit():
+            found.append((key.replace("~", "/"), int(step)))
+    return found
+
+
 def log_picture(client, run_id: str, picture, key: str, step: int, *, mark: bool = True) -> None:
     """`picture` (PIL) as the run's image card `key` at `step`, like `MlflowClient.log_image` but with the card's
     picture at full size (lossless WebP) instead of MLflow's 256-pixel thumbnail: full screen, a 512-pixel grid then

@@ -36,6 +36,7 @@ from aetrack.tracking.artifacts import log_generator
 from aetrack.tracking.lifecycle import Interrupted, MetricBuffer  # noqa: F401 (MetricBuffer: re-exported)
 from aetrack.tracking.recovery import (CHECKPOINT_ARTIFACT, RunDiverged, RunStopped, open_checkpoint,  # noqa: F401 (re-exported)
                                        persist, say)
+from aetrack.tracking.pictures import logged_pictures
 from aetrack.tracking.registry import describe_version
 from aetrack.training import Diverged, History, fit, init_output_biases
 
@@ -103,6 +104,7 @@ class EpochImages:
         self.x, self.y = data.val_x[:IMAGE_ROWS * groups], data.val_y[:IMAGE_ROWS * groups]
         self.num_classes, self.seed = data.num_classes, config.seed
         self.epochs, self.logged = image_epochs(config.epochs), set()
+        self.present: set[tuple[str, int]] = set()  # on --resume: what the run already has (`pictures.logged_pictures`)
 
     def on_epoch_end(self, epoch: int, model: torch.nn.Module, metrics: dict[str, float]) -> None:
         if epoch in self.epochs:
@@ -116,7 +118,8 @@ class EpochImages:
         model.eval()
         # The model's outputs are computed here; the pictures are composed and encoded in the logging thread.
         for key, drawing in self.drawings(model).items():
-            self.send.image(drawing, key=image_key(EPOCH_IMAGES, key), step=epoch)
+            if (image_key(EPOCH_IMAGES, key), epoch) not in self.present:  # a resumed run trains it again: not twice
+                self.send.image(drawing, key=image_key(EPOCH_IMAGES, key), step=epoch)
         self.logged.add(epoch)
 
     def log_initial(self, config: TrainConfig, data: Splits, model: torch.nn.Module | None = None) -> None:
@@ -294,7 +297,9 @@ def train_tracked(config: TrainConfig, data: Splits, options: TrackingOptions, *
             log = MetricBuffer(run_id, skip=recovery.last_steps(run_id) if resume else None, echo=say,
                                journal=folder / recovery.JOURNAL)
             epoch_images = EpochImages(data, config, log)
-            if not resume:
+            if resume:  # epochs after the checkpoint whose pictures were sent before a SIGKILL
+                epoch_images.present = set(logged_pictures(mlflow.MlflowClient(), run_id))
+            else:
                 epoch_images.log_initial(config, data, initial)
             diverged = None
             try:
