@@ -92,3 +92,17 @@ def test_component_densities_at_vampprior_scale_match_the_direct_sum_in_float64(
     zd = z.clone().requires_grad_()
     torch.logsumexp(-0.5 * (priors.LOG_2PI + logvar + (zd.unsqueeze(-2) - mu) ** 2 / logvar.exp()).sum(-1), -1).sum().backward()
     torch.testing.assert_close(zf.grad.double(), zd.grad, rtol=1e-3, atol=1e-3)
+
+
+def test_the_codes_over_the_prior_picture_says_which_colour_is_which_label(monkeypatch):
+    """The 2-D codes drawn over the prior's density carry a legend of their labels, as the latent scatter does."""
+    from aetrack import images
+    from aetrack.evaluation import evaluate
+
+    drawn = []
+    monkeypatch.setattr(images, "figure_to_image", drawn.append)
+    codes, labels = torch.randn(200, 2, generator=torch.Generator().manual_seed(0)), torch.arange(200) % 10
+    evaluate._latent_over_prior(codes, labels, StandardNormal(2))
+    legend = drawn[0].axes[0].get_legend()
+    assert legend is not None and legend.get_title().get_text() == "label"
+    assert [t.get_text() for t in legend.get_texts()] == [f"$\\mathdefault{{{d}}}$" for d in range(10)]

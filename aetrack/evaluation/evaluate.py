@@ -264,7 +264,8 @@ def _latent_over_prior(codes: torch.Tensor, labels: torch.Tensor, prior):
         density = prior.log_prob(mesh).exp().view(len(ys), len(xs)).cpu().numpy()
     fig, ax = plt.subplots(figsize=(5, 4.5))
     ax.contourf(xs, ys, density, levels=12, cmap="Greys")
-    ax.scatter(points[:, 0], points[:, 1], c=labels.cpu().numpy(), cmap="tab10", s=6)
+    shown = ax.scatter(points[:, 0], points[:, 1], c=labels.cpu().numpy(), cmap="tab10", s=6)
+    ax.legend(*shown.legend_elements(), title="label", fontsize=7, loc="best")  # which colour is which digit
     ax.set(xlabel="z0", ylabel="z1", title="test codes over the prior's density")
     return images.figure_to_image(fig)
 
