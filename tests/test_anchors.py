@@ -118,6 +118,9 @@ def test_m1m2_row_runs_in_two_legs_on_a_logged_vae(tmp_path):
     record = json.loads((tmp_path / "results" / "anchors.json").read_text())["m1m2-100"]
     assert record["legs"] == 2 and record["epochs_run"] == 3 and record["run_id"] == progress["m1m2-100"]["run_id"]
     assert record["features"] == m1_run and record["metric"] == "error" and 0 <= record["value"] <= 100
+    m1 = record["m1"]  # what the M1 was, read from its run: the row's table says it
+    assert (m1["run_id"], m1["hidden"], m1["latent_dim"], m1["epochs_run"], m1["paper_m1"]) == (m1_run, "32", "4", 1, False)
+    assert "M1 784-32-4 " in (tmp_path / "results" / "anchors.md").read_text()
     assert len(record["curve"]["values"]) == 3 and "--set" in record["command"]
     assert not (tmp_path / "results" / "anchors-progress.json").exists()
     assert "m1m2-100" in (tmp_path / "results" / "anchors.md").read_text()
