@@ -177,7 +177,8 @@ def train_command(args: list[str], uri: str, workdir: str, threads: int | None =
     aetrack = [sys.executable, "-c", COLLECTOR_DEFAULTS] if collector_defaults else [sys.executable, "-m", "aetrack"]
     command = [*aetrack, "train", "--no-register", "--quiet", "--tracking-uri", uri,
                "--checkpoint-dir", f"{workdir}/checkpoints", *args]
-    wall = seconds(lambda: subprocess.run(command, capture_output=True, text=True, check=True, env=env))
+    # In `workdir`: a sqlite store keeps its artifacts in ./mlruns, beside the command, not in the checkout.
+    wall = seconds(lambda: subprocess.run(command, capture_output=True, text=True, check=True, env=env, cwd=workdir))
     client = mlflow.MlflowClient(uri)
     run = client.search_runs([client.get_experiment_by_name("aetrack").experiment_id], order_by=["start_time DESC"],
                              max_results=1)[0]
