@@ -641,6 +641,10 @@ def block_anchors_m2_sweep() -> str:
                  + (": its test figure is measured next, with `python benchmarks/anchors.py m2-100` and its settings "
                     "(`--set`)." if best != "the m2-100 row's recipe" else
                     ": no recipe swept so far beats the row's own, whose test figure is the one above."))
+    falling = [name for name, r in found.items() if r["complete"] and r["best_epoch"] == r["epochs_run"]]
+    if falling:
+        text += (f" Still falling at its last epoch (its best): {', '.join(falling)}; a longer schedule of "
+                 f"{'it' if len(falling) == 1 else 'them'} is the next leg to try.")
     stopped = [name for name, r in found.items() if not r["complete"]]
     for name in stopped:
         r = found[name]
