@@ -25,6 +25,18 @@ from anchors import main as anchors_main  # noqa: E402
 DATA = os.environ.get("AETRACK_TEST_DATA_DIR")
 
 
+def first_leg(command: list[str], env: dict, checkpoints: Path) -> str:
+    """`command` ended as --leg-minutes ends a leg (SIGTERM) once it has saved a checkpoint; its stderr."""
+    first = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob("*/last.pt")) and time.monotonic() < deadline and first.poll() is None:
+        time.sleep(0.2)
+    first.send_signal(signal.SIGTERM)  # what --leg-minutes does at the end of a leg
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 3, err
+    return err
+
+
 def test_the_docs_table_is_the_one_anchors_json_gives():
     import render_docs
 
@@ -99,13 +111,7 @@ def test_m1m2_row_runs_in_two_legs_on_a_logged_vae(tmp_path):
     m1_run = next(line.split()[-1] for line in m1.stdout.splitlines() if line.startswith("run id:"))
     row = [sys.executable, str(REPO / "benchmarks" / "anchors.py"), "m1m2-100", "--features", m1_run,
            "--epochs", "3", "--set", "hidden=32,latent_dim=4,batch_size=500", "--checkpoint-dir", str(tmp_path / "ckpt")]
-    first = subprocess.Popen(row, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not list((tmp_path / "ckpt").glob("*/last.pt")) and time.monotonic() < deadline and first.poll() is None:
-        time.sleep(0.2)
-    first.send_signal(signal.SIGTERM)  # what --leg-minutes does at the end of a leg
-    _, err = first.communicate(timeout=120)
-    assert first.returncode == 3, err
+    err = first_leg(row, env, tmp_path / "ckpt")
     assert "continue with: python benchmarks/anchors.py m1m2-100 --resume" in err
     progress = json.loads((tmp_path / "results" / "anchors-progress.json").read_text())
     assert 1 <= progress["m1m2-100"]["epoch"] < 3
@@ -133,14 +139,8 @@ def test_a_stopped_row_can_be_finished_where_it_stopped_and_is_measured_saying_s
     anchors = [sys.executable, str(REPO / "benchmarks" / "anchors.py"), "pytorch-example"]
     refused = CliRunner().invoke(anchors_main, ["pytorch-example", "--finish"])  # in process: no torch import to wait for
     assert refused.exit_code == 2 and "--finish ends a stopped run: pass it with --resume" in refused.output
-    first = subprocess.Popen([*anchors, "--epochs", "50", "--set", "hidden=16,batch_size=1000", "--checkpoint-dir",
-                              str(tmp_path / "ckpt")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not list((tmp_path / "ckpt").glob("*/last.pt")) and time.monotonic() < deadline and first.poll() is None:
-        time.sleep(0.2)
-    first.send_signal(signal.SIGTERM)
-    _, err = first.communicate(timeout=120)
-    assert first.returncode == 3, err
+    first_leg([*anchors, "--epochs", "50", "--set", "hidden=16,batch_size=1000", "--checkpoint-dir", str(tmp_path / "ckpt")],
+              env, tmp_path / "ckpt")
     stopped = json.loads((tmp_path / "results" / "anchors-progress.json").read_text())["pytorch-example"]["epoch"]
 
     finished = subprocess.run([*anchors, "--resume", "--finish", "--test-images", "500", "--checkpoint-dir", str(tmp_path / "ckpt")],
@@ -162,14 +162,7 @@ def test_an_m2_recipe_is_swept_in_legs_and_read_on_the_validation_split_only(tmp
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path}/mlflow.db", "AETRACK_DATA_DIR": DATA,
            "AETRACK_ANCHORS_RESULTS": str(tmp_path / "results")}
     sweep = [sys.executable, str(REPO / "benchmarks" / "m2_sweep.py"), "pyro", "--checkpoint-dir", str(tmp_path / "ckpt")]
-    first = subprocess.Popen([*sweep, "--epochs", "3", "--set", "hidden=16,latent_dim=4,batch_size=1000"], env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 300
-    while not list((tmp_path / "ckpt").glob("*/last.pt")) and time.monotonic() < deadline and first.poll() is None:
-        time.sleep(0.2)
-    first.send_signal(signal.SIGTERM)  # what --leg-minutes does at the end of a leg
-    _, err = first.communicate(timeout=120)
-    assert first.returncode == 3, err
+    err = first_leg([*sweep, "--epochs", "3", "--set", "hidden=16,latent_dim=4,batch_size=1000"], env, tmp_path / "ckpt")
     assert "continue with: python benchmarks/m2_sweep.py pyro --resume" in err
     stopped = json.loads((tmp_path / "results" / "m2-sweep.json").read_text())["pyro"]
     assert not stopped["complete"] and len(stopped["legs"]) == 1 and 1 <= stopped["epochs_run"] < 3
