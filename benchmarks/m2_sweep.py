@@ -34,7 +34,7 @@ RECORD = "m2-sweep.json"
 # name -> (the settings changed from the m2-100 row's published ones, what they are)
 RECIPES = {
     "aetrack": ({"lr": 2e-3, "lr_schedule": "cosine", "keep": "last", "epochs": 150},
-                "the m2-100 row's recipe: Adam at 2e-3 with cosine decay over 150 epochs"),
+                "Adam at 2e-3 with cosine decay over 150 epochs"),
     "pyro": ({"lr": 4.2e-4, "batch_size": 200, "classifier_weight": 0.46, "keep": "last", "epochs": 50},
              "Pyro's ss_vae_M2 tutorial settings: Adam at 4.2e-4 (its beta1 of 0.95 is not an aetrack setting), "
              "batches of 200, the classifier's loss weighted 46 per labelled image (alpha = 0.46 x 100), 50 epochs"),
