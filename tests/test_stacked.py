@@ -243,3 +243,34 @@ def test_m1_m2_from_the_command_line_is_logged_and_served(tmp_path, monkeypatch)
         assert result.exit_code != 0 and message in result.output and "Traceback" not in result.output
     runs = mlflow.search_runs(experiment_names=["stack"])
     assert len(runs) == 2
+
+
+def test_an_m1_uri_that_names_one_model_is_read_once_per_process_and_each_build_gets_its_own_copy(monkeypatch):
+    """A tuning worker builds an m1m2 per trial: a runs:/ or versioned M1 is downloaded once; an alias, `latest`
+    or a bare run id can name another model later, and is read each time."""
+    from types import SimpleNamespace
+
+    from aetrack.tracking import artifacts
+
+    monkeypatch.setattr(artifacts, "_LOADED", {})
+    reads = []
+
+    def load_logged(target):
+        reads.append(target)
+        info = SimpleNamespace(config=TrainConfig(model="vae"), shape=(1, 8, 8), classes=tuple("0123456789"))
+        return SimpleNamespace(model=torch.nn.Linear(2, 2), info=info, model_uri=target)
+
+    monkeypatch.setattr(artifacts, "load_logged", load_logged)
+    fixed, moving = ["runs:/abc/vae", "models:/m1/3", "models:/m-0123"], ["models:/m1@champion", "models:/m1/latest", "abc"]
+    for target in fixed:
+        first, meta = artifacts.load_model(target)
+        second, again = artifacts.load_model(target)
+        assert first is not second and torch.equal(first.weight, second.weight) and meta == again
+        weight = second.weight.detach().clone()
+        first.weight.data.add_(1.0)  # what one build does to its copy, no other build sees
+        second.weight.data.add_(1.0)
+        assert torch.equal(artifacts.load_model(target)[0].weight, weight)
+    for target in moving:
+        artifacts.load_model(target)
+        artifacts.load_model(target)
+    assert reads == fixed + [target for target in moving for _ in (0, 1)]

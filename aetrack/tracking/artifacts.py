@@ -4,6 +4,7 @@ model, for a generator and for the reference classifier alike, and read back fro
 from __future__ import annotations
 
 import contextlib
+import copy
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -117,9 +118,18 @@ def load_logged(target: str, device="cpu") -> LoggedModel:
     return LoggedModel(run_id, uri, model, info, LatentMixture.from_state(extra), params)
 
 
+_LOADED: dict[str, tuple[object, dict]] = {}  # the models `names_one_model` URIs name, read once per process
+
+
 def load_model(target: str) -> tuple[object, dict]:
     """A logged model (run id or model URI) on the CPU and its model folder's meta, with `source`, its URI: what a
-    stacked variant is built on (M1+M2's VAE). One that cannot be loaded is a one-line UserError."""
+    stacked variant is built on (M1+M2's VAE). One that cannot be loaded is a one-line UserError.
+
+    A URI that always names the same model is downloaded once per process and each call gets its own copy: a tuning
+    worker's trials on one M1 read it once. An alias (models:/NAME@ALIAS) and a bare run id are read each time."""
+    if target in _LOADED:
+        model, meta = _LOADED[target]
+        return copy.deepcopy(model), dict(meta)
     try:
         logged = load_logged(target)
     except Exception as err:  # noqa: BLE001 - a wrong id or URI, an unreachable server: one line either way
@@ -128,4 +138,16 @@ def load_model(target: str) -> tuple[object, dict]:
     info = logged.info
     meta = {"params": info.config.to_params(), "shape": list(info.shape), "classes": list(info.classes),
             "source": logged.model_uri}
-    return logged.model.cpu(), meta
+    model = logged.model.cpu()
+    if names_one_model(target):
+        _LOADED[target] = (copy.deepcopy(model), dict(meta))
+    return model, meta
+
+
+def names_one_model(target: str) -> bool:
+    """Whether `target` names the same model whenever it is read: runs:/RUN/PATH, models:/NAME/VERSION and
+    models:/m-ID do; an alias, `latest` and a run id (its last logged model) may name another later."""
+    if target.startswith("runs:/"):
+        return True
+    parts = target.removeprefix("models:/").split("/") if target.startswith("models:/") else []
+    return (len(parts) == 2 and parts[1].isdigit()) or (len(parts) == 1 and parts[0].startswith("m-"))
