@@ -246,8 +246,8 @@ def test_m1_m2_from_the_command_line_is_logged_and_served(tmp_path, monkeypatch)
 
 
 def test_an_m1_uri_that_names_one_model_is_read_once_per_process_and_each_build_gets_its_own_copy(monkeypatch):
-    """A tuning worker builds an m1m2 per trial: a runs:/ or versioned M1 is downloaded once; an alias, `latest`
-    or a bare run id can name another model later, and is read each time."""
+    """A tuning worker builds an m1m2 per trial: a runs:/ or versioned M1 (or a run id: its model's runs:/ URI) is
+    downloaded once; an alias or `latest` can name another model later, and is read each time."""
     from types import SimpleNamespace
 
     from aetrack.tracking import artifacts
@@ -261,7 +261,8 @@ def test_an_m1_uri_that_names_one_model_is_read_once_per_process_and_each_build_
         return SimpleNamespace(model=torch.nn.Linear(2, 2), info=info, model_uri=target)
 
     monkeypatch.setattr(artifacts, "load_logged", load_logged)
-    fixed, moving = ["runs:/abc/vae", "models:/m1/3", "models:/m-0123"], ["models:/m1@champion", "models:/m1/latest", "abc"]
+    monkeypatch.setattr(artifacts, "model_uri_of", lambda target: target if ":/" in target else f"runs:/{target}/vae")
+    fixed, moving = ["runs:/abc/vae", "models:/m1/3", "models:/m-0123"], ["models:/m1@champion", "models:/m1/latest"]
     for target in fixed:
         first, meta = artifacts.load_model(target)
         second, again = artifacts.load_model(target)
@@ -273,4 +274,5 @@ def test_an_m1_uri_that_names_one_model_is_read_once_per_process_and_each_build_
     for target in moving:
         artifacts.load_model(target)
         artifacts.load_model(target)
+    artifacts.load_model("abc")  # a run id: the runs:/ URI of its model, read above
     assert reads == fixed + [target for target in moving for _ in (0, 1)]

@@ -126,12 +126,14 @@ def load_model(target: str) -> tuple[object, dict]:
     stacked variant is built on (M1+M2's VAE). One that cannot be loaded is a one-line UserError.
 
     A URI that always names the same model is downloaded once per process and each call gets its own copy: a tuning
-    worker's trials on one M1 read it once. An alias (models:/NAME@ALIAS) and a bare run id are read each time."""
-    if target in _LOADED:
-        model, meta = _LOADED[target]
-        return copy.deepcopy(model), dict(meta)
+    worker's trials on one M1 read it once (a run id is its last logged model's runs:/ URI, looked up each time). An
+    alias (models:/NAME@ALIAS) and `latest` are read each time."""
     try:
-        logged = load_logged(target)
+        uri = model_uri_of(target)
+        if uri in _LOADED:
+            model, meta = _LOADED[uri]
+            return copy.deepcopy(model), dict(meta)
+        logged = load_logged(uri)
     except Exception as err:  # noqa: BLE001 - a wrong id or URI, an unreachable server: one line either way
         first = (str(err).strip().splitlines() or [type(err).__name__])[0]
         raise UserError(f"cannot load a logged model from it ({first})") from None
@@ -139,14 +141,14 @@ def load_model(target: str) -> tuple[object, dict]:
     meta = {"params": info.config.to_params(), "shape": list(info.shape), "classes": list(info.classes),
             "source": logged.model_uri}
     model = logged.model.cpu()
-    if names_one_model(target):
-        _LOADED[target] = (copy.deepcopy(model), dict(meta))
+    if names_one_model(uri):
+        _LOADED[uri] = (copy.deepcopy(model), dict(meta))
     return model, meta
 
 
 def names_one_model(target: str) -> bool:
-    """Whether `target` names the same model whenever it is read: runs:/RUN/PATH, models:/NAME/VERSION and
-    models:/m-ID do; an alias, `latest` and a run id (its last logged model) may name another later."""
+    """Whether the URI `target` names the same model whenever it is read: runs:/RUN/PATH, models:/NAME/VERSION and
+    models:/m-ID do; an alias and `latest` may name another later."""
     if target.startswith("runs:/"):
         return True
     parts = target.removeprefix("models:/").split("/") if target.startswith("models:/") else []
