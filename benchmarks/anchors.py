@@ -262,6 +262,11 @@ def m1_summary(features: str) -> dict:
             "best_epoch": run.data.metrics.get(names.BEST_EPOCH), "paper_m1": shape == PAPER_M1}
 
 
+def on_paper_m1(key: str) -> str:
+    """The record key of an m1m2 row run on the paper's M1: m1m2-100@paper-m1, m1m2-100@published+paper-m1."""
+    return f"{key}+paper-m1" if "@" in key else f"{key}@paper-m1"
+
+
 def m1_text(m1: dict) -> str:
     """An m1m2 row's M1 in words, from `m1_summary`."""
     return (f"M1 784-{m1['hidden'].replace(',', '-')}-{m1['latent_dim']} {m1['activation']}"
@@ -460,9 +465,11 @@ def main(protocol, rebuild, recipe, features, epochs, iw_samples, test_images, s
     key = protocol if recipe == "best" or spec.best is None else f"{protocol}@published"
     state, before, cut = None, {"legs": 0, "seconds": 0.0, "cpu_seconds": 0.0}, None
     if resume:
-        before = progress().get(key)
-        if before is None:
+        stopped = [k for k in (key, on_paper_m1(key)) if k in progress()]
+        if not stopped:
             raise click.UsageError(f"{key}: no stopped run to resume in {PROGRESS}")
+        key = stopped[0]
+        before = progress()[key]
         state = open_checkpoint(before["run_id"], checkpoint_dir)
         config = TrainConfig.from_params(state["config"])
         if finish:  # no epoch left to train: fit restores the best epoch so far, and the run ends as a finished one
@@ -477,6 +484,8 @@ def main(protocol, rebuild, recipe, features, epochs, iw_samples, test_images, s
             raise click.UsageError(str(err)) from None
         if config.features == M1_FROM_ROW:
             config = replace(config, features=features or m1_of_row(M1_FROM_ROW))
+        if config.features and m1_summary(config.features)["paper_m1"]:
+            key = on_paper_m1(key)  # a row of its own: the table keeps the row on aetrack's smaller M1 beside it
     command = "python benchmarks/anchors.py " + shlex.join(portable(sys.argv[1:]))
     commit = git_commit()  # of the code this process runs: taken now, not when the run ends hours later
     started = time.perf_counter()

@@ -678,7 +678,23 @@ def block_anchors_m1m2() -> str:
             f"{p['value']:.2f} %: it kept the epoch of the best validation loss ({p['best_epoch']}), while its "
             f"validation error went on falling to {best:.2f} % at epoch {curve.index(best) + 1}. With the "
             "cross-entropy weighted in the loss, the validation loss rises with the classifier's confidence while its "
-            "error still falls, which is why the recipe keeps the last epoch instead.")
+            "error still falls, which is why the recipe keeps the last epoch instead." + on_paper_m1(r))
+
+
+def on_paper_m1(smaller: dict) -> str:
+    """The m1m2-100 row on the paper's M1 (784-600-600-50, softplus), where it was run, against the row on aetrack's."""
+    a = anchors_module()
+    q = anchors_records().get(a.on_paper_m1("m1m2-100"))
+    if q is None:
+        return (" The paper's M1 (784-600-600-50, softplus) has not been run under this recipe yet: "
+                "`python benchmarks/anchors.py m1m2-100 --features` with such a VAE records it as `m1m2-100@paper-m1`.")
+    low, high = curve_tail(q, 50)
+    change = q["value"] - smaller["value"]
+    return (f"\n\n**On the paper's M1.** The same recipe on {a.m1_text(q['m1'])} measured **{q['value']:.2f} %** "
+            f"test error after {q['epochs_run']} epochs ({q['wall_seconds'] / 60:.0f} min; target "
+            f"{a.PROTOCOLS['m1m2-100'].verdict(q['value'])}): {abs(change):.2f} points "
+            f"{'higher' if change > 0 else 'lower'} than on aetrack's smaller M1 above, one seed each. Its validation "
+            f"error stayed between {low:.2f} and {high:.2f} % over its last 50 epochs.")
 
 
 # ----- speed, start-up, evaluation, serving, tuning -----------------------------------------------------------------

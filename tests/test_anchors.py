@@ -223,3 +223,25 @@ def test_the_m2_sweep_table_names_the_recipe_lowest_on_validation_and_the_legs_s
     assert "Still falling at its last epoch (its best): pyro, classifier-0.001;" in text
     text = block(pyro=row + 2)
     assert "**the m2-100 row's recipe** reads lowest" in text and "no recipe swept so far beats the row's own" in text
+
+
+def test_an_m1m2_row_on_the_papers_m1_is_a_row_of_its_own_beside_the_smaller_m1s(tmp_path, monkeypatch):
+    import render_docs
+
+    assert anchors.on_paper_m1("m1m2-100") == "m1m2-100@paper-m1"
+    assert anchors.on_paper_m1("m1m2-100@published") == "m1m2-100@published+paper-m1"
+    assert anchors.order("m1m2-100@paper-m1")[0] == anchors.order("m1m2-100")[0]  # listed with its protocol
+    results = json.loads((anchors.DEFAULT_RESULTS / "anchors.json").read_text())
+    smaller = results["m1m2-100"]
+    m1 = {"run_id": "a173b3fceb24491ca614a255db89cd49", "hidden": "600,600", "activation": "softplus",
+          "latent_dim": "50", "lr": "0.003", "epochs_planned": "150", "epochs_run": 150, "best_val_loss": 91.5,
+          "best_epoch": 149, "paper_m1": True}
+    results["m1m2-100@paper-m1"] = {**smaller, "protocol": "m1m2-100@paper-m1", "value": smaller["value"] + 0.5, "m1": m1}
+    (tmp_path / "anchors.json").write_text(json.dumps(results))
+    monkeypatch.setattr(render_docs, "RESULTS", tmp_path)
+    text = render_docs.block_anchors_m1m2()
+    assert (f"**On the paper's M1.** The same recipe on M1 784-600-600-50 softplus (the paper's), 150 of 150 epochs, "
+            f"best validation loss 91.50 nats (run a173b3fc) measured **{smaller['value'] + 0.5:.2f} %**") in text
+    assert "0.50 points higher than on aetrack's smaller M1 above" in text
+    table = anchors.body(results)
+    assert "| m1m2-100@paper-m1 (aetrack's recipe) |" in table and "| m1m2-100 (aetrack's recipe) |" in table
