@@ -694,7 +694,14 @@ def on_paper_m1(smaller: dict) -> str:
             f"test error after {q['epochs_run']} epochs ({q['wall_seconds'] / 60:.0f} min; target "
             f"{a.PROTOCOLS['m1m2-100'].verdict(q['value'])}): {abs(change):.2f} points "
             f"{'higher' if change > 0 else 'lower'} than on aetrack's smaller M1 above, one seed each. Its validation "
-            f"error stayed between {low:.2f} and {high:.2f} % over its last 50 epochs.")
+            f"error stayed between {low:.2f} and {high:.2f} % over its last 50 epochs"
+            + (f", and its curve continued to {q['epochs_published']} epochs moves the figure by "
+               + (f"{a.projected(q) - q['value']:+.2f} points" if abs(a.projected(q) - q["value"]) >= 0.005 else
+                  "less than 0.01 points")
+               + ": more epochs of M2 will not close the gap. The M1 is what to change next: this one trained for "
+               f"{q['m1']['epochs_run']} epochs"
+               + (", and M2 does worse on its codes than on the smaller M1's." if change > 0 else ".")
+               if a.projected(q) is not None and a.projected(q) - q["value"] > -0.25 else "."))
 
 
 # ----- speed, start-up, evaluation, serving, tuning -----------------------------------------------------------------
