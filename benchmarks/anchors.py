@@ -19,6 +19,7 @@ its own validation curve, fitted by a power law and continued to the published e
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import platform
@@ -262,6 +263,25 @@ def m1_summary(features: str) -> dict:
             "best_epoch": run.data.metrics.get(names.BEST_EPOCH), "paper_m1": shape == PAPER_M1}
 
 
+@contextlib.contextmanager
+def leg(minutes: float | None):
+    """Training for at most `minutes` (None: to the end): a leg's end is a SIGTERM, which stops and closes the run
+    as `timeout` would, its checkpoint kept for --resume."""
+    if minutes:
+        signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+        signal.alarm(max(1, round(minutes * 60)))
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+
+
+def resume_command(key: str) -> str:
+    """What goes on with the stopped run of the record `key` (its row, and its recipe where not aetrack's)."""
+    row = key.split("@")[0]
+    return f"python benchmarks/anchors.py {row}" + (" --recipe published" if "@published" in key else "") + " --resume"
+
+
 def on_paper_m1(key: str) -> str:
     """The record key of an m1m2 row run on the paper's M1: m1m2-100@paper-m1, m1m2-100@published+paper-m1."""
     return f"{key}+paper-m1" if "@" in key else f"{key}@paper-m1"
@@ -484,8 +504,9 @@ def main(protocol, rebuild, recipe, features, epochs, iw_samples, test_images, s
             raise click.UsageError(str(err)) from None
         if config.features == M1_FROM_ROW:
             config = replace(config, features=features or m1_of_row(M1_FROM_ROW))
-        if config.features and m1_summary(config.features)["paper_m1"]:
-            key = on_paper_m1(key)  # a row of its own: the table keeps the row on aetrack's smaller M1 beside it
+    m1 = m1_summary(config.features) if config.features else None
+    if m1 and m1["paper_m1"] and not resume:
+        key = on_paper_m1(key)  # a row of its own: the table keeps the row on aetrack's smaller M1 beside it
     command = "python benchmarks/anchors.py " + shlex.join(portable(sys.argv[1:]))
     commit = git_commit()  # of the code this process runs: taken now, not when the run ends hours later
     started = time.perf_counter()
@@ -495,11 +516,9 @@ def main(protocol, rebuild, recipe, features, epochs, iw_samples, test_images, s
                          seed=config.seed, device=resolve_device(config.device))
     options = TrackingOptions(experiment="aetrack-anchors", run_name=f"anchor-{protocol}", register=False,
                               checkpoint_dir=checkpoint_dir)
-    if leg_minutes:  # the end of a leg is a SIGTERM: the run is closed exactly as `timeout` would have it
-        signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
-        signal.alarm(max(1, round(leg_minutes * 60)))
     try:
-        result = train_tracked(config, data, options, data_dir=data_dir, progress=sys.stderr.isatty(), resume=state)
+        with leg(leg_minutes):
+            result = train_tracked(config, data, options, data_dir=data_dir, progress=sys.stderr.isatty(), resume=state)
     except RunStopped as stop:
         if stop.epoch == 0:
             progress(key, None)
@@ -508,12 +527,9 @@ def main(protocol, rebuild, recipe, features, epochs, iw_samples, test_images, s
         progress(key, {"run_id": stop.run_id, "command": before.get("command") or command, "legs": before["legs"] + 1, "epoch": stop.epoch,
                             "epochs": stop.epochs, "seconds": round(seconds, 1),
                             "cpu_seconds": round(before["cpu_seconds"] + time.process_time(), 1)})
-        again = f"{protocol}" + (" --recipe published" if key != protocol else "")
         click.echo(f"{key}: leg {before['legs'] + 1} ended after epoch {stop.epoch} of {stop.epochs} "
-                   f"({seconds / 60:.1f} min so far); continue with: python benchmarks/anchors.py {again} --resume", err=True)
+                   f"({seconds / 60:.1f} min so far); continue with: {resume_command(key)}", err=True)
         sys.exit(3)
-    finally:
-        signal.alarm(0)
     trained = time.perf_counter()
     k = iw_samples or spec.iw_samples
     value, how = measure(spec, result.run_id, data, k, test_images, config.seed)
@@ -522,7 +538,7 @@ def main(protocol, rebuild, recipe, features, epochs, iw_samples, test_images, s
         "published": spec.published, "source": spec.source,
         "epochs_run": len(result.history.epochs), "best_epoch": result.history.best_epoch,
         "epochs_published": spec.config.epochs, "features": config.features or None,
-        **({"m1": m1_summary(config.features)} if config.features else {}), "kl_warmup": config.kl_warmup,
+        **({"m1": m1} if m1 else {}), "kl_warmup": config.kl_warmup,
         "curve": learning_curve(result.history, spec.metric, config.kl_warmup or 0), "iw_samples": k if spec.metric == "nll_iw" else None,
         "test_images": min(test_images or len(data.test_y), len(data.test_y)), "how": how,
         "legs": before["legs"] + 1,

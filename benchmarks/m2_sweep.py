@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import signal
 import sys
 import time
 from dataclasses import replace
@@ -127,26 +126,21 @@ def main(recipe, data_dir, epochs, seed, tracking_uri, checkpoint_dir, leg_minut
     data = datasets.load_for(config, data_dir=data_dir)
     options = TrackingOptions(experiment="aetrack-m2-sweep", run_name=f"m2-sweep-{recipe}", register=False,
                               checkpoint_dir=checkpoint_dir)
-    if leg_minutes:  # the end of a leg is a SIGTERM: the run is closed as `timeout` would have it
-        signal.signal(signal.SIGALRM, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
-        signal.alarm(max(1, round(leg_minutes * 60)))
     started, stopped = time.perf_counter(), None
     try:
-        result = train_tracked(config, data, options, data_dir=data_dir, progress=sys.stderr.isatty(), resume=state)
-        run_id = result.run_id
+        with anchors.leg(leg_minutes):
+            run_id = train_tracked(config, data, options, data_dir=data_dir, progress=sys.stderr.isatty(),
+                                   resume=state).run_id
     except RunStopped as stop:
         stopped, run_id = stop, stop.run_id
-    finally:
-        signal.alarm(0)
-    curve = validation_curve(run_id)
+    curve, published = validation_curve(run_id), anchors.KINGMA_M2.to_params()
     if not curve:
         raise click.ClickException(f"{recipe}: the leg ended before its first epoch did; give --leg-minutes more time")
     leg = {"git_commit": commit, "epochs_to": stopped.epoch if stopped else len(curve),
            "seconds": round(time.perf_counter() - started, 1),
            "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
     entry = {"recipe": recipe, "description": RECIPES[recipe][1],
-             "settings": {k: v for k, v in config.to_params().items() if v != anchors.KINGMA_M2.to_params().get(k)
-                          and k not in ("seed",)},
+             "settings": {k: v for k, v in config.to_params().items() if v != published.get(k) and k != "seed"},
              "epochs_planned": config.epochs, "seed": config.seed, "complete": stopped is None,
              "legs": [*(before or {}).get("legs", []), leg], **summary(curve), "curve": curve,
              "run_id": run_id, "tracking_uri": mlflow.get_tracking_uri(),

@@ -14,6 +14,7 @@ The benchmarks that write a record (anchors.py, defaults.py, questions.py) call 
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import re
 import statistics
@@ -40,27 +41,17 @@ def record(name: str):
     return json.loads(path.read_text())
 
 
-def questions_module():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import questions
-
-    return questions
-
-
-def anchors_module():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import anchors
-
-    return anchors
+def benchmark(name: str):
+    """The script benchmarks/NAME.py as a module, imported when a block first needs it."""
+    if str(ROOT / "benchmarks") not in sys.path:
+        sys.path.insert(0, str(ROOT / "benchmarks"))
+    return importlib.import_module(name)
 
 
 # ----- what the defaults give ---------------------------------------------------------------------------------------
 
 def defaults() -> dict:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import defaults as module
-
-    return module.merged()
+    return benchmark("defaults").merged()
 
 
 def block_defaults_job() -> str:
@@ -168,10 +159,7 @@ def block_recipes() -> str:
 
 
 def block_recipes_all() -> str:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import recipes
-
-    text = recipes.summary(record("recipes.jsonl"))
+    text = benchmark("recipes").summary(record("recipes.jsonl"))
     return text.split("\n", 2)[2].strip()  # without its title
 
 
@@ -233,7 +221,7 @@ def block_pictures(key: str) -> str:
     lines = []
     for caption in dict.fromkeys(p["caption"] for p in pictures):
         group = [p for p in pictures if p["caption"] == caption]
-        heads = [", ".join(f"{k} {v}" for k, v in p["setting"].items() if questions_module().readable(v)) for p in group]
+        heads = [", ".join(f"{k} {v}" for k, v in p["setting"].items() if benchmark("questions").readable(v)) for p in group]
         lines += [f"*{caption[0].upper()}{caption[1:]}*, the first seed's run of each setting:", "",
                   "| " + " | ".join(heads) + " |", "|" + " --- |" * len(group),
                   "| " + " | ".join(f"![{caption}: {head}]({p['file']})" for p, head in zip(group, heads)) + " |", ""]
@@ -506,16 +494,16 @@ def per_epoch(r: dict) -> float:
 
 
 def block_anchors_table() -> str:
-    return anchors_module().body(anchors_records()).strip()
+    return benchmark("anchors").body(anchors_records()).strip()
 
 
 def block_anchors_figures() -> str:
-    return anchors_module().figure_rows(anchors_records()).strip()
+    return benchmark("anchors").figure_rows(anchors_records()).strip()
 
 
 def block_anchors_burda() -> str:
     r = anchors_records()["burda-vae"]
-    a = anchors_module()
+    a = benchmark("anchors")
     spec = a.PROTOCOLS["burda-vae"]
     values = r["curve"]["values"]
     low = min(values)
@@ -533,7 +521,7 @@ def block_anchors_burda() -> str:
 
 def block_anchors_cpu() -> str:
     rows = anchors_records()
-    short = [(k, r) for k, r in sorted(rows.items(), key=lambda item: anchors_module().order(item[0]))
+    short = [(k, r) for k, r in sorted(rows.items(), key=lambda item: benchmark("anchors").order(item[0]))
              if r["epochs_run"] < r["epochs_published"] and "CPU" in r["machine"]]
     epochs = "; ".join(f"`{k}` {per_epoch(r):.1f} s ({r['epochs_run']} of {r['epochs_published']} epochs run)"
                        for k, r in short)
@@ -543,7 +531,7 @@ def block_anchors_cpu() -> str:
 
 def block_anchors_gpu() -> str:
     rows = anchors_records()
-    a = anchors_module()
+    a = benchmark("anchors")
     parts = []
     for key in ("iwae-50", "iwae-5"):
         r = rows[key]
@@ -568,7 +556,7 @@ def block_anchors_gpu() -> str:
 def block_anchors_m2() -> str:
     r = anchors_records()["m2-100"]
     p = anchors_records()["m2-100@published"]
-    a = anchors_module()
+    a = benchmark("anchors")
     low, high = curve_tail(r, 40)
     fit = r["curve"]["fit"]
     return (f"**M2 alone misses its target.** `m2-100` with aetrack's recipe (the published network and 100 labels; "
@@ -604,9 +592,7 @@ def block_anchors_supervised() -> str:
 
 def block_anchors_m2_sweep() -> str:
     """M2's recipes on the validation split (benchmarks/m2_sweep.py), beside the m2-100 row's own run."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    import m2_sweep
-
+    m2_sweep = benchmark("m2_sweep")
     found = record(m2_sweep.RECORD) if (RESULTS / m2_sweep.RECORD).exists() else {}
     row = anchors_records()["m2-100"]
     curve = row["curve"]["values"]
@@ -659,7 +645,7 @@ def block_anchors_m2_sweep() -> str:
 def block_anchors_m1m2() -> str:
     r = anchors_records()["m1m2-100"]
     p = anchors_records()["m1m2-100@published"]
-    a = anchors_module()
+    a = benchmark("anchors")
     low, high = curve_tail(r, 100)
     curve = p["curve"]["values"]
     best = min(curve)
@@ -678,12 +664,12 @@ def block_anchors_m1m2() -> str:
             f"{p['value']:.2f} %: it kept the epoch of the best validation loss ({p['best_epoch']}), while its "
             f"validation error went on falling to {best:.2f} % at epoch {curve.index(best) + 1}. With the "
             "cross-entropy weighted in the loss, the validation loss rises with the classifier's confidence while its "
-            "error still falls, which is why the recipe keeps the last epoch instead." + on_paper_m1(r))
+            "error still falls, which is why the recipe keeps the last epoch instead." + paper_m1_paragraph(r))
 
 
-def on_paper_m1(smaller: dict) -> str:
+def paper_m1_paragraph(smaller: dict) -> str:
     """The m1m2-100 row on the paper's M1 (784-600-600-50, softplus), where it was run, against the row on aetrack's."""
-    a = anchors_module()
+    a = benchmark("anchors")
     q = anchors_records().get(a.on_paper_m1("m1m2-100"))
     if q is None:
         return (" The paper's M1 (784-600-600-50, softplus) has not been run under this recipe yet: "

@@ -232,6 +232,9 @@ def test_an_m1m2_row_on_the_papers_m1_is_a_row_of_its_own_beside_the_smaller_m1s
     assert anchors.on_paper_m1("m1m2-100") == "m1m2-100@paper-m1"
     assert anchors.on_paper_m1("m1m2-100@published") == "m1m2-100@published+paper-m1"
     assert anchors.order("m1m2-100@paper-m1")[0] == anchors.order("m1m2-100")[0]  # listed with its protocol
+    assert anchors.resume_command("m1m2-100@paper-m1") == "python benchmarks/anchors.py m1m2-100 --resume"
+    assert (anchors.resume_command("m1m2-100@published+paper-m1")
+            == "python benchmarks/anchors.py m1m2-100 --recipe published --resume")
     results = json.loads((anchors.DEFAULT_RESULTS / "anchors.json").read_text())
     smaller = results["m1m2-100"]
     m1 = {"run_id": "a173b3fceb24491ca614a255db89cd49", "hidden": "600,600", "activation": "softplus",
@@ -246,3 +249,14 @@ def test_an_m1m2_row_on_the_papers_m1_is_a_row_of_its_own_beside_the_smaller_m1s
     assert "0.50 points higher than on aetrack's smaller M1 above" in text
     table = anchors.body(results)
     assert "| m1m2-100@paper-m1 (aetrack's recipe) |" in table and "| m1m2-100 (aetrack's recipe) |" in table
+
+
+def test_resume_finds_a_stopped_run_on_the_papers_m1_under_its_own_key(tmp_path, monkeypatch):
+    monkeypatch.setattr(anchors, "PROGRESS", tmp_path / "anchors-progress.json")
+    refused = CliRunner().invoke(anchors_main, ["m1m2-100", "--resume"])
+    assert refused.exit_code == 2 and "m1m2-100: no stopped run to resume" in refused.output
+    anchors.PROGRESS.write_text(json.dumps({"m1m2-100@paper-m1": {"run_id": "0" * 32, "legs": 1}}))
+    opened = []
+    monkeypatch.setattr(anchors, "open_checkpoint", lambda run_id, folder: opened.append(run_id) or 1 / 0)
+    CliRunner().invoke(anchors_main, ["m1m2-100", "--resume"])
+    assert opened == ["0" * 32]
