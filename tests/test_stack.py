@@ -29,7 +29,7 @@ import yaml
 from click.testing import CliRunner
 
 from aetrack.cli import main
-from conftest import VENV_BIN, aetrack_command, free_port, stop
+from conftest import VENV_BIN, aetrack_command, free_port, stop, wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 PINS = {name.lower(): version for name, _, version in
@@ -239,9 +239,13 @@ def test_images_pin_mlflow_and_carry_only_what_each_service_needs():
     dashboard = services["optuna-dashboard"]
     assert dashboard["image"].endswith(f":{PINS['optuna-dashboard']}")
     dashboard_file = (REPO / dashboard["build"]["dockerfile"]).read_text()
-    for slim in (server_file, dashboard_file):  # neither torch nor aetrack in the service images
+    for slim in (server_file, dashboard_file):  # no torch in the service images, and of aetrack only the login check
         instructions = "\n".join(line for line in slim.splitlines() if not line.startswith("#"))
-        assert "torch" not in instructions and "COPY aetrack" not in instructions
+        assert "torch" not in instructions
+    assert "COPY aetrack" not in dashboard_file
+    copied = {source for line in server_file.splitlines() if line.startswith("COPY ")
+              for source in shlex.split(line)[1:-1] if source.startswith("aetrack")}
+    assert copied == {"aetrack/__init__.py", "aetrack/tracking/__init__.py", "aetrack/tracking/login.py"}
 
     # The aetrack image: the CPU-only torch build unless the build argument says otherwise.
     aetrack_file = (REPO / "Dockerfile").read_text()
@@ -263,13 +267,32 @@ def test_aetrack_server_writes_the_login_settings_of_the_compose_image():
 
     image = configparser.ConfigParser()
     image.read(REPO / "docker" / "mlflow" / "basic_auth.ini")
-    # The image has MLflow without aetrack, so it keeps MLflow's own authorization function (aetrack's answers 401
-    # instead of MLflow's 500 to a non-Basic Authorization header); every other setting is the same.
-    differ = {"database_uri", "authorization_function"}
+    # The same settings, aetrack's authorization function included (the image carries its module); only the login
+    # database's path differs.
+    differ = {"database_uri"}
     assert {key: value for key, value in image["mlflow"].items() if key not in differ} == \
         {key: value for key, value in AUTH_SETTINGS.items() if key not in differ}
     assert "admin_password" not in image["mlflow"]
     assert image["mlflow"]["database_uri"].startswith("sqlite:////var/lib/mlflow/")  # on the mlflow-data volume
+
+
+def image_files(dockerfile: Path, root: Path) -> dict[str, str]:
+    """What a Dockerfile's COPY lines put in its image, from this checkout, under `root` at their image paths; its
+    ENV, with image paths moved under `root` too."""
+    env = {}
+    for line in dockerfile.read_text().splitlines():
+        instruction, _, rest = line.partition(" ")
+        if instruction == "COPY":
+            *sources, destination = shlex.split(rest)
+            for source in sources:
+                target = root / destination.lstrip("/")
+                target = target / Path(source).name if destination.endswith("/") else target
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy(REPO / source, target)
+        elif instruction == "ENV":
+            env |= {key: f"{root}{value}" if value.startswith("/") else value
+                    for key, _, value in (pair.partition("=") for pair in shlex.split(rest))}
+    return env
 
 
 # ---------------------------------------------------------------------------------------------- one-line errors
@@ -752,6 +775,51 @@ def test_the_stack_on_postgresql_with_workers_on_two_hosts(stack, tmp_path):
 
 
 # ---------------------------------------------------------------------------------------------- logins
+
+@pytest.mark.timeout(300)
+def test_the_compose_mlflow_image_answers_a_foreign_login_with_401_and_the_ipv6_loopback_host(postgres_url, tmp_path):
+    """The compose `mlflow` service with logins, natively: its own command on the files its Dockerfile copies."""
+    root = tmp_path / "image"
+    image_env = image_files(REPO / "docker" / "mlflow.Dockerfile", root)
+    state = root / "var" / "lib" / "mlflow"
+    for folder in ("artifacts", "auth"):
+        (state / folder).mkdir(parents=True, exist_ok=True)
+    settings = Path(image_env["MLFLOW_AUTH_CONFIG_PATH"])
+    settings.write_text(settings.read_text().replace("/var/lib/mlflow", str(state)))
+
+    # The image's aetrack is the login module alone, and it needs nothing else of aetrack.
+    loaded = subprocess.run([str(VENV_BIN / "python"), "-c", "import sys, aetrack.tracking.login as m; "
+                             "print(m.__file__, *sorted(n for n in sys.modules if n.startswith('aetrack')))"],
+                            env={**os.environ, "PYTHONPATH": image_env["PYTHONPATH"]}, capture_output=True, text=True)
+    module_file, *modules = loaded.stdout.split()
+    assert module_file.startswith(str(root)) and modules == ["aetrack", "aetrack.tracking", "aetrack.tracking.login"]
+
+    database = postgres_url.rsplit("/", 1)[1]
+    pg = postgres_url.split("@", 1)[1].rsplit("/", 1)[0]
+    admin_password, port = secrets.token_urlsafe(18), free_port()
+    service = compose(MLFLOW_AUTH="1", MLFLOW_WORKERS="1", POSTGRES_USER="postgres", POSTGRES_DB=database,
+                      MLFLOW_AUTH_ADMIN_PASSWORD=admin_password,
+                      MLFLOW_FLASK_SERVER_SECRET_KEY=secrets.token_hex(16))["services"]["mlflow"]
+    swaps = {"@postgres:5432": f"@{pg}", "/var/lib/mlflow": str(state), "--host 0.0.0.0": "--host 127.0.0.1",
+             "--port 5000": f"--port {port}"}
+    env = {**native_env(service, swaps), **image_env, "PATH": f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}"}
+    log = tmp_path / "mlflow.log"
+    server = start(native(service["command"], swaps), log, env, state)
+    try:
+        url, admin = f"http://127.0.0.1:{port}", ("admin", admin_password)
+        wait_http(f"{url}/health", server, 180)
+        search = f"{url}/api/2.0/mlflow/experiments/search?max_results=1"
+        assert requests.get(search, auth=admin, timeout=30).status_code == 200
+        for header in ("Bearer x", "Digest username=\"admin\"", "Basic"):
+            answer = requests.get(search, headers={"Authorization": header}, timeout=30)
+            assert answer.status_code == 401, f"{header}: {answer.status_code} {answer.text[:200]}"
+        for host, status in ((f"[::1]:{port}", 200), (f"localhost:{port}", 200), (f"evil.example:{port}", 403),
+                             (f"::1]:{port}", 403)):
+            assert requests.get(search, auth=admin, headers={"Host": host}, timeout=30).status_code == status, host
+        assert "Traceback" not in log.read_text()
+    finally:
+        stop(server)
+
 
 @pytest.mark.timeout(420)
 def test_logins_keep_strangers_out_and_readers_read_only(tmp_path):

@@ -12,34 +12,22 @@ from aetrack.config import UserError
 from aetrack.serving.process import bracketed, first_line
 
 WILDCARDS = ("0.0.0.0", "::", "")
-LOOPBACK_HOSTS = ("localhost:*", "127.0.0.1:*", "[::1]:*")  # loopback names cannot be rebound by a remote DNS
+# Loopback names cannot be rebound by a remote DNS. MLflow matches a pattern with `*` by fnmatch, where `[` opens a
+# character class: `[[]` is a literal `[`, as in MLflow's own default list (`[::1]:*` would match no IPv6 Host).
+LOOPBACK_HOSTS = ("localhost:*", "127.0.0.1:*", "[[]::1]:*")
 AUTH_APP = "basic-auth"
 # docker/mlflow/basic_auth.ini holds the same settings for the compose service. No admin_password: MLflow reads it
 # from $MLFLOW_AUTH_ADMIN_PASSWORD the first time it starts on an empty login database.
 AUTH_SETTINGS = {
     "default_permission": "READ",
     "admin_username": "admin",
-    "authorization_function": "aetrack.tracking.server:authenticate_request",
+    "authorization_function": "aetrack.tracking.login:authenticate_request",
     # Checking a password costs a deliberately slow hash (scrypt, about 0.1 s here); a training run makes hundreds of
     # requests. Measured with one server worker, a 30-epoch digits run took 94 s without the cache (MLflow's default,
     # 0) and 21 s with it. A good login is remembered for a minute per server worker (a changed password reaches the
     # other workers within it).
     "auth_cache_ttl_seconds": "60",
 }
-
-
-def authenticate_request():
-    """MLflow's basic-auth check, except that an Authorization header that is not Basic with a user name and a
-    password (`Bearer x`, `Digest ...`) gets MLflow's 401 too: with the login cache on, MLflow's own function hashes
-    the missing password and answers 500 with a traceback in the log. Runs inside `mlflow server`."""
-    from flask import request
-    from mlflow.server import auth
-
-    credentials = request.authorization
-    if credentials is not None and (credentials.type != "basic" or credentials.username is None
-                                    or credentials.password is None):
-        return auth.make_basic_auth_response()
-    return auth.authenticate_request_basic_auth()
 
 
 def server_arguments(*, backend: str, artifacts: str, host: str, port: int, workers: int, allowed_hosts: list[str],
