@@ -597,32 +597,33 @@ def block_anchors_m2_sweep() -> str:
     row = anchors_records()["m2-100"]
     curve = row["curve"]["values"]
     lines = ["| recipe | epochs | validation error, last epoch | best (epoch) | mean of the last 10 | training "
-             "| legs (commits) | command |", "| --- | ---: | ---: | ---: | ---: | ---: | --- | --- |",
+             "| legs (commits) |", "| --- | ---: | ---: | ---: | ---: | ---: | --- |",
              f"| the m2-100 row's run | {row['epochs_run']} | {curve[-1]:.2f} % "
              f"| {min(curve):.2f} % ({curve.index(min(curve)) + 1}) | {statistics.fmean(curve[-10:]):.2f} % "
-             f"| {row['train_seconds'] / 60:.0f} min | {row['legs']} ({row['git_commit'][:7]}) | `{row['command']}` |"]
-    described = [f"- **the m2-100 row's run**: {m2_sweep.RECIPES['aetrack'][1]}."]
+             f"| {row['train_seconds'] / 60:.0f} min | {row['legs']} ({row['git_commit'][:7]}) |"]
+    described = [f"- **the m2-100 row's run** (`{row['command']}`): {m2_sweep.RECIPES['aetrack'][1]}."]
     for name, (_, what) in m2_sweep.RECIPES.items():
         r = found.get(name)
         if r is None and name == "aetrack":
             continue  # the row's own run above is this recipe
-        described.append(f"- **{name}**: {what}.")
+        command = f"`python benchmarks/m2_sweep.py {name}`" if r is None else (
+            f"`{r['command']}`" + ("" if r["complete"] else ", then `--resume`"))
+        described.append(f"- **{name}** ({command}): {what}.")
         if r is None:
-            lines.append(f"| {name} | not yet run | | | | | | `python benchmarks/m2_sweep.py {name}` |")
+            lines.append(f"| {name} | not yet run | | | | | |")
             continue
         epochs = f"{r['epochs_run']} of {r['epochs_planned']}" + ("" if r["complete"] else ", stopped")
         commits = ", ".join(dict.fromkeys(leg["git_commit"][:7] for leg in r["legs"]))
         lines.append(f"| {name} | {epochs} | {r['val_error_last']:.2f} % | {r['val_error_best']:.2f} % "
                      f"({r['best_epoch']}) | {r['val_error_last_10_mean']:.2f} % "
-                     f"| {sum(leg['seconds'] for leg in r['legs']) / 60:.0f} min | {len(r['legs'])} ({commits}) "
-                     f"| `{r['command']}`" + ("" if r["complete"] else f", then `--resume`") + " |")
+                     f"| {sum(leg['seconds'] for leg in r['legs']) / 60:.0f} min | {len(r['legs'])} ({commits}) |")
     done = {name: r["val_error_last"] for name, r in found.items() if r["complete"]}
     done["the m2-100 row's recipe"] = curve[-1]
     best = min(done, key=done.get)
     text = ("Each recipe trains the m2-100 row's network on the same 100 labels and is read on the 6000 validation "
             "images' labels only; no test image is looked at, so the test figure of the recipe chosen here is still "
             "an honest one. One seed each; the last epoch's model is the one a recipe keeps.\n\n" + "\n".join(lines)
-            + "\n\nWhat each recipe changes from the published settings:\n\n" + "\n".join(described))
+            + "\n\nWhat each recipe changes from the published settings, and the command that runs it:\n\n" + "\n".join(described))
     if len(done) > 1:
         ranked = sorted(done, key=done.get)
         text += (f"\n\nOf the recipes run to their end, **{best}** reads lowest on validation at its last epoch "

@@ -221,6 +221,9 @@ def test_the_m2_sweep_table_names_the_recipe_lowest_on_validation_and_the_legs_s
     assert f"**pyro** reads lowest on validation at its last epoch ({row - 2:.2f} %, against {row:.2f} % for the " \
            "m2-100 row's recipe): its test figure is measured next" in text
     assert "`constant-1000` has run 200 of its 1000 epochs in 1 leg(s)" in text and "| 200 of 1000, stopped |" in text
+    # each recipe's command beside what it changes, not in a table column (a wide column scrolls the table away)
+    assert "- **constant-1000** (`python benchmarks/m2_sweep.py constant-1000`, then `--resume`):" in text
+    assert all(line.count("|") == 8 for line in text.splitlines() if line.startswith("|"))
     assert "Still falling at its last epoch (its best): pyro, classifier-0.001;" in text
     text = block(pyro=row + 2)
     assert "**the m2-100 row's recipe** reads lowest" in text and "no recipe swept so far beats the row's own" in text
