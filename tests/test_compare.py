@@ -260,3 +260,27 @@ def test_loss_curves_draw_only_comparable_losses_together():
     assert all(history == [(1, 30.0), (2, 28.0), (3, 27.0)] for _, history in panels[next(iter(panels))])
     picture = figures.loss_curves(client, report.rows)
     assert picture.width > 2.5 * picture.height  # the three panels side by side, one row
+
+
+def test_the_comparisons_experiment_made_by_another_process_in_between_is_found_not_an_error(tmp_path):
+    """Workers on several hosts finish a study together: each looks for `<experiment>-comparisons`, finds none, and
+    all but one then lose the race to create it."""
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment_id = client.create_experiment("race")
+    theirs = client.create_experiment("race-comparisons")  # the other host's, made after this one looked
+
+    class LookedTooEarly:
+        def __init__(self, client):
+            self.client, self.looked = client, False
+
+        def get_experiment_by_name(self, name):
+            if not self.looked:
+                self.looked = True
+                return None
+            return self.client.get_experiment_by_name(name)
+
+        def __getattr__(self, name):
+            return getattr(self.client, name)
+
+    assert compare.comparison_experiment(LookedTooEarly(client), experiment_id) == theirs
+    assert compare.comparison_experiment(client, experiment_id) == theirs

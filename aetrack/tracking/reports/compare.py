@@ -77,15 +77,23 @@ def select_runs(client, experiment: str, run_ids: list[str] | None = None,
 def comparison_experiment(client, experiment_id: str) -> str:
     """The experiment that holds the comparison runs of `experiment_id`'s runs: `<name>-comparisons`, made (with a
     description) on first use, so that reports never mix with the training runs in the runs table and charts."""
+    from mlflow.exceptions import MlflowException
+
     name = client.get_experiment(experiment_id).name + COMPARISONS_SUFFIX
     found = client.get_experiment_by_name(name)
     if found is not None:
         return found.experiment_id
     from aetrack.tracking.describe import NOTE
 
-    return client.create_experiment(name, tags={NOTE: f"`aetrack compare` reports over the runs of the experiment "
-                                                      f"`{name[:-len(COMPARISONS_SUFFIX)]}`: open a run's Artifacts "
-                                                      "tab, comparison/report.html."})
+    try:
+        return client.create_experiment(name, tags={NOTE: f"`aetrack compare` reports over the runs of the experiment "
+                                                          f"`{name[:-len(COMPARISONS_SUFFIX)]}`: open a run's Artifacts "
+                                                          "tab, comparison/report.html."})
+    except MlflowException:  # another process (a study's worker on another host) made it since it was looked for
+        found = client.get_experiment_by_name(name)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 def build_report(runs, *, by: str | None = None, metrics: tuple[str, ...] = (), client=None) -> Report:

@@ -195,8 +195,6 @@ def finished_run(client, experiment_id: str, study: str, key: str, seed: int) ->
 
 
 def collect_and_report(study: Study, plan: Plan, client, report_dir) -> StudyResult:
-    from mlflow.exceptions import MlflowException
-
     from aetrack.tracking.reports import compare
 
     experiment_id = client.get_experiment_by_name(plan.experiment).experiment_id
@@ -215,10 +213,6 @@ def collect_and_report(study: Study, plan: Plan, client, report_dir) -> StudyRes
     present = {m for cell in cells for row in cell.metrics for m in row}
     report = compare.build_report(chosen, by=study.by, metrics=tuple(m for m in study.metrics if m in present), client=client)
     title = f"aetrack study {study.name} on {plan.dataset}: {study.question}"
-    try:  # workers on several hosts finish together: one of them makes the comparisons experiment
-        compare.comparison_experiment(client, experiment_id)
-    except MlflowException:
-        pass  # another host made it at the same moment; publish finds it
     result.report_run_id, _ = compare.publish(client, experiment_id, report, title, output=report_dir,
                                               run_name=f"{study.name} report")
     return result
