@@ -553,6 +553,43 @@ def block_anchors_gpu() -> str:
     return "What the GPU rows say: " + "; ".join(parts) + "."
 
 
+def block_anchors_hvae() -> str:
+    """The two-stochastic-layer rows beside the one-layer rows of the same recipe: figure, epochs against the
+    protocol's, what the curve's end says, and the next run."""
+    rows, a = anchors_records(), benchmark("anchors")
+    parts = []
+    for key, one_layer in (("burda-hvae", "burda-vae"), ("hvae-iwae-5", "iwae-5")):
+        spec = a.PROTOCOLS[key]
+        r = rows.get(key)
+        if r is None:
+            parts.append(f"`{key}` ({spec.published}) has no record yet: `python benchmarks/anchors.py {key} "
+                         f"--leg-minutes 150`, then `--resume` until its {spec.config.epochs} epochs are done.")
+            continue
+        values = r["curve"]["values"]
+        tail = max(10, len(values) // 10)
+        text = (f"`{key}` measured **{r['value']:.2f} nats** (all {r['test_images']} test images, K = "
+                f"{r['iw_samples']}) after {r['epochs_run']} of the protocol's {r['epochs_published']} epochs, its "
+                f"cosine schedule and {r['kl_warmup']}-epoch KL warm-up planned for those {r['epochs_run']} "
+                f"({per_epoch(r):.1f} s an epoch on {r['machine']}, {r['train_seconds'] / 3600:.1f} h of training; "
+                f"target {spec.verdict(r['value'])}). Its validation bound fell {values[-tail] - values[-1]:.2f} nats "
+                f"over the last {tail} epochs, to {values[-1]:.2f}")
+        projection = a.projected(r)
+        fit = r["curve"].get("fit")
+        if projection is not None and not a.at_bound(fit):
+            text += (f"; the curve continued to {r['epochs_published']} epochs points to about {projection:.2f}, a "
+                     f"projection only, since a full-length run spreads its schedule over all {r['epochs_published']}")
+        o = rows[one_layer]
+        text += (f". One stochastic layer, `{one_layer}` (aetrack's recipe), measured {o['value']:.2f} after "
+                 f"{o['epochs_run']} epochs.")
+        if r["epochs_run"] < r["epochs_published"]:
+            hours = per_epoch(r) * r["epochs_published"] / 3600
+            text += (f" The next run is the protocol's length: `python benchmarks/anchors.py {key} --leg-minutes 150` "
+                     f"and `--resume` until done, about {hours:.0f} h of training at this pace.")
+        parts.append(text)
+    return ("**Two stochastic layers** (`--model hvae`: 784-200-200 to z1 of 100 units, 100-100 to z2 of 50, tanh; "
+            "the one-layer rows' recipe, not yet tuned for two layers; one seed each). " + " ".join(parts))
+
+
 def block_anchors_m2() -> str:
     r = anchors_records()["m2-100"]
     p = anchors_records()["m2-100@published"]
@@ -1071,7 +1108,7 @@ BLOCKS = {
     "defaults-job": block_defaults_job, "defaults-convergence": block_defaults_convergence,
     "recipes": block_recipes, "recipes-all": block_recipes_all,
     "anchors-table": block_anchors_table, "anchors-burda": block_anchors_burda, "anchors-cpu": block_anchors_cpu,
-    "anchors-gpu": block_anchors_gpu, "anchors-m2": block_anchors_m2, "anchors-m1m2": block_anchors_m1m2,
+    "anchors-gpu": block_anchors_gpu, "anchors-hvae": block_anchors_hvae, "anchors-m2": block_anchors_m2, "anchors-m1m2": block_anchors_m1m2,
     "startup": block_startup, "training-targets": block_training_targets, "binarize": block_binarize,
     "logging": block_logging, "surroundings": block_surroundings, "evaluation": block_evaluation,
     "priors": block_priors, "serving": block_serving,

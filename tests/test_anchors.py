@@ -263,3 +263,28 @@ def test_resume_finds_a_stopped_run_on_the_papers_m1_under_its_own_key(tmp_path,
     monkeypatch.setattr(anchors, "open_checkpoint", lambda run_id, folder: opened.append(run_id) or 1 / 0)
     CliRunner().invoke(anchors_main, ["m1m2-100", "--resume"])
     assert opened == ["0" * 32]
+
+
+def test_the_two_layer_paragraph_reads_each_row_from_its_record_or_says_how_to_run_it(tmp_path, monkeypatch):
+    import types
+
+    import render_docs
+
+    results = json.loads((anchors.DEFAULT_RESULTS / "anchors.json").read_text())
+    results.pop("burda-hvae", None), results.pop("hvae-iwae-5", None)
+    losses = [90 + 20 * t ** -0.5 for t in range(1, 1001)]  # still falling at its end
+    history = types.SimpleNamespace(epochs=[{"val_loss": v} for v in losses])
+    results["burda-hvae"] = {**results["burda-vae"], "protocol": "burda-hvae", "row": "burda-hvae", "value": 86.10,
+                             "epochs_run": 1000, "best_epoch": 1000, "train_seconds": 6000.0, "kl_warmup": 100,
+                             "curve": anchors.learning_curve(history, "nll_iw", 100)}
+    (tmp_path / "anchors.json").write_text(json.dumps(results))
+    monkeypatch.setattr(render_docs, "RESULTS", tmp_path)
+    text = render_docs.block_anchors_hvae()
+    assert ("`burda-hvae` measured **86.10 nats** (all 10000 test images, K = 5000) after 1000 of the protocol's 3280 "
+            "epochs, its cosine schedule and 100-epoch KL warm-up planned for those 1000") in text
+    assert "6.0 s an epoch on 2 CPU cores, 1.7 h of training; target < 85.33: missed by 0.77)" in text
+    assert f"fell {losses[-100] - losses[-1]:.2f} nats over the last 100 epochs, to {losses[-1]:.2f}" in text
+    assert f"points to about {anchors.projected(results['burda-hvae']):.2f}, a projection only" in text
+    assert f"`burda-vae` (aetrack's recipe), measured {results['burda-vae']['value']:.2f} after 3280 epochs" in text
+    assert "about 5 h of training at this pace" in text
+    assert "`hvae-iwae-5` (IWAE k=5 83.89 nats; VAE 85.33) has no record yet" in text
