@@ -577,10 +577,13 @@ def block_anchors_hvae() -> str:
         fit = r["curve"].get("fit")
         if projection is not None and not a.at_bound(fit):
             text += (f"; the curve continued to {r['epochs_published']} epochs points to about {projection:.2f}, a "
-                     f"projection only, since a full-length run spreads its schedule over all {r['epochs_published']}")
+                     "projection only and an optimistic one: the end of a cosine schedule falls as the rate decays, "
+                     f"which a run of {r['epochs_published']} epochs spreads over all of them")
         o = rows[one_layer]
+        gap = o["value"] - r["value"]
         text += (f". One stochastic layer, `{one_layer}` (aetrack's recipe), measured {o['value']:.2f} after "
-                 f"{o['epochs_run']} epochs.")
+                 f"{o['epochs_run']} epochs: two layers are {abs(gap):.2f} nats {'lower' if gap > 0 else 'higher'} "
+                 f"after {r['epochs_run']}.")
         if r["epochs_run"] < r["epochs_published"]:
             hours = per_epoch(r) * r["epochs_published"] / 3600
             text += (f" The next run is the protocol's length: `python benchmarks/anchors.py {key} --leg-minutes 150` "
