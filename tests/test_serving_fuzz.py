@@ -353,6 +353,8 @@ def test_the_guard_checks_the_content_type_that_mlflow_reads_the_first():
     (b"127.0.0.1:5001", serving_guard.LOOPBACK_HOSTS, 200),
     (b"localhost:5001", serving_guard.LOOPBACK_HOSTS, 200),
     (b"[::1]:5001", serving_guard.LOOPBACK_HOSTS, 200),
+    (b"[::1]:5001", ("[[]::1]:*",), 200),  # MLflow's fnmatch spelling of a literal `[`, as `aetrack serve` hands it
+    (b"1:5001", ("[[]::1]:*",), 403),
     (b"attacker.example:5001", serving_guard.LOOPBACK_HOSTS, 403),  # a rebound name: the page's origin, our address
     (None, serving_guard.LOOPBACK_HOSTS, 403),
     (b"gen.example.org:5001", ("gen.example.org:5001",), 200),
@@ -394,4 +396,5 @@ def test_aetrack_serve_hands_its_allowed_hosts_to_the_model_server(monkeypatch):
         result = CliRunner().invoke(main, ["serve", "models:/m@champion", "--port", "5001", *extra])
         assert result.exit_code == 0, result.output
         hosts = set(started["env"][serving_guard.ALLOWED_HOSTS_VARIABLE].split(","))
-        assert hosts == {"localhost:*", "127.0.0.1:*", "[::1]:*", "127.0.0.1:5001"} | expected
+        assert hosts == {"localhost:*", "127.0.0.1:*", "[[]::1]:*", "127.0.0.1:5001"} | expected
+        assert serving_guard.check_host(b"[::1]:5001", tuple(hosts)) is None  # the guard reads them as MLflow would

@@ -119,7 +119,9 @@ def first_headers(raw) -> dict[bytes, bytes]:
 
 def host_matches(host: str, pattern: str) -> bool:
     """`*` matches anything; every other character, `[` included, only itself (MLflow's fnmatch reads `[::1]:*` as a
-    character class, which no IPv6 Host matches)."""
+    character class, which no IPv6 Host matches). `[[]`, the literal `[` that `mlflow server --allowed-hosts` needs
+    (and `aetrack serve` is handed with `aetrack server`'s list), is a `[` here too: one list serves both."""
+    pattern = pattern.replace("[[]", "[")
     return re.fullmatch(".*".join(map(re.escape, pattern.split("*"))), host) is not None
 
 
