@@ -561,9 +561,10 @@ def block_anchors_hvae() -> str:
     for key, one_layer in (("burda-hvae", "burda-vae"), ("hvae-iwae-5", "iwae-5")):
         spec = a.PROTOCOLS[key]
         r = rows.get(key)
+        full_length = f"`python benchmarks/anchors.py {key} --leg-minutes 150`"
         if r is None:
-            parts.append(f"`{key}` ({spec.published}) has no record yet: `python benchmarks/anchors.py {key} "
-                         f"--leg-minutes 150`, then `--resume` until its {spec.config.epochs} epochs are done.")
+            parts.append(f"`{key}` ({spec.published}) has no record yet: {full_length}, then `--resume` until its "
+                         f"{spec.config.epochs} epochs are done.")
             continue
         values = r["curve"]["values"]
         tail = max(10, len(values) // 10)
@@ -586,8 +587,8 @@ def block_anchors_hvae() -> str:
                  f"after {r['epochs_run']}.")
         if r["epochs_run"] < r["epochs_published"]:
             hours = per_epoch(r) * r["epochs_published"] / 3600
-            text += (f" The next run is the protocol's length: `python benchmarks/anchors.py {key} --leg-minutes 150` "
-                     f"and `--resume` until done, about {hours:.0f} h of training at this pace.")
+            text += (f" The next run is the protocol's length: {full_length} and `--resume` until done, about "
+                     f"{hours:.0f} h of training at this pace.")
         parts.append(text)
     return ("**Two stochastic layers** (`--model hvae`: 784-200-200 to z1 of 100 units, 100-100 to z2 of 50, tanh; "
             "the one-layer rows' recipe, not yet tuned for two layers; one seed each). " + " ".join(parts))
@@ -721,14 +722,21 @@ def paper_m1_paragraph(smaller: dict) -> str:
             f"test error after {q['epochs_run']} epochs ({q['wall_seconds'] / 60:.0f} min; target "
             f"{a.PROTOCOLS['m1m2-100'].verdict(q['value'])}): {abs(change):.2f} points "
             f"{'higher' if change > 0 else 'lower'} than on aetrack's smaller M1 above, one seed each. Its validation "
-            f"error stayed between {low:.2f} and {high:.2f} % over its last 50 epochs"
-            + (f", and its curve continued to {q['epochs_published']} epochs moves the figure by "
-               + (f"{a.projected(q) - q['value']:+.2f} points" if abs(a.projected(q) - q["value"]) >= 0.005 else
-                  "less than 0.01 points")
-               + ": more epochs of M2 will not close the gap. The M1 is what to change next: this one trained for "
-               f"{q['m1']['epochs_run']} epochs"
-               + (", and M2 does worse on its codes than on the smaller M1's." if change > 0 else ".")
-               if a.projected(q) is not None and a.projected(q) - q["value"] > -0.25 else "."))
+            f"error stayed between {low:.2f} and {high:.2f} % over its last 50 epochs" + flat_curve_text(q, change))
+
+
+def flat_curve_text(q: dict, change: float) -> str:
+    """What the paper-M1 row's curve, continued, says: where it moves the figure by under a quarter point, more M2
+    epochs will not help and the M1 is what to change."""
+    projection = benchmark("anchors").projected(q)
+    if projection is None or projection - q["value"] <= -0.25:
+        return "."
+    moved = projection - q["value"]
+    return (f", and its curve continued to {q['epochs_published']} epochs moves the figure by "
+            + (f"{moved:+.2f} points" if abs(moved) >= 0.005 else "less than 0.01 points")
+            + ": more epochs of M2 will not close the gap. The M1 is what to change next: this one trained for "
+            f"{q['m1']['epochs_run']} epochs"
+            + (", and M2 does worse on its codes than on the smaller M1's." if change > 0 else "."))
 
 
 # ----- speed, start-up, evaluation, serving, tuning -----------------------------------------------------------------
